@@ -1,0 +1,262 @@
+"""What two or more methods share: the LoRA layer, target discovery, the "mask mapping" scatter of
+compact row blocks, merging, an EMA, parameter counting, and the Method interface with plain LoRA
+(`--method lora`) as the baseline.
+
+LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Kaiming-uniform a=√5),
+B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Default targets by module-name suffix, per architecture (config.model_type). `--targets` overrides.
+LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEBERTA = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+           "output.dense"]
+BERT = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+VIT = BERT + ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+              "mlp.fc1", "mlp.fc2"]  # transformers ≥ 5 names ViT's layers like this
+DEFAULT_TARGETS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "deberta-v2": DEBERTA,
+                   "vit": VIT, "bert": BERT, "roberta": BERT}
+# New task heads are trained fully and saved with the adapter (never adapted, never frozen).
+HEAD_NAMES = ("classifier", "score", "pooler.dense")
+
+
+# ----------------------------------------------------------------------------- the LoRA layer
+
+class LoRALinear(nn.Module):
+    """A frozen `base` Linear plus s·B(A(dropout(x))); A, B in fp32, computed under the caller's autocast."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        check_rank(base, r)
+        self.base = base.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def lora_delta(self, x):
+        """s·B A x, (..., out). Same dtype as x; no explicit fp32 copy of x under autocast."""
+        ax = F.linear(adapter_input(x, self.lora_A), self.lora_A)  # (..., r)
+        return (F.linear(ax, self.lora_B) * self.scaling).to(x.dtype)  # (..., out)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_delta(self.dropout(x))
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B @ self.lora_A)  # (out, in), fp32
+
+    def merge(self) -> nn.Linear:
+        return merged_linear(self.base, self.delta_weight())
+
+
+def adapter_input(x, weight):
+    """x as F.linear(x, weight) wants it: unchanged under autocast (autocast casts both operands),
+    cast to the adapter's dtype otherwise (a bf16 model run without autocast)."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype:
+        return x
+    return x.to(weight.dtype)
+
+
+def check_rank(base: nn.Linear, r: int):
+    if not 1 <= r <= min(base.in_features, base.out_features):
+        raise ValueError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "
+                         f"pass --r between 1 and {min(base.in_features, base.out_features)}")
+
+
+def check_fraction(name: str, value: float):
+    if not 0 < value <= 1:
+        raise ValueError(f"--{name} must be in (0, 1], got {value}")
+
+
+# ----------------------------------------------------------------- compact blocks: scatter, merge
+
+def scatter_rows(out, idx, y):
+    """The mask mapping M y (PiLoRA Eq 9, SPSFT Eq 5, TASO scatter_R): add compact outputs y (..., |idx|)
+    into the output features idx of out (..., d_out), in place. Written as index_put so that autograd
+    saves only idx, not y (`index_add` would save y: ../shared/notes/scatter-saved-tensors.md)."""
+    out[..., idx] += y
+    return out
+
+
+def gather_cols(x, idx):
+    """x[..., idx]: the input columns a compact block reads (TASO A_C). Saves only idx for backward."""
+    return x[..., idx]
+
+
+def merged_linear(base: nn.Linear, delta, rows=None, cols=None) -> nn.Linear:
+    """A plain Linear with weight W + delta placed at rows × cols (all when None), computed in fp32
+    and cast once to W's dtype. Rows / columns outside the block are bit-identical to W."""
+    w = base.weight.detach().float()
+    d = delta.detach().float()
+    if rows is not None and cols is not None:
+        w[rows.unsqueeze(1), cols.unsqueeze(0)] += d
+    elif rows is not None:
+        w[rows] += d
+    elif cols is not None:
+        w[:, cols] += d
+    else:
+        w += d
+    new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                    device=w.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if base.bias is not None:
+            new.bias.copy_(base.bias)
+    return new.requires_grad_(False)
+
+
+def ema(avg, x, beta):
+    """Exponential moving average beta·avg + (1 − beta)·x; the first value starts the average."""
+    return x.clone() if avg is None else beta * avg + (1 - beta) * x
+
+
+# --------------------------------------------------------------------------- finding the targets
+
+def linear_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
+    """Names of the nn.Linear modules whose name ends with one of `targets` (a list of suffixes,
+    matched on whole dotted components); architecture defaults when None. Heads are never targets."""
+    if targets is None:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        if kind not in defaults:
+            raise ValueError(f"no default targets for model type {kind!r}; pass --targets "
+                             f"(this model's linear layers end in: {', '.join(suffixes(model))})")
+        targets = defaults[kind]
+    names = [n for n in linear_names(model)
+             if any(n == t or n.endswith("." + t) for t in targets) and not is_head(n)]
+    if not names:
+        raise ValueError(f"no linear layer matches targets {list(targets)}; pass --targets with "
+                         f"some of this model's linear-layer suffixes: {', '.join(suffixes(model))}")
+    return names
+
+
+def suffixes(model):
+    seen = []
+    for n in linear_names(model):
+        s = ".".join(p for p in n.split(".")[-2:] if not p.isdigit())
+        if s not in seen:
+            seen.append(s)
+    return seen
+
+
+def is_head(name):
+    return any(name == h or name.startswith(h + ".") or name.endswith("." + h) or ("." + h + ".") in name
+               for h in HEAD_NAMES)
+
+
+def replace_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def prepare(model):
+    """Freeze every base weight; heads (HEAD_NAMES) stay trainable and are saved with the adapter."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_head(n))
+    return model
+
+
+# ------------------------------------------------------------------------------- bookkeeping
+
+def count_params(model):
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def params_per_module(model, prefix):
+    """{module name: trainable params in tensors named prefix*} for every adapted module."""
+    out = {}
+    for n, p in model.named_parameters():
+        mod, _, leaf = n.rpartition(".")
+        if p.requires_grad and leaf.startswith(prefix):
+            out[mod] = out.get(mod, 0) + p.numel()
+    return out
+
+
+def trainable_state_dict(model):
+    """The tensors a run trains (adapters and heads), detached, as saved in adapter.safetensors."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_adapters(model):
+    """Replace every adapter layer (anything with a .merge()) by its merged plain Linear, in place."""
+    for name, mod in list(model.named_modules()):
+        if name and hasattr(mod, "merge") and hasattr(mod, "base"):
+            replace_module(model, name, mod.merge())
+    return model
+
+
+def adapters(model, cls):
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+# ---------------------------------------------------------------------------- method interface
+
+class Method:
+    """The hooks train.py calls, identical in every method file:
+
+    attach(model, batches, state=None)  inject adapters; may run a scoring pass on `batches` (an
+                                        iterator of ready batches, `model(**batch).loss` is the task
+                                        loss). With `state` (from state_dict()) restore, don't score.
+    after_backward(step)                gradients of optimizer step `step` are complete (all micro-batches).
+    after_step(step) -> bool            after optimizer.step(); True when the set of trainable tensors
+                                        changed and the trainer must rebuild its optimizer.
+    state_dict()                        everything attach(state=...) needs to rebuild this run.
+    export(model)                       merge adapters into plain Linears (no extra latency).
+    summary() / plot(out_dir)           the method's fields of summary.json, its optional picture.
+
+    `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
+    `schedule_start` is the step at which the current learning-rate schedule (warmup) began;
+    `stage` is shown in the progress bar. Constructors take keyword arguments named as the CLI flags
+    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)).
+    """
+    prefix = "lora_"
+    lr_scale = 1.0
+    schedule_start = 0
+    stage = "train"
+
+    def after_backward(self, step):
+        pass
+
+    def after_step(self, step):
+        return False
+
+    def state_dict(self):
+        return {}
+
+    def export(self, model):
+        return merge_adapters(model)
+
+    def summary(self):
+        return {}
+
+    def plot(self, out_dir):
+        return None
+
+
+class LoRA(Method):
+    """Plain LoRA on the targets: the baseline every benchmark compares against."""
+
+    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, **unused):
+        self.r, self.alpha, self.dropout, self.targets = r, alpha, dropout, targets
+
+    def attach(self, model, batches=(), state=None):
+        prepare(model)
+        self.names = find_targets(model, self.targets)
+        for n in self.names:
+            replace_module(model, n, LoRALinear(model.get_submodule(n), self.r, self.alpha, self.dropout))
+        self.model = model
+        return model
+
+    def summary(self):
+        return {"r": self.r, "alpha": self.alpha, "adapted_modules": len(self.names)}
