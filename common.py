@@ -92,7 +92,7 @@ def gather_cols(x, idx):
 def merged_linear(base: nn.Linear, delta, rows=None, cols=None) -> nn.Linear:
     """A plain Linear with weight W + delta placed at rows × cols (all when None), computed in fp32
     and cast once to W's dtype. Rows / columns outside the block are bit-identical to W."""
-    w = base.weight.detach().float()
+    w = base.weight.detach().to(torch.float32, copy=True)  # never write into the base weight
     d = delta.detach().float()
     if rows is not None and cols is not None:
         w[rows.unsqueeze(1), cols.unsqueeze(0)] += d
