@@ -14,6 +14,7 @@ ckpt.pt (atomic, for --resume) and, with --merge, a merged save_pretrained model
 """
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -28,21 +29,15 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import common
-try:  # DEV-ONLY guard while the method files are written
-    import data
-    import evaluate
-except Exception:
-    data = evaluate = None
-try:
-    import g2r2
-    import pilora
-    import spsft
-    import taso
-    METHODS = {"lora": common.LoRA, "g2r2": g2r2.G2R2, "pilora": pilora.PiLoRA, "taso": taso.TASO,
-               "spsft": spsft.SPSFT}
-except Exception:
-    g2r2 = pilora = spsft = taso = None
-    METHODS = {"lora": common.LoRA}
+import data
+import evaluate
+import g2r2
+import pilora
+import spsft
+import taso
+
+METHODS = {"lora": common.LoRA, "g2r2": g2r2.G2R2, "pilora": pilora.PiLoRA, "taso": taso.TASO,
+           "spsft": spsft.SPSFT}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "importance-peft"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -104,8 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/ckpt.pt")
     p.add_argument("--merge", action="store_true", help="also save a merged model in <output_dir>/merged")
     for mod in (g2r2, pilora, taso, spsft):
-        if mod is not None:
-            mod.add_args(p)
+        mod.add_args(p)
     args = p.parse_args(argv)
     if args.method not in METHODS:
         p.error(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
@@ -241,11 +235,8 @@ class Batches:
         batch = data.collate([self.examples[j] for j in idx], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def stream(self, start=0):
-        m = start
-        while True:
-            yield self(m)
-            m += 1
+    def stream(self):
+        return map(self, itertools.count())
 
 
 def eval_batches(examples, size, pad_id, device):
@@ -399,7 +390,7 @@ def main(argv=None):
         metrics = run_eval(args, model, proc, task, eval_set, info, ctx, device)
         summary = {"method": args.method, "model": args.model, "total_params": total_params,
                    "metrics": {"eval": metrics}}
-        evaluate.print_table(flatten(metrics), "eval")
+        evaluate.print_table(metrics, "eval")
         write_json(summary, os.path.join(args.output_dir, "summary.json"))
         return summary
 
@@ -410,7 +401,9 @@ def main(argv=None):
     model.train()
     t0 = time.time()
     with ctx:
-        method.attach(model, batches.stream(), state=ckpt["method"] if ckpt else None)
+        # scoring passes (TASO, SPSFT-Taylor) see at most one epoch of training batches
+        calib = itertools.islice(batches.stream(), batches.per_epoch)
+        method.attach(model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
     to_fp32(model)
     trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(model)[0]
@@ -464,7 +457,7 @@ def main(argv=None):
         if args.eval_every and done % args.eval_every == 0 and done < total:
             m = run_eval(args, model, proc, task, eval_set, info, ctx, device)
             metrics.setdefault("during", []).append({"step": done, **m})
-            tqdm.write(f"step {done}: {json.dumps(flatten(m))}")
+            tqdm.write(f"step {done}: {json.dumps(m)}")
             model.train()
         if (args.save_every and done % args.save_every == 0) or done == total:
             checkpoint(done)
@@ -489,8 +482,7 @@ def main(argv=None):
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))
         proc.save_pretrained(os.path.join(args.output_dir, "merged"))
     write_json(summary, os.path.join(args.output_dir, "summary.json"))
-    evaluate.print_table({**{f"before/{k}": v for k, v in flatten(metrics["before"]).items()},
-                          **{f"after/{k}": v for k, v in flatten(metrics["after"]).items()}}, args.method)
+    evaluate.print_table({"before": metrics["before"], "after": metrics["after"]}, args.method)
     return summary
 
 
@@ -500,16 +492,6 @@ def save_adapter(model, method, out_dir):
     save_file(tensors, os.path.join(out_dir, "adapter.safetensors.tmp"))
     os.replace(os.path.join(out_dir, "adapter.safetensors.tmp"), os.path.join(out_dir, "adapter.safetensors"))
     save_atomic(method.state_dict(), os.path.join(out_dir, "method_state.pt"))
-
-
-def flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
-            out[prefix + k] = v
-    return out
 
 
 def write_json(obj, path):

@@ -1,0 +1,373 @@
+"""The evaluation protocols the papers report, written without extra dependencies.
+
+- Commonsense reasoning, LLM-Adapters protocol (Hu et al. 2023; G²R² Table 1, PiLoRA Table 1): eight
+  test sets (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA) as JSON lists of
+  {instruction, input, output, answer}; the training prompt template, generation with left padding
+  in batches, the first match of the task's answer pattern, accuracy per task and their average.
+- GLUE dev: accuracy, F1, Matthews correlation, Pearson and Spearman (GLUE_METRICS says which).
+- Images: top-1 accuracy and per-class accuracy min / quartiles / max (SPSFT Table 1).
+
+Deviations from LLM-Adapters' commonsense_evaluate.py, each on purpose:
+- Greedy decoding by default (their script calls generate with num_beams=4; pass num_beams=4 for it).
+- Only the new tokens are decoded (theirs decodes everything and splits on "### Response:"), and a
+  missing pad token becomes EOS (theirs hard-codes id 0, LLaMA-1's unk): same answer text.
+- `mode="loglik"` is our addition: each candidate response "the correct answer is {c}" is scored by its
+  summed log-likelihood after the prompt and the argmax wins (exact, no generation, no format failures).
+  Candidates are the ones the record's "Answer format:" line lists (ARC has 3–5 options), else all
+  of the task's pattern.
+"""
+import json
+import math
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def _pair(a, b):
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"predictions and references differ in length ({len(a)} vs {len(b)})")
+    return a, b
+
+
+def accuracy(pred, gold):
+    pred, gold = _pair(pred, gold)
+    return sum(p == g for p, g in zip(pred, gold)) / len(gold) if gold else 0.0
+
+
+def f1(pred, gold, positive=1):
+    """F1 of the positive class: 2TP / (2TP + FP + FN); 0 when there is nothing positive at all."""
+    pred, gold = _pair(pred, gold)
+    tp = sum(p == positive and g == positive for p, g in zip(pred, gold))
+    fp = sum(p == positive and g != positive for p, g in zip(pred, gold))
+    fn = sum(p != positive and g == positive for p, g in zip(pred, gold))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def matthews(pred, gold):
+    """Matthews correlation from the confusion matrix, any number of classes (Gorodkin 2004):
+    (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²)); 0 when undefined (as sklearn)."""
+    pred, gold = _pair(pred, gold)
+    classes = set(pred) | set(gold)
+    s, c = len(gold), sum(p == g for p, g in zip(pred, gold))
+    pk = {k: pred.count(k) for k in classes}
+    tk = {k: gold.count(k) for k in classes}
+    cov = c * s - sum(pk[k] * tk[k] for k in classes)
+    den = (s * s - sum(v * v for v in pk.values())) * (s * s - sum(v * v for v in tk.values()))
+    return cov / math.sqrt(den) if den > 0 else 0.0
+
+
+def pearson(x, y):
+    """Pearson correlation in float64; 0 when either side is constant (undefined)."""
+    x, y = _pair(map(float, x), map(float, y))
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def _ranks(x):
+    """1-based ranks, ties get the average of the ranks they span."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r, i = [0.0] * len(x), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x, y):
+    """Spearman correlation: Pearson of the average ranks."""
+    x, y = _pair(map(float, x), map(float, y))
+    return pearson(_ranks(x), _ranks(y))
+
+
+def _normalise(s):
+    s = str(s).strip().lower()
+    return s[:-1].rstrip() if s.endswith(".") else s
+
+
+def exact_match(pred_texts, gold_texts):
+    """Fraction of equal answers after strip, lowercase and removing one trailing period."""
+    pred, gold = _pair(pred_texts, gold_texts)
+    return accuracy([_normalise(p) for p in pred], [_normalise(g) for g in gold])
+
+
+METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
+GLUE_METRICS = {"sst2": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",), "mnli": ("accuracy",),
+                "mnli_matched": ("accuracy",), "mnli_mismatched": ("accuracy",), "wnli": ("accuracy",),
+                "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"), "cola": ("matthews",),
+                "stsb": ("pearson", "spearman")}
+
+
+def glue_task(name):
+    """'glue/sst2', 'SST-2', 'STS-B', 'mnli-mm' -> the GLUE_METRICS key (None stays None)."""
+    if name is None:
+        return None
+    t = str(name).lower().replace("\\", "/").rstrip("/").split("/")[-1].replace("-", "")
+    return {"mnlim": "mnli_matched", "mnlimm": "mnli_mismatched"}.get(t, t)
+
+
+def glue_metrics(task, pred, gold, regression=False):
+    """{metric: value} for a GLUE task; unknown/None task: accuracy, or Pearson/Spearman if regression."""
+    t = glue_task(task)
+    names = GLUE_METRICS.get(t, ("pearson", "spearman") if regression else ("accuracy",))
+    return {m: METRICS[m](pred, gold) for m in names}
+
+
+def _quantile(xs, q):
+    """Linear-interpolation quantile of a list (numpy's / torch.quantile's default)."""
+    xs, pos = sorted(xs), q * (len(xs) - 1)
+    lo = math.floor(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+# --------------------------------------------------------------------- commonsense answer patterns
+
+def _answers(word, k):
+    return [f"{word}{i}" for i in range(1, k + 1)]
+
+
+# LLM-Adapters commonsense_evaluate.py: the alternatives of each task's regex, in order. Their SIQA
+# regex is answer1..answer5 although SIQA has three options; kept so numbers compare with the papers.
+PATTERNS = {"boolq": ["true", "false"], "piqa": _answers("solution", 2), "social_i_qa": _answers("answer", 5),
+            "arc-challenge": _answers("answer", 5), "arc-easy": _answers("answer", 5),
+            "openbookqa": _answers("answer", 5), "hellaswag": _answers("ending", 4),
+            "winogrande": _answers("option", 2)}
+ALIASES = {"siqa": "social_i_qa", "obqa": "openbookqa", "arc-c": "arc-challenge", "arc-e": "arc-easy"}
+RESPONSE = "the correct answer is {}"  # the training output format of commonsense_170k
+
+
+def _task_key(task):
+    t = ALIASES.get(str(task).lower(), str(task).lower())
+    if t not in PATTERNS:
+        raise ValueError(f"unknown commonsense task {task!r}; name the file or folder after one of: "
+                         f"{', '.join(PATTERNS)} (case-insensitive)")
+    return t
+
+
+def candidates(task):
+    """All answers of the task's pattern, e.g. ['true', 'false'] for boolq."""
+    return list(PATTERNS[_task_key(task)])
+
+
+def extract_answer(task, text):
+    """The first match of the task's answer pattern in a generation, None when nothing matches."""
+    pattern = "|".join(PATTERNS[_task_key(task)])
+    m = re.search(pattern, text.strip()) if isinstance(text, str) else None
+    return m.group(0) if m else None
+
+
+def _options(task, instruction):
+    """The candidates the record's 'Answer format: a/b/c' line lists, else the task's whole pattern."""
+    allowed = candidates(task)
+    m = re.search(r"Answer format:\s*([\w/ ]+)", instruction or "")
+    listed = [c.strip() for c in m.group(1).split("/")] if m else []
+    return [c for c in listed if c in allowed] or allowed
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+@contextmanager
+def _eval_mode(model):
+    """model.eval() inside, every submodule's previous training flag restored after; yields the device."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+@contextmanager
+def _padding(tokenizer, side):
+    """Temporarily pad on `side`, with EOS as pad token when the tokenizer has none."""
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    if old_pad is None and tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    tokenizer.pad_token, tokenizer.padding_side = old_pad or tokenizer.eos_token, side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.pad_token, tokenizer.padding_side = old_pad, old_side
+
+
+def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams=1):
+    """Decoded new tokens of deterministic generation, left-padded batches."""
+    dev, texts = next(model.parameters()).device, []
+    eos = model.generation_config.eos_token_id  # stop at the model's and the tokenizer's EOS
+    eos = [e for e in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if e is not None]
+    with _padding(tokenizer, "left"):
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=num_beams, use_cache=True, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def _loglik_scores(model, tokenizer, items, batch_size):
+    """Summed log p(response | prompt) for each (prompt, response) pair; right-padded batches."""
+    seqs = []
+    for p, r in items:
+        ctx, full = tokenizer(p)["input_ids"], tokenizer(p + r)["input_ids"]
+        n = next((k for k, (a, b) in enumerate(zip(ctx, full)) if a != b), len(ctx))  # shared prefix
+        seqs.append((full, max(n, 1)))
+    dev, scores = next(model.parameters()).device, []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        T = max(len(s) for s, _ in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        target = torch.zeros(len(chunk), T, dtype=torch.bool)  # positions whose token is scored
+        for b, (s, n) in enumerate(chunk):
+            ids[b, :len(s)] = torch.tensor(s)
+            target[b, n:len(s)] = True
+        mask = (torch.arange(T) < torch.tensor([len(s) for s, _ in chunk])[:, None]).long()
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # (B, T, V)
+        sel = target[:, 1:].to(dev)  # token t is predicted by the logits at t - 1
+        logp = F.log_softmax(logits[:, :-1][sel].float(), dim=-1)  # (N, V)
+        tok = logp.gather(1, ids[:, 1:].to(dev)[sel][:, None])[:, 0]
+        row = torch.arange(len(chunk), device=dev)[:, None].expand_as(sel)[sel]
+        scores += torch.zeros(len(chunk), device=dev, dtype=torch.float64).index_add_(0, row, tok.double()).tolist()
+    return scores
+
+
+def _commonsense_files(source):
+    """[(task, path)] for a file, or the known tasks' <task>.json files and <task>/test.json in a folder."""
+    src = Path(source)
+    if src.is_file():
+        return [(src.parent.name if src.stem == "test" else src.stem, src)]
+    if not src.is_dir():
+        raise ValueError(f"--eval_commonsense {source}: no such file or directory")
+    if (src / "test.json").is_file():
+        return [(src.name, src / "test.json")]
+    found = [(d.name, d / "test.json") for d in src.iterdir() if (d / "test.json").is_file()]
+    found = sorted([(t, f) for t, f in found + [(f.stem, f) for f in src.glob("*.json")]
+                    if ALIASES.get(t.lower(), t.lower()) in PATTERNS], key=lambda t: t[0].lower())
+    if not found:
+        raise ValueError(f"no test sets in {source}: expected <task>/test.json or <task>.json files, "
+                         f"task one of {', '.join(PATTERNS)}")
+    return found
+
+
+# -------------------------------------------------------------------------------- evaluations
+
+@torch.no_grad()
+def evaluate_commonsense(model, tokenizer, source, mode="generate", batch_size=8, max_new_tokens=32,
+                         limit=None, num_beams=1):
+    """Accuracy per commonsense task and their average: {task: acc, "average", "n": {task: n}, "mode"}."""
+    from data import prompt
+    if mode not in ("generate", "loglik"):
+        raise ValueError(f"--eval_mode must be generate or loglik, got {mode!r}")
+    files = _commonsense_files(source)
+    for task, _ in files:
+        _task_key(task)  # fail before any model work on a badly named file
+    out, n = {}, {}
+    with _eval_mode(model):
+        for task, path in files:
+            records = json.loads(Path(path).read_text())[:limit]
+            prompts = [prompt(r["instruction"], r.get("input", "")) for r in records]
+            if mode == "generate":
+                texts = _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams)
+                preds = [extract_answer(task, t) for t in texts]
+            else:
+                opts = [_options(task, r["instruction"]) for r in records]
+                items = [(p, RESPONSE.format(c)) for p, o in zip(prompts, opts) for c in o]
+                flat, preds, k = _loglik_scores(model, tokenizer, items, batch_size), [], 0
+                for o in opts:
+                    s = flat[k:k + len(o)]
+                    preds.append(o[s.index(max(s))])  # ties: the first candidate
+                    k += len(o)
+            out[task] = accuracy(preds, [r["answer"] for r in records])
+            n[task] = len(records)
+    out["average"] = sum(out[t] for t in n) / len(n)
+    out["n"], out["mode"] = n, mode
+    return out
+
+
+@torch.no_grad()
+def evaluate_generation(model, tokenizer, records, batch_size=16, max_new_tokens=8):
+    """Exact match of the first generated line against record["answer"]: {"exact_match", "n"}."""
+    from data import prompt
+    records = list(records)
+    prompts = [prompt(r["instruction"], r.get("input", "")) for r in records]
+    with _eval_mode(model):
+        texts = _generate(model, tokenizer, prompts, batch_size, max_new_tokens)
+    first = [t.strip().split("\n")[0] for t in texts]
+    return {"exact_match": exact_match(first, [r["answer"] for r in records]), "n": len(records)}
+
+
+@torch.no_grad()
+def evaluate_classification(model, batches, task=None, regression=False):
+    """GLUE metrics of argmax(logits) (logits[:, 0] for regression) against batch["labels"]."""
+    pred, gold = [], []
+    with _eval_mode(model) as dev:
+        for b in batches:
+            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
+            pred += (logits[:, 0] if regression else logits.argmax(-1)).tolist()
+            gold += b["labels"].tolist()
+    return glue_metrics(task, pred, gold, regression=regression)
+
+
+@torch.no_grad()
+def evaluate_images(model, batches, num_labels):
+    """Top-1 accuracy and min / quartiles / max of the per-class accuracies (classes present in labels)."""
+    hit, count = torch.zeros(num_labels, dtype=torch.long), torch.zeros(num_labels, dtype=torch.long)
+    with _eval_mode(model) as dev:
+        for b in batches:
+            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+            y = b["labels"].cpu()
+            p = model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1).cpu()
+            count += torch.bincount(y, minlength=num_labels)
+            hit += torch.bincount(y[p == y], minlength=num_labels)
+    per_class = [h / c for h, c in zip(hit.tolist(), count.tolist()) if c > 0]
+    if not per_class:
+        raise ValueError("evaluate_images got no labelled examples")
+    stats = {"accuracy": hit.sum().item() / count.sum().item()}
+    for name, q in [("min", 0), ("q1", 0.25), ("median", 0.5), ("q3", 0.75), ("max", 1)]:
+        stats[f"class_acc_{name}"] = _quantile(per_class, q)
+    return stats
+
+
+# -------------------------------------------------------------------------------------- table
+
+def _flat(d, prefix=""):
+    """{"n": {"boolq": 3}} -> {"n.boolq": 3}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def print_table(metrics, title=""):
+    """A compact aligned table; {run: {metric: value}} (all values dicts) prints one column per run."""
+    if metrics and all(isinstance(v, dict) for v in metrics.values()):
+        cols = {c: _flat(v) for c, v in metrics.items()}
+    else:
+        cols = {"value": _flat(metrics)}
+    rows = list(dict.fromkeys(k for c in cols.values() for k in c))
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = [["metric", *cols]] + [[r, *(cell(c[r]) if r in c else "-" for c in cols.values())] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    if title:
+        print(title)
+    for j, row in enumerate(table):
+        print("  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))

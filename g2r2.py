@@ -1,0 +1,399 @@
+"""G²R²: Gradient-Guided Redundancy Reduction (paper 000, §3, Alg. 1, App. A.1, A.7).
+
+Plain LoRA (Eq 1–3) is put on every target module; a gradient-based redundancy score per module
+(Eq 4–7) is smoothed (Eq 8–10); in three stages (Alg. 1) all modules train (warmup), the most
+redundant ones are zeroed progressively on a cubic schedule (Eq 12, pruning), and at the end of
+pruning they are deleted: the plain base Linear takes their place and their tensors leave the
+optimizer (refinement), which is where the memory and time savings come from.
+
+Layout: PyTorch keeps ΔW = s·B A as (out × in); the paper writes L = A B as (in × out), so the
+paper's A is our Aᵀ and its B is our Bᵀ (its B starts at zero, as ours does). S and R do not
+depend on whether s is folded into L (S = |∂ℒ/∂l · l| is scale invariant), so L = ΔW = s·B A here.
+
+Estimators of ∂ℒ/∂ΔW for Eq 5 (--g2r2_score):
+  exact    Σ_tokens δ_out ⊗ x_in per module, from the adapter's input and the gradient at its output,
+           taken in backward (a recomputed forward under gradient checkpointing cannot double count)
+           and summed over the micro-batches of one optimizer step before the |·| of Eq 5. With one
+           micro-batch it is reduced to ΣS in the module's backward and freed at once (one module's
+           out × in fp32 gradient alive at a time); with k > 1 micro-batches each live module keeps an
+           out × in fp32 buffer from its first to its last backward of the step (4 bytes per base
+           weight of the targets: the price of summing before the abs).
+  paper    Eq 6 as printed, Σ_m (1/B_mj)·∂ℒ/∂A_im (exact only when r = 1 and the layer has one
+           output); B starts at zero, so entries with |B| ≤ eps count as 0 (the term is 0/0 there).
+  random   R ~ U(0, 1) per module and step (Table 4 ablation).
+  product  R(A)·R(B), Eq 7 applied to each factor with its own gradient (Table 4 ablation).
+
+Deviations and readings (each also beside its line):
+  - Eq 12 as printed exceeds p_0 at t = t_i; we use the AdaLoRA form it cites, with t_i = T_w and
+    T − t_i − t_f = T_p, and evaluate it at t + 1 after optimizer step t so the last pruning step
+    reaches p_f exactly and refinement starts with ⌈p_f·M⌉ modules.
+  - R is undefined when ΣS = 0 (ΔW = 0, e.g. at step 0 since B = 0) or when a module got no gradient:
+    that module's averages are not updated that step. A module never scored ranks as most redundant.
+  - Pruning is monotone: a zeroed module has ΔW = 0, hence S = 0 and no score, so it is not re-ranked.
+    A pruned module's branch is skipped in forward from the step it is pruned (bit-identical to
+    adding B A x = 0), so its tensors get no gradient and AdamW leaves them (and their moments)
+    alone; they are also zeroed again after every optimizer step.
+  - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.7·10 = 7.000000000000001 keeps 7, not 8.
+"""
+import math
+
+import torch
+
+import common
+
+SCORES = ("exact", "paper", "random", "product")
+# Paper's LLaMA targets (Table 9: Q, K, V, Up, Down); DeBERTa: all linear layers (common.DEBERTA).
+TARGETS = {**common.DEFAULT_TARGETS, "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}
+
+
+def add_args(parser):
+    g = parser.add_argument_group("g2r2")
+    g.add_argument("--g2r2_warmup", type=float, default=0.1, help="T_w: steps if >= 1, else fraction of steps")
+    g.add_argument("--g2r2_prune", type=float, default=0.1, help="T_p: steps if >= 1, else fraction of steps")
+    g.add_argument("--g2r2_p0", type=float, default=1.0, help="initial retention fraction p_0")
+    g.add_argument("--g2r2_pf", type=float, default=0.2, help="final retention fraction p_f")
+    g.add_argument("--g2r2_beta1", type=float, default=0.85, help="EMA of the redundancy (Eq 8)")
+    g.add_argument("--g2r2_beta2", type=float, default=0.95, help="EMA of its uncertainty (Eq 9)")
+    g.add_argument("--g2r2_score", choices=SCORES, default="exact", help="estimator of dL/dDeltaW")
+    g.add_argument("--g2r2_score_every", type=int, default=1, help="score every K optimizer steps")
+
+
+# ------------------------------------------------------------------------ the adapter (Eq 1–3)
+
+class _Capture(torch.autograd.Function):
+    """Identity on the adapter's output; its backward hands (δ_out, x_in) to `sink`. Backward runs
+    once per backward pass, also when checkpointing recomputes the forward."""
+
+    @staticmethod
+    def forward(ctx, y, x, sink):
+        ctx.save_for_backward(x)  # the same tensor lora_A's matmul saves: no extra memory
+        ctx.sink = sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink(grad, ctx.saved_tensors[0])
+        return grad, None, None
+
+
+class G2R2Linear(common.LoRALinear):
+    """LoRA h = W₀x + s·B A x (Eq 3) that can be pruned (branch skipped) and, while `sink` is set,
+    reports (δ_out, x_in) of each backward pass for the exact ∂ℒ/∂ΔW."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.pruned = False
+        self.sink = None
+
+    def forward(self, x):
+        if self.pruned:
+            return self.base(x)
+        xd = self.dropout(x)
+        y = self.lora_delta(xd)
+        if self.sink is not None and torch.is_grad_enabled():
+            y = _Capture.apply(y, xd, self.sink)
+        return self.base(x) + y
+
+
+# ---------------------------------------------------------- sensitivity and redundancy (Eq 4–7)
+
+def exact_grad(delta_out, x, dtype=torch.float32):
+    """∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in, (out, in), in the adapter's dtype."""
+    return delta_out.reshape(-1, delta_out.shape[-1]).to(dtype).T @ x.reshape(-1, x.shape[-1]).to(dtype)
+
+
+def paper_grad(A, B, grad_A, scaling, eps=1e-8):
+    """Eq 6 as printed, in our layout: ∂ℒ/∂ΔW_ji ≈ Σ_m ∂ℒ/∂A_mi / (s·B_jm), (out, in).
+    Guard: a term whose |s·B_jm| ≤ eps counts 0 (B starts at zero; there the chain rule gives 0/0)."""
+    sB = scaling * B
+    inv = torch.where(sB.abs() > eps, sB.reciprocal(), torch.zeros_like(sB))  # 1/(s·B_jm), guarded
+    return inv @ grad_A  # Eq 6
+
+
+def sensitivity(grad, weight):
+    """S(l_ij) = |∂ℒ/∂l_ij · l_ij| (Eq 5, first-order Taylor of Eq 4)."""
+    return (grad * weight).abs()
+
+
+def redundancy(s_sum, numel):
+    """R(L) = d·k / Σ_ij S(l_ij) (Eq 7); None where undefined (ΣS = 0 or not finite)."""
+    s_sum = float(s_sum)
+    return numel / s_sum if s_sum > 0 and math.isfinite(s_sum) else None
+
+
+def smooth(r_bar, u_bar, r, beta1, beta2):
+    """Eq 8–10: R̄ ← β1 R̄ + (1−β1) R;  U = |R − R̄|;  Ū ← β2 Ū + (1−β2) U;  R̂ = R̄·Ū.
+    Averages start at their first value (common.ema)."""
+    r_bar = common.ema(r_bar, r, beta1)             # Eq 8
+    u_bar = common.ema(u_bar, (r - r_bar).abs(), beta2)  # Eq 9
+    return r_bar, u_bar, r_bar * u_bar              # Eq 10
+
+
+# ------------------------------------------------------------------ schedule and selection
+
+def retention(t, T_w, T_p, p0, pf):
+    """p(t) (Eq 12, App. A.1): p_0 before T_w, cubic decay to p_f reached at T_w + T_p, p_f after."""
+    if t < T_w:
+        return p0
+    if t >= T_w + T_p:
+        return pf
+    # Eq 12 as printed has (t − t_i − t_f) in the numerator and exceeds p_0 at t = t_i (sign typo);
+    # this is the AdaLoRA schedule it cites, with t_i = T_w and T − t_i − t_f = T_p.
+    return pf + (p0 - pf) * (1 - (t - T_w) / T_p) ** 3  # Eq 12
+
+
+def n_keep(p, M):
+    """⌈p·M⌉ modules retained (1e-9 tolerance against float round-up)."""
+    return min(M, math.ceil(p * M - 1e-9))
+
+
+def select(r_hat, live, k):
+    """The k live modules of lowest R̂ (ascending, ties by index; None = never scored = last)."""
+    key = lambda i: (math.inf if r_hat[i] is None else r_hat[i], i)
+    return set(sorted(live, key=key)[:k])
+
+
+def stage_length(value, total, flag):
+    if value < 0:
+        raise ValueError(f"--{flag} must be >= 0 (steps if >= 1, fraction of steps if < 1), got {value}")
+    return int(round(value)) if value >= 1 else int(round(value * total))
+
+
+# ----------------------------------------------------------------------------- the method
+
+class G2R2(common.Method):
+    """Warmup (score), progressive pruning (score, zero), refinement (pruned modules removed)."""
+
+    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, total_steps=None,
+                 steps_per_epoch=None, g2r2_warmup=0.1, g2r2_prune=0.1, g2r2_p0=1.0, g2r2_pf=0.2,
+                 g2r2_beta1=0.85, g2r2_beta2=0.95, g2r2_score="exact", g2r2_score_every=1,
+                 batch_size=None, micro_batch_size=None, **unused):
+        if total_steps is None:
+            raise ValueError("G2R2 needs total_steps (the trainer passes it)")
+        if not 0 < g2r2_pf <= g2r2_p0 <= 1:
+            raise ValueError(f"--g2r2_pf and --g2r2_p0 must satisfy 0 < pf <= p0 <= 1, "
+                             f"got p0={g2r2_p0}, pf={g2r2_pf}")
+        for name, b in (("g2r2_beta1", g2r2_beta1), ("g2r2_beta2", g2r2_beta2)):
+            if not 0 <= b < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {b}")
+        if g2r2_score not in SCORES:
+            raise ValueError(f"--g2r2_score must be one of {', '.join(SCORES)}, got {g2r2_score!r}")
+        if g2r2_score_every < 1:
+            raise ValueError(f"--g2r2_score_every must be >= 1, got {g2r2_score_every}")
+        self.T = total_steps
+        self.T_w = stage_length(g2r2_warmup, total_steps, "g2r2_warmup")
+        self.T_p = max(1, stage_length(g2r2_prune, total_steps, "g2r2_prune"))
+        if self.T_w + self.T_p >= self.T:
+            raise ValueError(f"warmup + pruning must leave refinement steps: T_w={self.T_w} + T_p={self.T_p} "
+                             f">= {self.T} total steps; lower --g2r2_warmup / --g2r2_prune")
+        self.r, self.alpha, self.dropout, self.seed = r, alpha, dropout, seed
+        self.targets = targets.split(",") if isinstance(targets, str) else targets
+        self.p0, self.pf, self.beta1, self.beta2 = g2r2_p0, g2r2_pf, g2r2_beta1, g2r2_beta2
+        self.score, self.score_every = g2r2_score, g2r2_score_every
+        # micro-batches per optimizer step: how many backward passes `exact` sums before the abs
+        self.micro_batches = batch_size // micro_batch_size if batch_size and micro_batch_size else 1
+
+    # -- stages
+    def stage_of(self, t):
+        return "warmup" if t < self.T_w else "prune" if t < self.T_w + self.T_p else "refine"
+
+    def scores_at(self, t):
+        return t < self.T_w + self.T_p and t % self.score_every == 0
+
+    # -- hooks
+    def attach(self, model, batches=(), state=None):
+        common.prepare(model)
+        self.model = model
+        self.names = common.find_targets(model, self.targets, defaults=TARGETS)
+        self.layers = []
+        for n in self.names:
+            layer = G2R2Linear(model.get_submodule(n), self.r, self.alpha, self.dropout)
+            common.replace_module(model, n, layer)
+            self.layers.append(layer)
+        M = len(self.names)
+        self.numel = [layer.base.weight.numel() for layer in self.layers]  # d·k of Eq 7
+        self.adapter_params = [layer.lora_A.numel() + layer.lora_B.numel() for layer in self.layers]
+        self.r_bar, self.u_bar, self.r_hat = [None] * M, [None] * M, [None] * M
+        self.pruned_at = {}  # module index -> optimizer step after which it was zeroed
+        self.refined, self.next_step = False, 0
+        if state is not None:
+            if state["names"] != self.names:
+                raise ValueError("checkpoint adapts other modules than this model/--targets; same --model?")
+            f = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
+            self.r_bar, self.u_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
+            self.r_hat = [None if a is None or b is None else a * b for a, b in zip(self.r_bar, self.u_bar)]
+            self.pruned_at = {int(i): s for i, s in state["pruned_at"].items()}
+            self.next_step = state["next_step"]
+            for i in self.pruned_at:
+                self.prune(i)
+            if state["refined"]:
+                self.refine()
+        self.stage = state["stage"] if state is not None else self.stage_of(0)
+        self.set_sinks(self.next_step)
+        return model
+
+    def after_backward(self, step):
+        if not self.scores_at(step):
+            return
+        live = [i for i in range(len(self.names)) if i not in self.pruned_at]
+        sums = {}  # module -> ΣS (one value) or (ΣS_A, ΣS_B) for product, on the model's device
+        if self.score == "exact":
+            for i in live:
+                if self.grad[i] is not None:  # fewer micro-batches ran than expected: reduce now
+                    self.reduce(i)
+            sums = {i: s.reshape(1) for i, s in self.s_sum.items()}
+        elif self.score in ("paper", "product"):
+            for i in live:
+                L = self.layers[i]
+                gA, gB = L.lora_A.grad, L.lora_B.grad
+                if gA is None or gB is None:
+                    continue  # no gradient reached this module: no score this step
+                with torch.no_grad():
+                    if self.score == "paper":
+                        S = sensitivity(paper_grad(L.lora_A, L.lora_B, gA, L.scaling), L.delta_weight())
+                        sums[i] = S.sum().reshape(1)  # Eq 5–6
+                    else:
+                        sums[i] = torch.stack([sensitivity(gA, L.lora_A).sum(), sensitivity(gB, L.lora_B).sum()])
+        if self.score == "random":
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # resume-safe: a function of the step
+            u = torch.rand(len(self.names), generator=g, dtype=torch.float64)
+            R = {i: float(u[i]) for i in live}
+        else:
+            keys = list(sums)
+            flat = torch.stack([sums[i].double() for i in keys]).cpu().tolist() if keys else []  # one sync
+            R = {}
+            for i, v in zip(keys, flat):
+                if self.score == "product":  # R(A)·R(B) with Eq 7 on each factor
+                    ra = redundancy(v[0], self.layers[i].lora_A.numel())
+                    rb = redundancy(v[1], self.layers[i].lora_B.numel())
+                    R[i] = None if ra is None or rb is None else ra * rb
+                else:
+                    R[i] = redundancy(v[0], self.numel[i])  # Eq 7
+        for i, r in R.items():
+            if r is not None:
+                self.r_bar[i], self.u_bar[i], self.r_hat[i] = smooth(
+                    self.r_bar[i], self.u_bar[i], torch.tensor(r, dtype=torch.float64), self.beta1, self.beta2)
+
+    def after_step(self, step):
+        self.stage = self.stage_of(step)  # the stage this step belonged to (progress bar, stage times)
+        self.next_step = step + 1
+        changed = False
+        if self.T_w <= step < self.T_w + self.T_p and not self.refined:
+            live = [i for i in range(len(self.names)) if i not in self.pruned_at]
+            p = retention(step + 1, self.T_w, self.T_p, self.p0, self.pf)  # Eq 12, after step t
+            keep = select([None if h is None else float(h) for h in self.r_hat], live, n_keep(p, len(self.names)))
+            for i in live:
+                if i not in keep:
+                    self.pruned_at[i] = step
+                    self.prune(i)
+            for i in self.pruned_at:  # [A, B] ← [0, 0] after the optimizer step (§3.3.2)
+                self.zero(i)
+            if step + 1 == self.T_w + self.T_p:
+                self.refine()
+                changed = True
+        self.set_sinks(step + 1)
+        return changed
+
+    # -- mechanics
+    def set_sinks(self, t):
+        """Arm the exact-gradient capture of the live modules for step t (armed steps cost a matmul)."""
+        on = self.score == "exact" and self.scores_at(t) and not self.refined
+        self.grad = [None] * len(self.names)   # exact: per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 only)
+        self.seen = [0] * len(self.names)      # exact: backward passes seen this step
+        self.s_sum = {}                        # exact: module -> ΣS of this step
+        for i, L in enumerate(self.layers):
+            if L is not None:
+                L.sink = (lambda g, x, i=i: self.capture(i, g, x)) if on and not L.pruned else None
+
+    def capture(self, i, delta_out, x):
+        """Backward of module i: add this micro-batch's Σ δ_out ⊗ x_in; reduce at the last one."""
+        if self.seen[i] >= self.micro_batches:
+            raise RuntimeError(f"g2r2 exact scoring: more than {self.micro_batches} backward passes through "
+                               f"{self.names[i]} in one optimizer step; pass batch_size and micro_batch_size")
+        G = exact_grad(delta_out, x, self.layers[i].lora_A.dtype)
+        self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
+        self.seen[i] += 1
+        if self.seen[i] == self.micro_batches:
+            self.reduce(i)
+
+    def reduce(self, i):
+        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer."""
+        with torch.no_grad():
+            self.s_sum[i] = sensitivity(self.grad[i], self.layers[i].delta_weight()).sum()
+        self.grad[i] = None
+
+    def prune(self, i):
+        self.layers[i].pruned = True
+        self.layers[i].sink = None
+        self.zero(i)
+
+    def zero(self, i):
+        with torch.no_grad():
+            self.layers[i].lora_A.zero_()
+            self.layers[i].lora_B.zero_()
+
+    def refine(self):
+        """End of pruning: put the plain base Linear back in place of each pruned module; its tensors
+        leave the trainable set (the trainer rebuilds AdamW without them and their state)."""
+        for i in self.pruned_at:
+            L = self.layers[i]
+            if L is None:
+                continue
+            L.lora_A.requires_grad_(False)
+            L.lora_B.requires_grad_(False)
+            common.replace_module(self.model, self.names[i], L.base)
+            self.layers[i] = None
+        self.refined = True
+
+    # -- bookkeeping
+    def state_dict(self):
+        f = lambda v: None if v is None else v.item()
+        return {"names": self.names, "r_bar": [f(v) for v in self.r_bar], "u_bar": [f(v) for v in self.u_bar],
+                "pruned_at": dict(self.pruned_at), "refined": self.refined, "next_step": self.next_step,
+                "stage": self.stage}
+
+    def export(self, model):
+        if not self.refined:
+            for i in self.pruned_at:
+                common.replace_module(model, self.names[i], self.layers[i].base)
+        return common.merge_adapters(model)
+
+    def retained(self):
+        return [i for i in range(len(self.names)) if i not in self.pruned_at]
+
+    def summary(self):
+        kept = self.retained()
+        return {"g2r2": {"score": self.score, "score_every": self.score_every, "T_w": self.T_w, "T_p": self.T_p,
+                         "p0": self.p0, "pf": self.pf, "beta1": self.beta1, "beta2": self.beta2},
+                "modules": len(self.names), "retained_modules": [self.names[i] for i in kept],
+                "pruned_at_step": {self.names[i]: s for i, s in sorted(self.pruned_at.items())},
+                "adapter_params_start": sum(self.adapter_params),
+                "adapter_params_end": sum(self.adapter_params[i] for i in kept),
+                "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.r_hat)}}
+
+    def plot(self, out_dir):
+        """Layers × module-type grid: the step at which each module was pruned (retained: blank)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        import os
+        layer_of = lambda n: next((int(p) for p in n.split(".") if p.isdigit()), 0)
+        types = list(dict.fromkeys(n.split(".")[-1] for n in self.names))
+        layers = sorted({layer_of(n) for n in self.names})
+        grid = torch.full((len(layers), len(types)), float("nan"))
+        for i, n in enumerate(self.names):
+            grid[layers.index(layer_of(n)), types.index(n.split(".")[-1])] = self.pruned_at.get(i, float("nan"))
+        fig, ax = plt.subplots(figsize=(1 + 0.8 * len(types), 1 + 0.25 * len(layers)))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_ylabel("layer")
+        ax.set_title(f"G²R²: pruned at step (blank = retained, {len(self.retained())}/{len(self.names)})")
+        fig.colorbar(im, ax=ax, label="step")
+        path = os.path.join(out_dir, "g2r2_modules.png")
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        return path

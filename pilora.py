@@ -1,0 +1,330 @@
+"""PiLoRA: Parameter-Importance-Aware LoRA (paper 001: §3.2–3.3, Algorithm 1, App. A.2, A.4).
+
+Stage 1 (Alg. 1 lines 3–13): a standard rank-r LoRA (common.LoRALinear) on the targets (LLaMA: Q, K, V,
+Up, Down per Table 5; encoders / ViT: common's defaults). Every K = --pilora_interval optimizer steps
+(t mod K == 0, from t = 0), between backward and the optimizer step, each module's reconstructed
+full-weight gradient G̃ = B·Gᴬ + Gᴮ·A (Eq 7, derived in App. A.2) gives neuron (row) scores
+S_i = Σ_j |G̃_ij| (Eq 8), and every row with S_i above the mean of S over its matrix gets a hit:
+H_i += 1 (Alg. 1 lines 10–12). Stage 1 lasts --pilora_phase steps (default one epoch, App. A.4).
+
+Partition (line 14): the dominant set M is the smallest set of rows, taken in decreasing H, whose
+cumulative hit count reaches τ·ΣH (--pilora_tau, 0.7: where Fig. 6 saturates). Table 4's ablations:
+`random` (same |M|, rows drawn uniformly) and `top-half` (the ⌊m/2⌋ highest rows in that order).
+
+Stage 2 (lines 15–23): a fresh two-group LoRA on Θ₀ (the stage-1 adapters are discarded):
+h = W₀x + s·(M ⊗ B_d)A_d x + s·(M̄ ⊗ B_s)A_s x (Eq 10) with B_d |M| × r, A_d r × n, B_s (m−|M|) × r′,
+A_s r′ × n. The mask mapping M ⊗ B (Eq 9) is an index scatter of the compact outputs into their rows
+(common.scatter_rows): no m × n matrix and no zero-padded B is ever built. Merge (Eq 11):
+W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
+
+Readings of the paper and deviations:
+- G̃ is Eq 7 without LoRA's scaling s. The model computes s·BA, so the exact first-order change of ΔW
+  is s·(B Gᴬ + Gᴮ A); a positive per-matrix constant changes neither the hits (S against its own mean)
+  nor the tie order. Gᴬ, Gᴮ are the step's gradients summed over micro-batches, before clipping.
+- G̃ is never held whole: the scores are taken in row chunks of G̃ = [B, Gᴮ]·[Gᴬ; A] (Eq 7 as one product).
+- Both groups use the same s = α / r (the paper does not say how the rank-r′ group is scaled), and
+  share one dropout of x. r′ = 0 freezes the supplementary rows (Fig. 4's left point); a group with no
+  rows (|M| = 0 or |M| = m) gets no adapter.
+- Stage 2 starts from Θ₀ (Alg. 1 line 15): new adapters with standard init (A Kaiming, B = 0) drawn
+  from a generator seeded with --seed, and task heads reset to their values at attach (new tensors, so
+  their Adam state goes too). --pilora_warm_start instead copies B_d = B[M], A_d = A from stage 1 (so
+  the dominant rows keep exactly their stage-1 update s·B[M]A), starts the supplementary group fresh
+  (B_s = 0) and keeps the heads with their Adam state.
+- The LR schedule restarts at stage 2 with its own warmup (schedule_start): stage 2 is a new
+  fine-tuning run of new zero-initialised adapters with empty Adam moments, as stage 1 was.
+- The default stage length (one epoch) falls back to half the run when the run is at most one epoch
+  long, so that a stage 2 exists; an explicit --pilora_phase that leaves no stage 2 is an error.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+TARGETS = {**common.DEFAULT_TARGETS, "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}  # Table 5
+PARTITIONS = ("hits", "random", "top-half")
+
+
+def add_args(p):
+    g = p.add_argument_group("pilora")
+    g.add_argument("--pilora_interval", type=int, default=10, help="K: score every K optimizer steps in stage 1")
+    g.add_argument("--pilora_phase", type=int, default=None,
+                   help="stage-1 length in optimizer steps (default: one epoch)")
+    g.add_argument("--pilora_tau", type=float, default=0.7, help="dominant rows hold this fraction of all hits")
+    g.add_argument("--pilora_partition", choices=PARTITIONS, default="hits", help="hits, or Table 4's ablations")
+    g.add_argument("--pilora_r_supp", type=int, default=None,
+                   help="r′ of the supplementary rows (default 2 for causal LMs, 1 otherwise; 0 freezes them)")
+    g.add_argument("--pilora_warm_start", action="store_true",
+                   help="stage 2 starts from B[M], A of stage 1 on the dominant rows and keeps the heads")
+
+
+# ------------------------------------------------------------------------ stage 2: the adapter layer
+
+class PiLoRALinear(nn.Module):
+    """A frozen `base` (m × n) plus two compact LoRAs (Eq 10): rank r on the dominant rows idx_d
+    (B_d: |M| × r, A_d: r × n) and rank r′ on the others idx_s (B_s: (m−|M|) × r′, A_s: r′ × n)."""
+
+    def __init__(self, base: nn.Linear, dominant, r, r_supp, alpha, dropout=0.0, generator=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        m, n, dev = base.out_features, base.in_features, base.weight.device
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[torch.as_tensor(dominant, dtype=torch.long).cpu()] = True  # M
+        # ascending rows: compact row k(i) − 1 of B holds row i, k(i) = Σ_{j≤i} M_j (Eq 9)
+        self.register_buffer("idx_d", mask.nonzero().flatten().to(dev), persistent=False)
+        self.register_buffer("idx_s", (~mask).nonzero().flatten().to(dev), persistent=False)
+        self.r, self.r_supp, self.scaling = r, r_supp, alpha / r  # one s = α / r for both groups
+        self.lora_A_d, self.lora_B_d = new_adapter(len(self.idx_d), r, n, dev, generator)
+        self.lora_A_s, self.lora_B_s = new_adapter(len(self.idx_s), r_supp, n, dev, generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def groups(self):
+        """(A, B, rows) of each group that has an adapter."""
+        return [(A, B, idx) for A, B, idx in ((self.lora_A_d, self.lora_B_d, self.idx_d),
+                                              (self.lora_A_s, self.lora_B_s, self.idx_s)) if A is not None]
+
+    def forward(self, x):
+        out = self.base(x)  # (..., m)
+        x = self.dropout(x)
+        for A, B, idx in self.groups():
+            y = F.linear(F.linear(common.adapter_input(x, A), A), B) * self.scaling  # (..., |idx|)
+            common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
+        return out
+
+    def merge(self) -> nn.Linear:
+        """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11), in fp32; rows without an adapter stay W₀."""
+        gs = self.groups()
+        rows = torch.cat([idx for _, _, idx in gs]) if gs else self.idx_d[:0]
+        delta = (torch.cat([self.scaling * (B.detach().float() @ A.detach().float()) for A, B, _ in gs]) if gs
+                 else self.base.weight.new_zeros(0, self.base.in_features, dtype=torch.float32))
+        return common.merged_linear(self.base, delta, rows=rows)
+
+
+def new_adapter(rows, rank, n, device, generator=None):
+    """(A, B) with LoRA's init (A Kaiming-uniform a=√5, B zeros), or (None, None) when empty."""
+    if rows == 0 or rank == 0:
+        return None, None
+    A = torch.empty(rank, n, dtype=torch.float32)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    return nn.Parameter(A.to(device)), nn.Parameter(torch.zeros(rows, rank, device=device))
+
+
+def param_count(m, n, k, r, r_supp):
+    """Trainable parameters of one PiLoRA matrix with |M| = k: k·r + r·n + (m−k)·r′ + r′·n."""
+    return (k * r + r * n if k else 0) + ((m - k) * r_supp + r_supp * n if m - k else 0)
+
+
+# -------------------------------------------------------------- stage 1: importance scores (§3.2)
+
+def reconstructed_grad(A, B, GA, GB):
+    """G̃ = B·Gᴬ + Gᴮ·A (Eq 7), out × in: the first-order change of BA per unit of −η."""
+    return B @ GA + GB @ A
+
+
+def row_scores(G):
+    """S_i = Σ_j |G̃_ij| (Eq 8, Alg. 1 line 9): one score per output neuron."""
+    return G.abs().sum(dim=1)
+
+
+def neuron_scores(A, B, GA, GB, max_elems=2 ** 24):
+    """row_scores(reconstructed_grad(A, B, GA, GB)) in row chunks of at most max_elems entries of G̃."""
+    left, right = torch.cat([B, GB], dim=1), torch.cat([GA, A], dim=0)  # Eq 7: [B, Gᴮ]·[Gᴬ; A]
+    step = max(1, max_elems // right.shape[1])
+    return torch.cat([row_scores(left[i:i + step] @ right) for i in range(0, len(left), step)])  # Eq 8
+
+
+def count_hits(H, S):
+    """H_i + 1 where S_i exceeds the mean of S (Alg. 1 lines 10–12)."""
+    return H + (S > S.mean()).long()
+
+
+# ------------------------------------------------------------------- partition into two groups (§3.3)
+
+def importance_order(H, S):
+    """Rows by decreasing hit count; equal H by decreasing last score S, then by row index."""
+    order = torch.argsort(-S.double(), stable=True)
+    return order[torch.argsort(-H[order], stable=True)]
+
+
+def dominant_size(H, S, tau):
+    """|M|: the fewest rows, in importance order, whose hits reach τ·ΣH (0 when nothing was hit)."""
+    # "consistently engaged" (§3.3) read as Fig. 6's cumulative importance threshold over hit counts
+    cum = torch.cumsum(H[importance_order(H, S)], 0)
+    return int((cum.double() < tau * int(H.sum())).sum()) + 1 if H.sum() > 0 else 0
+
+
+def select_rows(H, S, tau, how="hits", generator=None):
+    """The dominant rows M (ascending indices) by the hit rule or Table 4's ablations."""
+    if how == "top-half":
+        rows = importance_order(H, S)[:len(H) // 2]
+    elif how == "random":
+        rows = torch.randperm(len(H), generator=generator)[:dominant_size(H, S, tau)]
+    elif how == "hits":
+        rows = importance_order(H, S)[:dominant_size(H, S, tau)]
+    else:
+        raise ValueError(f"--pilora_partition must be one of {', '.join(PARTITIONS)}, got {how!r}")
+    return rows.sort().values
+
+
+# ------------------------------------------------------------------------------- the method object
+
+class PiLoRA(common.Method):
+    """Stage 1: LoRA + hit counting; at the end of --pilora_phase, partition and switch to PiLoRALinear."""
+    prefix = "lora_"  # stage 1: LoRALinear's lora_A/B; stage 2: lora_A_d, lora_B_d, lora_A_s, lora_B_s
+
+    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, total_steps=None,
+                 steps_per_epoch=None, pilora_interval=10, pilora_phase=None, pilora_tau=0.7,
+                 pilora_partition="hits", pilora_r_supp=None, pilora_warm_start=False, **unused):
+        if pilora_interval < 1:
+            raise ValueError(f"--pilora_interval must be ≥ 1 step, got {pilora_interval}")
+        if pilora_phase is not None and pilora_phase < 1:
+            raise ValueError(f"--pilora_phase must be ≥ 1 step, got {pilora_phase}")
+        common.check_fraction("pilora_tau", pilora_tau)
+        if pilora_partition not in PARTITIONS:
+            raise ValueError(f"--pilora_partition must be one of {', '.join(PARTITIONS)}, got {pilora_partition!r}")
+        if pilora_r_supp is not None and not 0 <= pilora_r_supp <= r:
+            raise ValueError(f"--pilora_r_supp must be between 0 and --r ({r}), got {pilora_r_supp}")
+        self.r, self.alpha, self.dropout, self.targets, self.seed = r, alpha, dropout, targets, seed
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.interval, self.phase, self.tau = pilora_interval, pilora_phase, pilora_tau
+        self.partition, self.r_supp, self.warm_start = pilora_partition, pilora_r_supp, pilora_warm_start
+        self.stage, self.schedule_start, self.scorings = "stage1", 0, 0
+        self.dominant = None
+
+    def attach(self, model, batches=(), state=None):
+        common.prepare(model)
+        self.model = model
+        self.names = common.find_targets(model, self.targets, defaults=TARGETS)
+        base = {n: model.get_submodule(n) for n in self.names}
+        self.shapes = {n: (b.out_features, b.in_features) for n, b in base.items()}
+        if state is None:
+            self.phase = self.stage1_length()
+            if self.r_supp is None:  # Tables 5–7: r′ = 2 for the LLMs, 1 for RoBERTa and ViT
+                self.r_supp = 2 if "CausalLM" in type(model).__name__ else 1
+            self.hits = {n: torch.zeros(m, dtype=torch.long) for n, (m, _) in self.shapes.items()}
+            self.scores = {n: torch.zeros(m) for n, (m, _) in self.shapes.items()}
+            self.heads0 = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            for k in ("stage", "phase", "r_supp", "scorings", "schedule_start", "hits", "scores", "heads0",
+                      "dominant"):
+                setattr(self, k, state[k])
+        if self.stage == "stage1":
+            for n in self.names:
+                common.replace_module(model, n, common.LoRALinear(base[n], self.r, self.alpha, self.dropout))
+        else:  # the trainer loads the trained tensors; a private generator leaves the global RNG alone
+            g = torch.Generator().manual_seed(self.seed)
+            for n in self.names:
+                common.replace_module(model, n, PiLoRALinear(base[n], self.dominant[n], self.r, self.r_supp,
+                                                             self.alpha, self.dropout, g))
+        return model
+
+    def stage1_length(self):
+        if self.phase is not None:
+            if self.total_steps is not None and self.phase >= self.total_steps:
+                raise ValueError(f"--pilora_phase {self.phase} leaves no stage 2 in {self.total_steps} steps; "
+                                 f"pass a smaller --pilora_phase or train longer")
+            return self.phase
+        if self.steps_per_epoch is None:
+            raise ValueError("the epoch length is unknown; pass --pilora_phase (stage-1 steps)")
+        if self.total_steps is not None and self.steps_per_epoch >= self.total_steps:
+            if self.total_steps < 2:
+                raise ValueError("PiLoRA needs ≥ 2 steps (one per stage); pass a larger --max_steps")
+            print(f"pilora: one epoch ({self.steps_per_epoch} steps) leaves no stage 2 in {self.total_steps} "
+                  f"steps; stage 1 takes {self.total_steps // 2} (set --pilora_phase)")
+            return self.total_steps // 2
+        return self.steps_per_epoch
+
+    @torch.no_grad()
+    def after_backward(self, step):
+        if self.stage != "stage1" or step % self.interval:  # Alg. 1 line 7: t mod K == 0
+            return
+        for n in self.names:
+            mod = self.model.get_submodule(n)
+            A, B = mod.lora_A, mod.lora_B
+            if A.grad is None or B.grad is None:
+                continue
+            S = neuron_scores(A.float(), B.float(), A.grad.float(), B.grad.float()).cpu()  # Eq 7–8, per module
+            self.hits[n] = count_hits(self.hits[n], S)
+            self.scores[n] = S
+        self.scorings += 1
+
+    def after_step(self, step):
+        if self.stage != "stage1" or step + 1 < self.phase:
+            return False
+        self.switch()
+        self.schedule_start = step + 1  # stage 2: a fresh warmup + decay for the fresh adapters
+        return True
+
+    @torch.no_grad()
+    def switch(self):
+        """Alg. 1 lines 14–18: partition every matrix and replace its LoRA by a two-group PiLoRA on Θ₀."""
+        g = torch.Generator().manual_seed(self.seed)
+        self.dominant = {}
+        for n in self.names:
+            old = self.model.get_submodule(n)
+            self.dominant[n] = select_rows(self.hits[n], self.scores[n], self.tau, self.partition, g)
+            new = PiLoRALinear(old.base, self.dominant[n], self.r, self.r_supp, self.alpha, self.dropout, g)
+            if self.warm_start and new.lora_A_d is not None:
+                new.lora_A_d.copy_(old.lora_A)
+                new.lora_B_d.copy_(old.lora_B[new.idx_d])
+            common.replace_module(self.model, n, new)
+        if not self.warm_start:  # back to Θ₀: heads as at attach, as new tensors
+            for name, p0 in self.heads0.items():
+                mod, _, leaf = name.rpartition(".")
+                owner = self.model.get_submodule(mod) if mod else self.model
+                old = getattr(owner, leaf)
+                setattr(owner, leaf, nn.Parameter(p0.to(device=old.device, dtype=old.dtype)))
+        self.heads0 = None
+        self.stage = "stage2"
+
+    def state_dict(self):
+        return {"stage": self.stage, "phase": self.phase, "r_supp": self.r_supp, "scorings": self.scorings,
+                "schedule_start": self.schedule_start, "hits": dict(self.hits), "scores": dict(self.scores),
+                "heads0": self.heads0, "dominant": self.dominant}
+
+    def summary(self):
+        out = {"r": self.r, "alpha": self.alpha, "r_supp": self.r_supp, "tau": self.tau,
+               "partition": self.partition, "interval": self.interval, "phase_steps": self.phase,
+               "scorings": self.scorings, "stage": self.stage, "warm_start": self.warm_start,
+               "adapted_modules": len(self.names)}
+        lora = sum(self.r * (m + n) for m, n in self.shapes.values())
+        out["lora_params"] = lora  # the rank-r LoRA of stage 1
+        if self.dominant is not None:
+            k = {name: len(idx) for name, idx in self.dominant.items()}
+            pilora = sum(param_count(m, n, k[name], self.r, self.r_supp) for name, (m, n) in self.shapes.items())
+            out.update(dominant_rows=k, rows={name: m for name, (m, _) in self.shapes.items()},
+                       dominant_fraction=sum(k.values()) / sum(m for m, _ in self.shapes.values()),
+                       pilora_params=pilora, param_ratio=pilora / lora)
+        return out
+
+    def plot(self, out_dir):
+        """Fig. 3 style: each matrix's dominant (1) / supplementary (0) rows as a stripe; hit histogram."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        if self.dominant is None:
+            return None
+        width = max(m for m, _ in self.shapes.values())
+        img = torch.full((len(self.names), width), float("nan"))
+        for i, n in enumerate(self.names):
+            img[i, :self.shapes[n][0]] = 0.0
+            img[i, self.dominant[n]] = 1.0
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 2 + 0.25 * len(self.names)),
+                                       gridspec_kw={"width_ratios": [3, 1]})
+        ax1.imshow(img.numpy(), aspect="auto", interpolation="nearest", cmap="coolwarm")
+        ax1.set_yticks(range(len(self.names)), self.names, fontsize=6)
+        ax1.set_xlabel("output neuron (red: dominant, blue: supplementary)")
+        hits = torch.cat(list(self.hits.values()))
+        ax2.hist(hits.numpy(), bins=[b - 0.5 for b in range(int(hits.max()) + 2)])
+        ax2.set_xlabel(f"hit count H ({self.scorings} scorings)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "pilora_partition.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

@@ -1,0 +1,277 @@
+"""SPSFT: structured-pruning-based sparse fine-tuning of selected output rows ("PruFT" in the authors' code).
+
+Paper: ../shared/papers/004_584a2078842cda78.txt. Per target weight W (d_out × d_in):
+  §3.2, App. A  score every output neuron (row) i: ℓ2  η_i = ‖W_i‖₂ (data-free; the paper's choice for
+                LLMs, §5.3), Taylor  η_i = Σ_j |mean_x ∂ℒ/∂w_ij · w_ij| (App. A, last line), or
+                Quantiles-Mean Taylor (Eq 6–7): class-wise η_i^t from the loss of class t alone, then
+                the mean of the 0 %, 10 %, …, 100 % quantiles of {η_i^t}_t.
+  §3.1          keep the top-r rows i_1 … i_r; W_f ∈ ℝ^{r × d_in} starts at zero; M ∈ {0,1}^{d_out × r}
+                with M_{i_j j} = 1 places them, so Ŵ = W + M W_f (Eq 1 with W_s = M W_f).
+  Eq 5          h = f(W, x) + f(M W_f, x) = base(x) + M (W_f x): W_f x is scattered into the selected
+                output features with an index_put (common.scatter_rows), so autograd keeps x and W_f
+                only, never the tokens × r activation W_f x that LoRA keeps as A x (§5.4, App. D.4).
+  §4.2, §5.3    all attention + MLP linear layers, or MLP only (`--spsft_mlp_only`, the "FA" rows of
+                Tables 6–9: attention frozen). Classification heads train fully. No dropout.
+  Merge         W[idx] += W_f in fp32, cast once: a plain Linear, no extra latency.
+
+Deviations and readings:
+- Parameter dependencies (§4.3, App. B: fine-tuning dependent columns of the next layer together) are
+  out of scope: the paper's own conclusion (§5.2, Tables 4–5) is not to search for them.
+- Scores use the weight row only; biases are neither scored nor tuned (W_f is r × d_in, §3.1).
+- Eq 6 writes η_i^t = |wᵀ∇_w L(D^t)| (|·| of the sum over j); we use App. A's final per-element form
+  Σ_j |w_j ∂L(D^t)/∂w_j| for both Taylor variants, so QM-Taylor differs from Taylor only by the class split.
+- "mean over x" is the mean of the calibration batches' losses (Taylor) and the mean loss over the
+  class-t examples (QM-Taylor, each class-t sub-batch weighted by its size); classes absent from the
+  calibration batches are left out of the quantiles.
+- The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
+  last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's
+  gradients, which is why §5.3 uses ℓ2 for LLMs. With `--spsft_calib_batches 1` nothing is kept.
+- `--spsft_rows` larger than a matrix's d_out selects all its rows (top-r of fewer than r rows).
+- `--spsft_norms` (optional, §1.1 bullet 2) trains every LayerNorm / RMSNorm affine vector in full
+  (d values each) instead of selecting elements of them.
+- The trainer's shared `--r`, `--alpha`, `--dropout` are LoRA's and are ignored: rows come from
+  `--spsft_rows` / `--spsft_ratio`, and the paper's Llama settings pair SPSFT r with LoRA r/2 (Table 8).
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+IMPORTANCE = ("l2", "taylor", "qm_taylor")
+
+
+def add_args(parser):
+    g = parser.add_argument_group("spsft")
+    g.add_argument("--spsft_importance", choices=IMPORTANCE, default="l2",
+                   help="neuron importance: l2 (data-free), taylor, qm_taylor (classification only)")
+    g.add_argument("--spsft_rows", type=int, default=128,
+                   help="rows r tuned per matrix (paper's Llama setting r=128, Tables 6-10)")
+    g.add_argument("--spsft_ratio", type=float, default=None,
+                   help="instead of --spsft_rows: fraction of each matrix's parameters (paper: 0.05)")
+    g.add_argument("--spsft_calib_batches", type=int, default=8, help="batches for taylor/qm_taylor")
+    g.add_argument("--spsft_mlp_only", action="store_true", help="freeze attention (the FA setting)")
+    g.add_argument("--spsft_norms", action="store_true", help="also train LayerNorm/RMSNorm affine vectors")
+
+
+# ----------------------------------------------------------------------------- the adapter layer
+
+class SPSFTLinear(nn.Module):
+    """A frozen `base` Linear plus the selected rows' update: h = W x + M (W_f x) (Eq 5)."""
+
+    def __init__(self, base: nn.Linear, idx: torch.Tensor):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        dev = base.weight.device
+        self.register_buffer("idx", idx.to(device=dev, dtype=torch.long), persistent=False)  # i_1 … i_r
+        self.spsft_W_f = nn.Parameter(torch.zeros(len(idx), base.in_features, device=dev,
+                                                  dtype=torch.float32))  # §3.1: zeros, so Ŵ = W at step 0
+
+    def forward(self, x):
+        out = self.base(x)                                                             # W x
+        y = F.linear(common.adapter_input(x, self.spsft_W_f), self.spsft_W_f)          # W_f x, (..., r)
+        return common.scatter_rows(out, self.idx, y.to(out.dtype))                    # Eq 5: + M (W_f x)
+
+    def merge(self) -> nn.Linear:
+        return common.merged_linear(self.base, self.spsft_W_f, rows=self.idx)          # W + M W_f
+
+
+# ----------------------------------------------------------------------------- importance (§3.2)
+
+def l2_rows(w):
+    """Magnitude importance ‖W_i‖₂ of every row (App. A, last line)."""
+    return w.detach().float().norm(dim=1)
+
+
+def taylor_rows(g, w):
+    """Taylor importance Σ_j |g_ij · w_ij| of every row, g the mean loss gradient (App. A; Eq 6 per class)."""
+    return (g.float() * w.detach().float()).abs().sum(dim=1)
+
+
+def quantiles_mean(eta_t):
+    """Eq 7: the mean of the 0 %, 10 %, …, 100 % quantiles over classes of eta_t (p classes × d_out)."""
+    q = torch.linspace(0, 1, 11, dtype=eta_t.dtype, device=eta_t.device)
+    return torch.quantile(eta_t, q, dim=0).mean(dim=0)
+
+
+def taylor_pass(model, weights, terms):
+    """Row scores taylor_rows(g, W) for every W in `weights` {name: Parameter}, where g is the gradient
+    of Σ_k c_k · loss(batch_k) over `terms` [(batch, c)]. Each gradient is folded into an fp32 sum as
+    it is produced and the model's .grad is freed; the last term's hook reduces the sum to rows."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    gsum, scores, last = {}, {}, [False]
+
+    def hook_for(name):
+        def hook(p):
+            g = p.grad.float()  # the model's .grad is handed over (or cast) and then dropped
+            p.grad = None
+            if name in gsum:
+                g = gsum.pop(name).add_(g)
+            if last[0]:
+                scores[name] = taylor_rows(g, p)
+            else:
+                gsum[name] = g
+        return hook
+
+    handles = [w.requires_grad_(True).register_post_accumulate_grad_hook(hook_for(n)) for n, w in weights.items()]
+    try:
+        with torch.enable_grad():
+            for k, (batch, c) in enumerate(terms):
+                last[0] = k == len(terms) - 1
+                (model(**batch).loss * c).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for w in weights.values():
+            w.grad = None
+    for name, w in weights.items():  # a weight the last term did not reach
+        if name not in scores:
+            scores[name] = taylor_rows(gsum.pop(name), w) if name in gsum else torch.zeros(w.shape[0], device=w.device)
+    return scores
+
+
+def class_labels(batches, model):
+    """The 1-D integer class labels of every batch; a ValueError for tasks without classes."""
+    problem = getattr(getattr(model, "config", None), "problem_type", None)
+    for b in batches:
+        y = b.get("labels")
+        if y is None or y.dim() != 1 or y.is_floating_point() or problem in ("regression",
+                                                                            "multi_label_classification"):
+            shape = None if y is None else tuple(y.shape)
+            raise ValueError(f"--spsft_importance qm_taylor needs one class label per example (Eq 6), but this "
+                             f"task's labels have shape {shape}; use --spsft_importance taylor or l2")
+    return [b["labels"] for b in batches]
+
+
+def sub_batch(batch, mask):
+    n = len(mask)
+    return {k: v[mask] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v for k, v in batch.items()}
+
+
+def row_importance(model, weights, batches, kind):
+    """{name: η (d_out,)} for every weight, by `kind` in IMPORTANCE, on the calibration `batches` (a list)."""
+    if kind == "l2":
+        return {n: l2_rows(w) for n, w in weights.items()}
+    if not batches:
+        raise ValueError(f"--spsft_importance {kind} needs calibration batches; got none (or use l2)")
+    if kind == "taylor":
+        return taylor_pass(model, weights, [(b, 1.0 / len(batches)) for b in batches])  # mean over batches
+    labels = class_labels(batches, model)
+    classes = torch.unique(torch.cat([y[y >= 0].cpu() for y in labels])).tolist()
+    eta_t = {n: [] for n in weights}
+    for t in classes:  # Eq 6: η_i^t from L(D^t, F), the mean loss over the class-t examples
+        n_t = sum(int((y == t).sum()) for y in labels)
+        terms = [(sub_batch(b, y == t), int((y == t).sum()) / n_t) for b, y in zip(batches, labels) if (y == t).any()]
+        for n, s in taylor_pass(model, weights, terms).items():
+            eta_t[n].append(s)
+    return {n: quantiles_mean(torch.stack(v)) for n, v in eta_t.items()}  # Eq 7
+
+
+# ----------------------------------------------------------------------------- selection (§3.1)
+
+def rows_for(d_out, d_in, rows=128, ratio=None):
+    """r for one matrix: `ratio` of its d_out·d_in parameters as whole rows (≥ 1), else `rows` (≤ d_out)."""
+    if ratio is not None:
+        return min(d_out, max(1, round(ratio * d_out * d_in / d_in)))
+    return min(d_out, rows)
+
+
+def top_rows(scores, r):
+    """Indices of the r largest scores, ascending; ties go to the lower index (stable sort)."""
+    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
+    return order[:r].sort().values
+
+
+def is_attention(name):
+    return any("attn" in part or "attention" in part for part in name.split("."))
+
+
+# ----------------------------------------------------------------------------- the method
+
+class SPSFT(common.Method):
+    """Score neurons once at attach, tune the top-r rows of every target through W_f, merge at export."""
+    prefix = "spsft_"
+
+    def __init__(self, targets=None, spsft_importance="l2", spsft_rows=128, spsft_ratio=None,
+                 spsft_calib_batches=8, spsft_mlp_only=False, spsft_norms=False, **unused):
+        if spsft_importance not in IMPORTANCE:
+            raise ValueError(f"--spsft_importance must be one of {', '.join(IMPORTANCE)}, got {spsft_importance!r}")
+        if spsft_rows < 1:
+            raise ValueError(f"--spsft_rows must be >= 1, got {spsft_rows}")
+        if spsft_ratio is not None:
+            common.check_fraction("spsft_ratio", spsft_ratio)
+        if spsft_calib_batches < 1:
+            raise ValueError(f"--spsft_calib_batches must be >= 1, got {spsft_calib_batches}")
+        self.targets, self.importance, self.rows, self.ratio = targets, spsft_importance, spsft_rows, spsft_ratio
+        self.calib_batches, self.mlp_only, self.norms = spsft_calib_batches, spsft_mlp_only, spsft_norms
+        self.importance_time_s = 0.0
+
+    def attach(self, model, batches=(), state=None):
+        common.prepare(model)
+        names = [n for n in common.find_targets(model, self.targets) if not (self.mlp_only and is_attention(n))]
+        if not names:
+            raise ValueError("--spsft_mlp_only left no target; drop it or pass MLP layers in --targets")
+        if state is not None:  # resume: the saved rows, no re-scoring
+            if sorted(state["idx"]) != sorted(names):
+                raise ValueError("the checkpoint's SPSFT layers differ from --targets/--spsft_mlp_only; "
+                                 "resume with the flags of the original run")
+            idx = {n: torch.as_tensor(state["idx"][n]) for n in names}
+            self.importance_time_s = state["importance_time_s"]
+        else:
+            weights = {n: model.get_submodule(n).weight for n in names}
+            calib = [] if self.importance == "l2" else [b for _, b in zip(range(self.calib_batches), batches)]
+            t0 = time.perf_counter()
+            eta = row_importance(model, weights, calib, self.importance)
+            idx = {n: top_rows(eta[n], rows_for(*w.shape, rows=self.rows, ratio=self.ratio)) for n, w in weights.items()}
+            self.importance_time_s = time.perf_counter() - t0  # scoring + selection (top_rows syncs a GPU)
+        for n in names:
+            common.replace_module(model, n, SPSFTLinear(model.get_submodule(n), idx[n]))
+        if self.norms:  # §1.1: normalisation layers' affine vectors, trained in full
+            for mod in model.modules():
+                if "Norm" in type(mod).__name__:
+                    for p in mod.parameters(recurse=False):
+                        p.requires_grad_(True)
+        self.idx = {n: idx[n].cpu() for n in names}
+        self.shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}  # (d_out, d_in)
+        return model
+
+    def state_dict(self):
+        return {"idx": dict(self.idx), "importance_time_s": self.importance_time_s}
+
+    def summary(self):
+        params = sum(len(i) * self.shapes[n][1] for n, i in self.idx.items())   # Σ r · d_in
+        sides = sum(d_out + d_in for d_out, d_in in self.shapes.values())       # Σ (d_in + d_out)
+        rank = max(1, round(params / sides))  # the LoRA rank whose Σ rank·(d_in + d_out) is nearest SPSFT's params
+        return {"importance": self.importance, "importance_time_s": round(self.importance_time_s, 3),
+                "adapted_modules": len(self.idx), "mlp_only": self.mlp_only,
+                "rows_per_matrix": {n: len(i) for n, i in self.idx.items()},
+                "spsft_params": params, "lora_rank_matched": rank, "lora_params_matched": rank * sides}
+
+    def plot(self, out_dir):
+        """Selected rows per adapted matrix (x: output neuron / d_out, y: matrix), spsft_rows.png."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        names = list(self.idx)
+        fig, ax = plt.subplots(figsize=(8, 0.18 * len(names) + 1.5))
+        for y, n in enumerate(names):
+            pos = self.idx[n].float() / self.shapes[n][0]
+            ax.scatter(pos, torch.full_like(pos, y), s=2, marker="|")
+        ax.set_yticks(range(len(names)), [n.split("layers.")[-1] for n in names], fontsize=5)
+        ax.set_xlabel("selected output neuron i / d_out")
+        ax.set_title(f"SPSFT rows ({self.importance})")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "spsft_rows.png")
+        fig.savefig(path, dpi=150)
+        plt.close(fig)
+        return path

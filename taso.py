@@ -1,0 +1,294 @@
+"""TASO: a sparse LoRA whose structure is fixed before training by the task's importance map.
+
+Paper: Miao, Liu et al., "TASO: Task-Aligned Sparse Optimization for Parameter-Efficient Model
+Adaptation", arXiv 2509.17688 (EMNLP 2025). The full method section was not available to us; what
+follows is ../shared/papers/taso-notes.md, which marks what the paper states and what is our reading.
+The paper's equation numbers are unknown, so the equations are numbered here (T1–T7):
+
+  §1 importance (stated)        T1  I = |W ⊙ G|,  G = Σ_b ∂L_b/∂W over N calibration batches
+  §2 core regions (stated)      T2  S_ij = 1 if I_ij is among the top k% entries of I, else 0
+                                T3  u_i = mean_j S_ij (rows),  v_j = mean_i S_ij (columns)
+                                T4  R = top ⌈p·out⌉ rows by u,  C = top ⌈p·in⌉ columns by v
+  §3 sparse LoRA (stated)       T5  y = W x + s · scatter_R( B_R ( A_C x[..., C] ) ),  s = α / r
+                                T6  merge: W[R][:, C] += s · B_R A_C
+  §4 LR scaling (formula ours)  T7  lr_TASO = lr · ρ^(-1/2),  ρ = p
+
+B_R (|R| × r, zeros) and A_C (r × |C|, Kaiming-uniform over the kept columns) are stored compactly:
+no out × in mask and no zero-padded A or B exists. Trainable parameters per matrix: r·(|R| + |C|);
+with the defaults r = 8, p = 1/r that is out + in, the budget of dense LoRA with rank 1.
+
+Our readings and deviations (each is a flag):
+- N = 64 batches (or the whole iterator if shorter); gradients summed, |·| taken after the sum; no
+  optimizer step. The pass holds one weight-sized buffer per target and frees each `.grad` as soon as
+  it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
+  random sub-network) while gradient checkpointing stays on.
+- k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
+- ρ = p in T7; `--taso_lr_scale linear` uses ρ^(-1), `none` uses 1.
+- Adapter dropout is applied to x[..., C] after the gather: the same distribution as dropping x
+  first, and the mask is |C| wide instead of in wide.
+- Ablations: `--taso_metric g|w|random` replace T1 by |G|, |W| or uniform noise (w and random need no
+  pass); `--taso_select rows|cols` choose only that axis by T3–T4 and draw the other at random with
+  the same size, so every variant has the same shape and budget (keeping the other axis whole
+  cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def add_args(parser):
+    parser.add_argument("--taso_calib_batches", type=int, default=64,
+                        help="batches summed for the importance pass (fewer if the train set is smaller)")
+    parser.add_argument("--taso_topk", type=float, default=0.01, help="fraction k of entries marked in S (T2)")
+    parser.add_argument("--taso_density", type=float, default=None,
+                        help="fraction p of rows and of columns kept (T4); default 1/r")
+    parser.add_argument("--taso_metric", choices=["wg", "g", "w", "random"], default="wg",
+                        help="importance: |W*G| (T1), |G|, |W| or random")
+    parser.add_argument("--taso_select", choices=["both", "rows", "cols"], default="both",
+                        help="axes chosen by importance; the other is random with the same size")
+    parser.add_argument("--taso_lr_scale", choices=["sqrt", "linear", "none"], default="sqrt",
+                        help="adapter LR multiplier p^-1/2, p^-1 or 1 (T7)")
+
+
+# ----------------------------------------------------------------------- the block-sparse LoRA layer
+
+class TASOLinear(nn.Module):
+    """A frozen `base` Linear plus s·scatter_R(B_R(A_C x[..., C])) (T5); taso_A, taso_B in fp32."""
+
+    def __init__(self, base: nn.Linear, rows, cols, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        common.check_rank(base, r)
+        self.base = base.requires_grad_(False)
+        dev = base.weight.device
+        self.register_buffer("rows", rows.to(dev, torch.long), persistent=False)  # R, sorted
+        self.register_buffer("cols", cols.to(dev, torch.long), persistent=False)  # C, sorted
+        self.taso_A = nn.Parameter(torch.empty(r, len(cols), device=dev, dtype=torch.float32))  # A_C
+        self.taso_B = nn.Parameter(torch.zeros(len(rows), r, device=dev, dtype=torch.float32))  # B_R
+        nn.init.kaiming_uniform_(self.taso_A, a=math.sqrt(5))  # fan-in = |C|
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        out = self.base(x)                                                     # W x, (..., out)
+        xc = self.dropout(common.gather_cols(x, self.cols))                    # x[..., C], (..., |C|)
+        ax = F.linear(common.adapter_input(xc, self.taso_A), self.taso_A)      # (..., r)
+        y = F.linear(ax, self.taso_B) * self.scaling                           # (..., |R|)
+        return common.scatter_rows(out, self.rows, y.to(out.dtype))            # T5
+
+    def delta_block(self):
+        return self.scaling * (self.taso_B @ self.taso_A)  # (|R|, |C|), fp32
+
+    def merge(self) -> nn.Linear:
+        return common.merged_linear(self.base, self.delta_block(), rows=self.rows, cols=self.cols)  # T6
+
+
+# ------------------------------------------------------------------------------- importance (§1)
+
+def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
+    """T1 over at most `n_batches` batches: ({name: |W ⊙ Σ_b G_b|} (or |Σ_b G_b| for metric "g")
+    in W's dtype, batches used). One buffer per weight; each .grad is folded in and freed as soon as
+    it is accumulated, so full-size gradients never all exist at once. No optimizer step; every
+    requires_grad flag and training mode is restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    bufs, hooks = {}, []
+
+    def fold(name):
+        def hook(w):
+            if metric == "wg":
+                bufs[name].addcmul_(w.grad, w)  # Σ_b W ⊙ G_b = W ⊙ Σ_b G_b
+            else:
+                bufs[name].add_(w.grad)
+            w.grad = None
+        return hook
+
+    model.requires_grad_(False)
+    model.eval()  # no dropout; keep gradient checkpointing where the layers use it
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True
+    try:
+        for name, w in weights.items():
+            bufs[name] = torch.zeros_like(w)
+            w.grad = None
+            w.requires_grad_(True)
+            hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
+        used = 0
+        with torch.enable_grad():
+            for _, batch in zip(range(n_batches), batches):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise ValueError(f"TASO's importance pass got loss {float(loss)} on calibration batch "
+                                     f"{used}; check the data (no target tokens left? raise --max_len)")
+                loss.backward()
+                used += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for m, t in modes.items():
+            m.training = t
+    if used == 0:
+        raise ValueError("TASO's importance pass got no batches; give the run a non-empty train set "
+                         "or pass --taso_metric w (no pass)")
+    return {n: b.abs_() for n, b in bufs.items()}, used
+
+
+# ---------------------------------------------------------------------------- core regions (§2)
+
+def ceil_frac(frac, n):
+    """⌈frac·n⌉ without float noise (0.1·30 is 3.0000000000000004), at least 1."""
+    return max(1, math.ceil(round(frac * n, 9)))
+
+
+def topk_mask(I, k):
+    """T2: S (bool, same shape as I), True on the ⌈k·numel⌉ largest entries."""
+    S = torch.zeros(I.numel(), dtype=torch.bool, device=I.device)
+    S[I.flatten().topk(ceil_frac(k, I.numel())).indices] = True
+    return S.view_as(I)
+
+
+def top_lines(score, tiebreak, n):
+    """Indices of the n largest `score`, ties by larger `tiebreak`, then lower index; sorted."""
+    order = tiebreak.argsort(descending=True, stable=True)
+    order = order[score[order].argsort(descending=True, stable=True)]
+    return order[:n].sort().values
+
+
+def core_regions(I, p, k, select="both", generator=None):
+    """T2–T4 for one importance matrix I (out × in): core rows R and columns C (sorted indices).
+    select "rows" / "cols": only that axis by importance, the other uniformly random, same size."""
+    I = I.float()
+    S = topk_mask(I, k).float()                                        # T2
+    u, v = S.mean(1), S.mean(0)                                        # T3
+    n_r, n_c = ceil_frac(p, I.shape[0]), ceil_frac(p, I.shape[1])
+    R = top_lines(u, I.sum(1), n_r)                                    # T4
+    C = top_lines(v, I.sum(0), n_c)
+    if select == "cols":
+        R = torch.randperm(I.shape[0], generator=generator)[:n_r].sort().values.to(I.device)
+    if select == "rows":
+        C = torch.randperm(I.shape[1], generator=generator)[:n_c].sort().values.to(I.device)
+    return R, C
+
+
+def lr_multiplier(p, rule):
+    """T7: ρ^(-1/2) ("sqrt"), ρ^(-1) ("linear") or 1 ("none"), ρ = p."""
+    return {"sqrt": p ** -0.5, "linear": 1.0 / p, "none": 1.0}[rule]
+
+
+# ---------------------------------------------------------------------------------- the method
+
+class TASO(common.Method):
+    """Score the targets once (§1), fix their core blocks (§2), train compact B_R, A_C (§3)."""
+    prefix = "taso_"
+
+    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, taso_calib_batches=64,
+                 taso_topk=0.01, taso_density=None, taso_metric="wg", taso_select="both",
+                 taso_lr_scale="sqrt", **unused):
+        if r < 1:
+            raise ValueError(f"--r must be a positive integer, got {r}")
+        if taso_calib_batches < 1:
+            raise ValueError(f"--taso_calib_batches must be at least 1, got {taso_calib_batches}")
+        for flag, value, allowed in [("taso_metric", taso_metric, ("wg", "g", "w", "random")),
+                                     ("taso_select", taso_select, ("both", "rows", "cols")),
+                                     ("taso_lr_scale", taso_lr_scale, ("sqrt", "linear", "none"))]:
+            if value not in allowed:
+                raise ValueError(f"--{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        self.p = 1.0 / r if taso_density is None else float(taso_density)
+        common.check_fraction("taso_density", self.p)
+        common.check_fraction("taso_topk", taso_topk)
+        self.r, self.alpha, self.dropout, self.targets, self.seed = r, alpha, dropout, targets, seed
+        self.calib_batches, self.topk = taso_calib_batches, taso_topk
+        self.metric, self.select, self.lr_rule = taso_metric, taso_select, taso_lr_scale
+        self.lr_scale = lr_multiplier(self.p, taso_lr_scale)  # T7: trainer gives taso_* lr·lr_scale
+        self.importance_time_s, self.calib_used, self.example = 0.0, 0, None
+
+    def attach(self, model, batches=(), state=None):
+        common.prepare(model)
+        self.names = common.find_targets(model, self.targets)
+        bases = {n: model.get_submodule(n) for n in self.names}
+        if state is not None:  # resume: the saved structure, no re-scoring
+            self.rows, self.cols = dict(state["rows"]), dict(state["cols"])
+            self.importance_time_s, self.calib_used = state["importance_time_s"], state["calib_batches"]
+            self.stage = state["stage"]
+        else:
+            scores = self.score(model, bases, batches)
+            gen = torch.Generator().manual_seed(self.seed)
+            self.rows, self.cols = {}, {}
+            for n in self.names:
+                R, C = core_regions(scores.pop(n), self.p, self.topk, self.select, gen)
+                self.rows[n], self.cols[n] = R.cpu(), C.cpu()
+        for n in self.names:
+            common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
+                                                       self.r, self.alpha, self.dropout))
+        self.model = model
+        return model
+
+    def score(self, model, bases, batches):
+        """{name: importance matrix} by the chosen metric; times the pass (T1)."""
+        weights = {n: m.weight for n, m in bases.items()}
+        dev = next(iter(weights.values())).device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        if self.metric in ("wg", "g"):
+            scores, self.calib_used = gradient_importance(model, weights, batches, self.calib_batches,
+                                                          self.metric)
+        elif self.metric == "w":
+            scores = {n: w.detach().abs() for n, w in weights.items()}
+        else:
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            scores = {n: torch.rand(w.shape, generator=gen).to(dev) for n, w in weights.items()}
+        sync()
+        self.importance_time_s = time.perf_counter() - t0
+        self.example = (self.names[0], scores[self.names[0]].float().cpu())
+        return scores
+
+    def state_dict(self):
+        return {"rows": self.rows, "cols": self.cols, "importance_time_s": self.importance_time_s,
+                "calib_batches": self.calib_used, "stage": self.stage}
+
+    def summary(self):
+        mods = common.adapters(self.model, TASOLinear)
+        dense = sum(m.base.in_features + m.base.out_features for m in mods.values())
+        return {"r": self.r, "alpha": self.alpha, "density": self.p, "topk": self.topk,
+                "metric": self.metric, "select": self.select, "lr_scale_rule": self.lr_rule,
+                "lr_scale": self.lr_scale, "adapted_modules": len(mods),
+                "core_rows_cols": {n: [len(m.rows), len(m.cols)] for n, m in mods.items()},
+                "taso_params": sum(m.taso_A.numel() + m.taso_B.numel() for m in mods.values()),
+                "lora_r1_params": dense, "lora_r8_params": 8 * dense,
+                "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used}
+
+    def plot(self, out_dir):
+        """The importance map of the first target with its core rows (red) and columns (cyan)."""
+        if self.example is None:
+            return None  # resumed runs keep no importance map
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        name, I = self.example
+        R, C = self.rows[name], self.cols[name]
+        fig, ax = plt.subplots(figsize=(7, 7 * I.shape[0] / I.shape[1] + 0.5))
+        floor = I[I > 0].min() if (I > 0).any() else torch.tensor(1.0)
+        ax.imshow(torch.log10(I.clamp_min(floor)).numpy(), cmap="gray", aspect="auto", interpolation="nearest")
+        for i in R.tolist():
+            ax.axhspan(i - 0.5, i + 0.5, fill=False, edgecolor="red", linewidth=0.6)
+        for j in C.tolist():
+            ax.axvspan(j - 0.5, j + 0.5, fill=False, edgecolor="cyan", linewidth=0.6)
+        ax.set_title(f"TASO importance log10 |{self.metric}| of {name}: {len(R)} core rows, {len(C)} columns")
+        ax.set_xlabel("input column")
+        ax.set_ylabel("output row")
+        path = os.path.join(out_dir, "taso_importance.png")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path

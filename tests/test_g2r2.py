@@ -1,0 +1,429 @@
+"""g2r2.py against brute force: exact / paper ∂ℒ/∂ΔW, Eq 5–10, the Eq 12 schedule, the three stages on
+tiny-llama (zeroing, removal, optimizer, resume), and a planted-signal task."""
+import copy
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import g2r2  # noqa: E402
+import train  # noqa: E402
+from train import build_tiny  # noqa: E402
+
+BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def tiny_llama(ckpt=False):
+    model = build_tiny("tiny-llama")
+    model.config.use_cache = False
+    if ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def lm_batch(seed, n=2, t=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 260, (n, t), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class DenseDelta(nn.Module):
+    """Reference: W₀ + D with D an explicit parameter, so D.grad is ∂ℒ/∂ΔW by plain autograd."""
+
+    def __init__(self, base, delta):
+        super().__init__()
+        self.base = base
+        self.D = nn.Parameter(delta.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, self.base.weight + self.D, self.base.bias)
+
+
+# ------------------------------------------------------------------ exact ∂ℒ/∂ΔW (Eq 5 input)
+
+@pytest.mark.parametrize("ckpt,micro", [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_exact_grad_equals_autograd_of_explicit_delta(ckpt, micro):
+    model = tiny_llama(ckpt)
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, g2r2_warmup=2, g2r2_prune=2, batch_size=2 * micro,
+                     micro_batch_size=2)
+    meth.attach(model)
+    model.double()
+    torch.manual_seed(1)
+    for L in meth.layers:
+        with torch.no_grad():
+            L.lora_B.normal_(0, 0.3)  # ΔW ≠ 0 so that ΣS is non-trivial
+    ref = copy.deepcopy(model)
+    for n in meth.names:
+        L = ref.get_submodule(n)
+        common.replace_module(ref, n, DenseDelta(L.base, L.delta_weight()))
+    grads, calls, orig = {}, [0], meth.reduce
+
+    def spy(i):  # the summed out × in gradient just before it is reduced to ΣS and freed
+        grads[i] = meth.grad[i].clone()
+        orig(i)
+    meth.reduce = spy
+    meth.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    for k in range(micro):
+        model(**lm_batch(k)).loss.backward()
+        ref(**lm_batch(k)).loss.backward()
+    assert calls[0] == micro * (2 if ckpt else 1)  # checkpointing really recomputed the forward
+    meth.after_backward(0)
+    for i, n in enumerate(meth.names):
+        G = ref.get_submodule(n).D.grad
+        assert torch.allclose(grads[i], G, rtol=1e-9, atol=1e-12), n
+        S = (G * ref.get_submodule(n).D).abs().sum()  # Eq 5 summed, brute force
+        assert torch.allclose(meth.s_sum[i], S, rtol=1e-9)
+        assert meth.r_bar[i].item() == pytest.approx(G.numel() / S.item(), rel=1e-9)  # Eq 7, first value
+    assert all(g is None for g in meth.grad)  # buffers freed
+
+
+def test_exact_refuses_more_backward_passes_than_micro_batches():
+    model = tiny_llama()
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, g2r2_warmup=2, g2r2_prune=2)  # 1 micro-batch
+    meth.attach(model)
+    model(**lm_batch(0)).loss.backward()
+    with pytest.raises(RuntimeError, match="micro_batch_size"):
+        model(**lm_batch(1)).loss.backward()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_capture_saves_no_new_tensor(autocast):
+    """The capture keeps the adapter input that lora_A's matmul saves anyway: no extra storage."""
+    base = nn.Linear(16, 12).to(torch.bfloat16 if autocast else torch.float32)
+    layer = g2r2.G2R2Linear(base, 4, 8.0, dropout=0.1)
+    x = torch.randn(3, 5, 16, dtype=base.weight.dtype, requires_grad=True)
+
+    def saved(sink):
+        layer.sink, ptrs = sink, []
+        pack = lambda t: ptrs.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())) or t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)
+            with BF16() if autocast else nullcontext():
+                layer(x)
+        return ptrs
+    without, with_ = saved(None), saved(lambda g, x: None)
+    assert len(with_) == len(without) + 1  # the capture saved one tensor ...
+    assert sorted(b for _, b in set(with_)) == sorted(b for _, b in set(without))  # ... already kept
+
+
+# --------------------------------------------------------------------------- paper estimator (Eq 6)
+
+def test_paper_grad_is_exact_for_rank_one_single_output():
+    torch.manual_seed(0)
+    layer = g2r2.G2R2Linear(nn.Linear(5, 1), r=1, alpha=3.0).double()
+    with torch.no_grad():
+        layer.lora_B.fill_(0.7)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    out = layer(x)
+    torch.sin(out).sum().backward()
+    D = nn.Parameter(layer.delta_weight().detach())
+    torch.sin(F.linear(x, layer.base.weight + D, layer.base.bias)).sum().backward()
+    est = g2r2.paper_grad(layer.lora_A, layer.lora_B, layer.lora_A.grad, layer.scaling)
+    assert torch.allclose(est, D.grad, atol=1e-12)
+
+
+def test_paper_grad_against_loops_with_guard():
+    torch.manual_seed(0)
+    out, inp, r, s = 4, 6, 3, 2.0
+    A, B, gA = torch.randn(r, inp, dtype=torch.float64), torch.randn(out, r, dtype=torch.float64), \
+        torch.randn(r, inp, dtype=torch.float64)
+    B[1, 2] = 0.0
+    B[3, 0] = 1e-12
+    ref = torch.zeros(out, inp, dtype=torch.float64)
+    for j in range(out):
+        for i in range(inp):
+            for m in range(r):
+                if abs(s * B[j, m]) > 1e-8:
+                    ref[j, i] += gA[m, i] / (s * B[j, m])
+    est = g2r2.paper_grad(A, B, gA, s)
+    assert torch.isfinite(est).all() and torch.allclose(est, ref)
+    zero = g2r2.paper_grad(A, torch.zeros(out, r, dtype=torch.float64), gA, s)  # LoRA at step 0
+    assert torch.all(zero == 0)
+
+
+# ------------------------------------------------------------------- Eq 5, 7 and Eq 8–10
+
+def test_sensitivity_and_redundancy_double_loop():
+    torch.manual_seed(0)
+    G, W = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    total = 0.0
+    for i in range(5):
+        for j in range(7):
+            total += abs(G[i, j].item() * W[i, j].item())
+    S = g2r2.sensitivity(G, W)
+    assert g2r2.redundancy(S.sum(), W.numel()) == pytest.approx(35 / total, rel=1e-12)
+    assert g2r2.redundancy(torch.tensor(0.0), 35) is None  # ΔW = 0: undefined, skipped
+    assert g2r2.redundancy(torch.tensor(float("nan")), 35) is None
+
+
+def test_smoothing_against_hand_computation():
+    b1, b2 = 0.85, 0.95
+    rb = ub = None
+    hand_rb = hand_ub = None
+    for r in [2.0, 4.0, 1.0, 3.5]:
+        rb, ub, rh = g2r2.smooth(rb, ub, torch.tensor(r, dtype=torch.float64), b1, b2)
+        hand_rb = r if hand_rb is None else b1 * hand_rb + (1 - b1) * r
+        u = abs(r - hand_rb)
+        hand_ub = u if hand_ub is None else b2 * hand_ub + (1 - b2) * u
+        assert rb.item() == pytest.approx(hand_rb, rel=1e-12) and ub.item() == pytest.approx(hand_ub, rel=1e-12)
+        assert rh.item() == pytest.approx(hand_rb * hand_ub, rel=1e-12)
+    assert hand_ub > 0
+
+
+# --------------------------------------------------------------------------------- Eq 12
+
+def test_retention_schedule_endpoints_monotone_and_counts():
+    T_w, T_p, p0, pf, M = 5, 8, 0.9, 0.2, 10
+    ps = [g2r2.retention(t, T_w, T_p, p0, pf) for t in range(30)]
+    assert ps[:T_w] == [p0] * T_w and ps[T_w] == pytest.approx(p0) and ps[T_w + T_p:] == [pf] * (30 - T_w - T_p)
+    assert all(a >= b for a, b in zip(ps, ps[1:])) and all(pf <= p <= p0 for p in ps)
+    t = T_w + 3
+    assert ps[t] == pytest.approx(pf + (p0 - pf) * (1 - 3 / T_p) ** 3)
+    ks = [g2r2.n_keep(p, M) for p in ps]
+    assert ks[0] == 9 and ks[-1] == 2 and all(a >= b for a, b in zip(ks, ks[1:]))
+    assert g2r2.n_keep(0.7, 10) == 7 and g2r2.n_keep(0.2, 7) == 2 and g2r2.n_keep(1.0, 7) == 7
+    assert g2r2.select([3.0, None, 1.0, 1.0], [0, 1, 2, 3], 2) == {2, 3}  # ties by index, unscored last
+
+
+def test_flag_validation():
+    with pytest.raises(ValueError, match="p0"):
+        g2r2.G2R2(total_steps=100, g2r2_p0=0.5, g2r2_pf=0.6)
+    with pytest.raises(ValueError, match="p0"):
+        g2r2.G2R2(total_steps=100, g2r2_pf=0.0)
+    with pytest.raises(ValueError, match="g2r2_warmup"):
+        g2r2.G2R2(total_steps=100, g2r2_warmup=60, g2r2_prune=40)
+    with pytest.raises(ValueError, match="score_every"):
+        g2r2.G2R2(total_steps=100, g2r2_score_every=0)
+    m = g2r2.G2R2(total_steps=200, steps_per_epoch=20)  # defaults: Table 10's 10% / 10% / 80%
+    assert (m.T_w, m.T_p) == (20, 20)
+
+
+# ------------------------------------------------------------- three stages on tiny-llama
+
+def build_optimizer(model, old=None):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.1)
+    if old is not None:
+        for p in opt.param_groups[0]["params"]:
+            if p in old.state:
+                opt.state[p] = old.state[p]
+    return opt
+
+
+def run(model, meth, opt, start, stop, micro=2, check=None):
+    """The trainer's hook order (train.py), bf16 autocast on CPU."""
+    losses = []
+    for step in range(start, stop):
+        total = 0.0
+        for k in range(micro):
+            with BF16():
+                loss = model(**lm_batch(1000 * step + k)).loss / micro
+            loss.backward()
+            total += loss.item()
+        meth.after_backward(step)
+        opt.step()
+        if meth.after_step(step):
+            opt = build_optimizer(model, opt)
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        if check:
+            check(step, opt)
+    return losses, opt
+
+
+def test_three_stages_tiny_llama_and_resume_mid_pruning():
+    T, T_w, T_p, pf = 14, 3, 5, 0.2
+    kw = dict(dropout=0.05, total_steps=T, g2r2_warmup=T_w, g2r2_prune=T_p, g2r2_pf=pf, batch_size=4,
+              micro_batch_size=2)
+    torch.manual_seed(0)
+    model = tiny_llama(ckpt=True)
+    meth = g2r2.G2R2(**kw)
+    with BF16():
+        meth.attach(model)
+    M = len(meth.names)
+    assert M == 10  # Q, K, V, Up, Down × 2 layers (Table 9)
+    ab = {n: (L.lora_A, L.lora_B) for n, L in zip(meth.names, meth.layers)}
+    opt = build_optimizer(model)
+    snap = {}
+
+    def check(step, opt):
+        live = meth.retained()
+        assert len(live) == g2r2.n_keep(g2r2.retention(step + 1, T_w, T_p, 1.0, pf), M)
+        for i in meth.pruned_at:  # pruned: A and B exactly zero (weight decay, Adam moments)
+            A, B = ab[meth.names[i]]
+            assert torch.all(A == 0) and torch.all(B == 0)
+        if step == T_w + 2:  # checkpoint mid-pruning, as train.py writes it
+            snap.update(trainable={n: p.detach().clone() for n, p in common.trainable_state_dict(model).items()},
+                        optimizer=copy.deepcopy(opt.state_dict()), method=copy.deepcopy(meth.state_dict()),
+                        rng=torch.get_rng_state())
+            assert 0 < len(meth.pruned_at) < M - g2r2.n_keep(pf, M) and meth.stage == "prune"
+        if step >= T_w + T_p - 1:
+            pruned_ids = {id(t) for i in meth.pruned_at for t in ab[meth.names[i]]}
+            assert not pruned_ids & {id(p) for g in opt.param_groups for p in g["params"]}
+            assert not pruned_ids & {id(p) for p in opt.state}
+            for i in meth.pruned_at:
+                assert type(model.get_submodule(meth.names[i])) is nn.Linear
+            trainable, _ = common.count_params(model)
+            assert trainable == sum(L.lora_A.numel() + L.lora_B.numel() for L in meth.layers if L is not None)
+    losses, opt = run(model, meth, opt, 0, T, check=check)
+    assert all(math.isfinite(x) for x in losses)
+    assert len(meth.retained()) == math.ceil(pf * M) and meth.stage == "refine"
+    s = meth.summary()
+    assert s["adapter_params_end"] == common.count_params(model)[0] < s["adapter_params_start"]
+    assert len(s["retained_modules"]) + len(s["pruned_at_step"]) == M
+
+    # resume from the mid-pruning checkpoint into a fresh model: identical losses and structure
+    model2 = tiny_llama(ckpt=True)
+    meth2 = g2r2.G2R2(**kw)
+    with BF16():
+        meth2.attach(model2, state=snap["method"])
+    model2.load_state_dict(snap["trainable"], strict=False)
+    opt2 = build_optimizer(model2)
+    opt2.load_state_dict(snap["optimizer"])
+    torch.set_rng_state(snap["rng"])
+    losses2, _ = run(model2, meth2, opt2, T_w + 3, T)
+    assert losses2 == losses[T_w + 3:]
+    assert meth2.summary() == s
+    # and after refinement: the structure (plain base Linears) comes back from the state alone
+    model3 = tiny_llama()
+    g2r2.G2R2(**kw).attach(model3, state=meth.state_dict())
+    assert [type(m) for m in model3.modules()] == [type(m) for m in model.modules()]
+
+
+def test_export_merges_retained_only():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    meth = g2r2.G2R2(dropout=0.0, total_steps=8, g2r2_warmup=2, g2r2_prune=3, g2r2_pf=0.3,
+                     g2r2_score="paper")
+    meth.attach(model)
+    for step in range(5):  # stop inside refinement's first step
+        model(**lm_batch(step)).loss.backward()
+        meth.after_backward(step)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad.sign()
+        meth.after_step(step)
+        model.zero_grad(set_to_none=True)
+    assert meth.refined and len(meth.retained()) == 3
+    model.eval()
+    x = lm_batch(99)["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        meth.export(model)
+        after = model(input_ids=x).logits
+    assert not common.adapters(model, g2r2.G2R2Linear)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_module_without_gradient_does_not_crash():
+    class Three(nn.Module):  # the loss never reads `b`
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            self.b(x)
+            return self.a(x) + self.c(x)
+    for score in g2r2.SCORES:
+        torch.manual_seed(0)
+        model = Three()
+        meth = g2r2.G2R2(r=2, dropout=0.0, targets=["a", "b", "c"], total_steps=10, g2r2_warmup=3,
+                         g2r2_prune=2, g2r2_pf=0.5, g2r2_score=score)
+        meth.attach(model)
+        opt = build_optimizer(model)
+        for step in range(10):
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            meth.after_backward(step)
+            opt.step()
+            if meth.after_step(step):
+                opt = build_optimizer(model, opt)
+            opt.zero_grad(set_to_none=True)
+        if score != "random":
+            assert meth.r_hat[1] is None and meth.summary()["retained_modules"] == ["a", "c"]
+
+
+# ------------------------------------------------------------------------ planted signal
+
+class Planted(nn.Module):
+    """Eight modules in 4 layers × {q, v}, each writing its own block of the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(16, 4), "v": nn.Linear(16, 4)})
+                                    for _ in range(4))
+
+    def forward(self, x):
+        return torch.cat([blk[k](x) for blk in self.layers for k in ("q", "v")], -1)
+
+
+PLANTED = {"layers.1.q", "layers.3.v"}
+
+
+def planted_run(score, seed, T=60):
+    """Targets = base model + a rank-2 change in PLANTED only, plus noise: the other six modules see
+    gradients of pure noise and cannot lower the expected loss."""
+    torch.manual_seed(seed)
+    model = Planted()
+    with torch.no_grad():
+        X = torch.randn(512, 16)
+        Y = model(X) + 0.3 * torch.randn(512, 32)
+        for name in PLANTED:
+            l, k = int(name.split(".")[1]), name.split(".")[2]
+            col = 8 * l + (0 if k == "q" else 4)
+            Y[:, col:col + 4] += X @ (0.5 * torch.randn(4, 2) @ torch.randn(2, 16)).T
+    meth = g2r2.G2R2(r=2, alpha=2.0, dropout=0.0, targets=["q", "v"], seed=seed, total_steps=T,
+                     g2r2_warmup=20, g2r2_prune=20, g2r2_pf=0.25, g2r2_score=score)
+    meth.attach(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(T):
+        idx = torch.randint(0, 512, (32,), generator=g)
+        ((model(X[idx]) - Y[idx]) ** 2).mean().backward()
+        meth.after_backward(step)
+        opt.step()
+        if meth.after_step(step):
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        opt.zero_grad(set_to_none=True)
+    kept = set(meth.summary()["retained_modules"])
+    assert len(kept) == 2
+    return len(kept & PLANTED)
+
+
+def test_planted_signal_is_retained_and_random_does_worse():
+    exact = [planted_run("exact", s) for s in range(3)]
+    rand = [planted_run("random", s) for s in range(3)]
+    assert sum(exact) >= 5  # of 6 planted slots over three seeds
+    assert sum(rand) < sum(exact)
+
+
+# --------------------------------------------------------------------- through train.main
+
+needs_data = pytest.mark.skipif(train.data is None or "g2r2" not in train.METHODS,
+                                reason="train.py's data module / method table not importable yet")
+
+
+@needs_data
+def test_train_main_three_stages_and_resume(tmp_path):
+    argv = ["--method", "g2r2", "--model", "tiny-llama", "--data", "builtin", "--max_steps", "10",
+            "--batch_size", "4", "--micro_batch_size", "2", "--lr", "1e-2", "--dtype", "bf16", "--grad_ckpt",
+            "--eval_every", "0", "--max_samples", "64", "--eval_limit", "1",
+            "--g2r2_warmup", "3", "--g2r2_prune", "4", "--save_every", "5"]
+    full = train.main(argv + ["--output_dir", str(tmp_path / "full")])
+    assert full["modules"] == 10 and len(full["retained_modules"]) == 2
+    assert full["trainable_params_end"] == full["adapter_params_end"] < full["trainable_params_start"]
+    assert all(math.isfinite(x) for x in full["losses"])
+    ck = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    assert len(ck["optimizer"]["state"]) == 2 * 2  # A and B of the two retained modules only
+    part = tmp_path / "part"
+    train.main(argv + ["--output_dir", str(part), "--stop_after", "5"])  # step 5 is mid-pruning
+    resumed = train.main(argv + ["--output_dir", str(part), "--resume"])
+    assert resumed["losses"] == full["losses"]
+    assert resumed["retained_modules"] == full["retained_modules"]
+    assert resumed["pruned_at_step"] == full["pruned_at_step"]
