@@ -249,7 +249,7 @@ class SPSFT(common.Method):
         params = sum(len(i) * self.shapes[n][1] for n, i in self.idx.items())   # Σ r · d_in
         sides = sum(d_out + d_in for d_out, d_in in self.shapes.values())       # Σ (d_in + d_out)
         rank = max(1, round(params / sides))  # the LoRA rank whose Σ rank·(d_in + d_out) is nearest SPSFT's params
-        return {"importance": self.importance, "importance_time_s": round(self.importance_time_s, 3),
+        return {"importance": self.importance, "importance_time_s": round(self.importance_time_s, 4),
                 "adapted_modules": len(self.idx), "mlp_only": self.mlp_only,
                 "rows_per_matrix": {n: len(i) for n, i in self.idx.items()},
                 "spsft_params": params, "lora_rank_matched": rank, "lora_params_matched": rank * sides}

@@ -1,0 +1,473 @@
+"""Measure each method's efficiency claim against HF PEFT LoRA and our own LoRA, side by side (issue 7).
+
+    python bench/efficiency.py --model llama-7b-shape --seq_len 2048 --micro_batch_size 1 --grad_ckpt both  # H100
+    python bench/efficiency.py --suite sweep --model llama-h1024-l8 llama-h2048-l8 llama-h4096-l8 \
+        --seq_len 512 1024 2048 4096 --grad_ckpt on                                                    # GPU sweep
+    python bench/efficiency.py --model llama-small-shape --seq_len 256 --grad_ckpt both                  # CPU suite
+    python bench/report.py                          # bench/results/*.json -> BENCHMARKS.md (+ bench/efficiency.png)
+
+Every row builds a fresh model (same seed, so the same base weights), attaches one method and drives it
+through its Method hooks exactly as train.py's loop does (attach under the autocast ctx -> to_fp32 ->
+AdamW from train.build_optimizer -> per step: lr from train.get_lr, forward + backward, after_backward,
+clip, opt.step, after_step (rebuild the optimizer when it returns True), zero_grad), on one fixed
+synthetic batch of random token ids with labels = inputs. So the code measured is the code that trains.
+Stage rows first run untimed steps until the method reaches the stage (G²R² refinement after pruning
+to p_f, PiLoRA stage 2), then time --warmup_steps + --steps more.
+
+Per row: trainable parameters (common.count_params at measurement time); peak memory; model-only memory
+(G²R² App. D.1: the peak of a forward of the same batch without grads, on the base model before any
+adapter); aux = peak - model; median (and mean) step time; tokens/s; MFU = 4·N_params·tokens/s over the
+device's dense bf16 peak (forward + activation backward; checkpointing's recompute not counted).
+Memory on CUDA is torch.cuda.max_memory_allocated. On CPU there is no allocator counter, so peak = bytes
+of the tensors alive when the step starts (parameters, buffers, optimizer state, batch) + the highest
+running sum of the CPU allocator's allocations minus frees during one extra profiled step
+(torch.profiler memory events); model-only likewise for the no-grad forward. CPU rows also report the
+bytes of the tensors autograd saves for backward (saved_tensors_hooks, parameters excluded): an
+activation-memory proxy, taken without checkpointing only (checkpointed layers save through their own
+hooks, so that count would miss them).
+
+peft is imported only here, for the baseline row; a missing peft skips the PEFT rows.
+"""
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import g2r2  # noqa: E402
+import train  # noqa: E402
+
+QKVUD = g2r2.TARGETS["llama"]  # G²R² Table 9 / PiLoRA Table 5 targets: q, k, v, up, down
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
+
+# name -> (method, r, targets or None = architecture defaults, extra train.py flags, stage, baseline row)
+# Rank-matched pairs (issue 7): LoRA r=64 vs SPSFT 128 rows (SPSFT Table 6), LoRA r=32 vs PiLoRA r=32 / r'=2
+# (on PiLoRA's and G²R²'s own targets), LoRA r=1 and r=8 vs TASO r=8 p=1/8.
+ROWS = {
+    "peft-lora-r8": ("peft", 8, None, [], None, None),
+    "lora-r8": ("lora", 8, None, [], None, "peft-lora-r8"),
+    "lora-r1": ("lora", 1, None, [], None, None),
+    "taso-r8": ("taso", 8, None, [], None, "lora-r1"),
+    "peft-lora-r64": ("peft", 64, None, [], None, None),
+    "lora-r64": ("lora", 64, None, [], None, "peft-lora-r64"),
+    "spsft-r128": ("spsft", 8, None, ["--spsft_rows", "128"], None, "peft-lora-r64"),
+    "spsft-r128-taylor": ("spsft", 8, None, ["--spsft_rows", "128", "--spsft_importance", "taylor"], None,
+                          "peft-lora-r64"),
+    "lora-r8-qkvud": ("lora", 8, QKVUD, [], None, None),
+    "g2r2-warmup": ("g2r2", 8, None, [], "warmup", "lora-r8-qkvud"),
+    "g2r2-warmup-paper": ("g2r2", 8, None, ["--g2r2_score", "paper"], "warmup", "lora-r8-qkvud"),
+    "g2r2-refine": ("g2r2", 8, None, ["--g2r2_pf", "0.2"], "refine", "lora-r8-qkvud"),
+    "lora-r32-qkvud": ("lora", 32, QKVUD, [], None, None),
+    "pilora-s1-K1": ("pilora", 32, None, ["--pilora_interval", "1"], "stage1", "lora-r32-qkvud"),
+    "pilora-s1-K10": ("pilora", 32, None, ["--pilora_interval", "10"], "stage1", "lora-r32-qkvud"),
+    "pilora-s2": ("pilora", 32, None, ["--pilora_r_supp", "2", "--pilora_interval", "1"], "stage2",
+                  "lora-r32-qkvud"),  # hits from every untimed stage-1 step
+}
+SWEEP_ROWS = ["peft-lora-r8", "lora-r8", "lora-r1", "taso-r8", "peft-lora-r64", "spsft-r128", "lora-r8-qkvud",
+              "g2r2-refine", "lora-r32-qkvud", "pilora-s2"]
+
+
+def llama_shape(hidden, layers, vocab=32000, inter=None, heads=None):
+    """LlamaConfig kwargs; intermediate size by Llama's rule (2·4h/3 rounded up to 256: 4096 -> 11008)."""
+    inter = inter or 256 * math.ceil(int(8 * hidden / 3) / 256)
+    heads = heads or max(1, hidden // (128 if hidden >= 2048 else 64))
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=8192)
+
+
+# random-init shapes: speed and memory do not need trained weights. llama-h{H}-l{L}[-v{V}] builds any width.
+SHAPES = {"llama-7b-shape": llama_shape(4096, 32, 32000, 11008, 32),          # Llama-2-7B
+          "llama-small-shape": llama_shape(512, 4, 4096)}                     # CPU suite: the adapted
+# layers dominate the FLOPs as at 7B (a 32000 vocabulary would make the frozen lm_head most of a small model)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+def build_model(name, device, dtype, seed):
+    """A causal LM: a tiny alias (train.TINY), a shape name (random init, built on the device) or a hub id / path."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    m = re.fullmatch(r"llama-h(\d+)-l(\d+)(?:-v(\d+))?", name)
+    if name in train.TINY:
+        model = train.build_tiny(name, seed=seed)
+    elif name in SHAPES or m:
+        kw = SHAPES[name] if name in SHAPES else llama_shape(int(m[1]), int(m[2]), int(m[3] or 32000))
+        with torch.device(device):
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw)).to(dtype)
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.to(device=device, dtype=dtype)
+
+
+class PeftLoRA(common.Method):
+    """HF PEFT's LoRA with our LoRA's targets, r, alpha and dropout: the library users would otherwise pick."""
+
+    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, **unused):
+        self.r, self.alpha, self.dropout, self.targets = r, alpha, dropout, targets
+
+    def attach(self, model, batches=(), state=None):
+        from peft import LoraConfig, get_peft_model
+        targets = self.targets or common.DEFAULT_TARGETS[model.config.model_type]
+        cfg = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(targets),
+                         bias="none")
+        return get_peft_model(model, cfg)  # injects into `model` in place; users call the PeftModel
+
+
+def have_peft():
+    try:
+        import peft  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------------------- the training step
+
+class Loop:
+    """train.py's loop body on one fixed batch, one micro-batch per optimizer step."""
+
+    def __init__(self, model, method, args, batch, ctx, total):
+        self.model, self.method, self.args, self.batch, self.ctx, self.total = model, method, args, batch, ctx, total
+        self.n_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()), device=batch["labels"].device)
+        self.opt = train.build_optimizer(model, method, args)
+        self.t = 0
+
+    def step(self, hooks=None):
+        method, args, t = self.method, self.args, self.t
+        lr = train.get_lr(t - method.schedule_start, self.total - method.schedule_start, args)
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        with self.ctx, hooks or nullcontext():
+            loss = self.model(**self.batch, num_items_in_batch=self.n_items).loss
+        loss.backward()
+        loss = float(loss.detach())  # train.py reads the loss every micro-batch (a sync on CUDA)
+        method.after_backward(t)
+        if args.clip:
+            nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], args.clip)
+        self.opt.step()
+        if method.after_step(t):
+            self.opt = train.build_optimizer(self.model, method, args, old=self.opt)
+        self.opt.zero_grad(set_to_none=True)
+        self.t += 1
+        return loss
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+# --------------------------------------------------------------------------------------- memory
+
+def tensor_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors`."""
+    seen = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def live_bytes(model, opt=None, batch=None):
+    """Parameters, their gradients, buffers, optimizer state and the batch: what is allocated between steps."""
+    ts = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None] + list(model.buffers())
+    if opt is not None:
+        ts += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return tensor_bytes(ts + list((batch or {}).values()))
+
+
+def cpu_peak_delta(fn):
+    """(highest running sum of CPU allocations minus frees during fn(), fn's result), from torch.profiler's
+    memory events: the CPU counterpart of max_memory_allocated - memory_allocated."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, out
+
+
+def saved_tensor_hooks(model, sink):
+    """saved_tensors_hooks that add up (in sink) the distinct storages autograd saves, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.data_ptr() not in sink:
+            sink[s.data_ptr()] = s.nbytes()
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def model_only_bytes(model, batch, ctx, device):
+    """G²R² App. D.1: peak memory of a forward of the batch without grads (the inference footprint)."""
+    def fwd():
+        with torch.no_grad(), ctx:
+            return model(**batch).loss.item()
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        fwd()
+        return torch.cuda.max_memory_allocated()
+    return live_bytes(model, batch=batch) + cpu_peak_delta(fwd)[0]
+
+
+# ------------------------------------------------------------------------------------------- a row
+
+def method_args(kind, r, targets, extra, mbs, dtype, seed, calib):
+    argv = ["--method", "lora" if kind == "peft" else kind, "--r", str(r), "--alpha", str(2 * r),
+            "--batch_size", str(mbs), "--micro_batch_size", str(mbs), "--dtype", dtype, "--seed", str(seed)]
+    argv += ["--targets", *targets] if targets else []
+    if calib:
+        argv += ["--taso_calib_batches", str(calib), "--spsft_calib_batches", str(calib)]
+    return train.parse_args(argv + extra)
+
+
+def stage_flags(kind, stage, pre, total):
+    """Stage lengths (in steps) so that the timed steps fall in `stage`."""
+    if kind == "g2r2":  # warmup: the whole run; refine: T_w = 1, T_p = 2, then refinement
+        return ["--g2r2_warmup", str(total - 2), "--g2r2_prune", "1"] if stage == "warmup" else \
+               ["--g2r2_warmup", "1", "--g2r2_prune", "2"]
+    if kind == "pilora":
+        return ["--pilora_phase", str(total - 1 if stage == "stage1" else pre)]
+    return []
+
+
+def run_row(name, model_name, seq, mbs, ckpt, opts, device, dtype_name):
+    kind, r, targets, extra, stage, pair = ROWS[name]
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    ctx = torch.autocast(device, dtype=dtype) if dtype_name == "bf16" else nullcontext()
+    pre = 3 if stage in ("refine", "stage2") else 0
+    total = pre + 2 * (opts.warmup_steps + opts.steps) + 40  # the schedule never ends inside the measurement
+    args = method_args(kind, r, targets, extra + stage_flags(kind, stage, pre, total), mbs, dtype_name,
+                       opts.seed, opts.calib_batches)
+    method = PeftLoRA(**vars(args)) if kind == "peft" else \
+        train.METHODS[kind](**vars(args), total_steps=total, steps_per_epoch=total)
+
+    model = build_model(model_name, device, dtype if device == "cuda" else torch.float32, opts.seed)
+    model.config.use_cache = False
+    if ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fits = min(min(model.get_submodule(n).weight.shape) for n in common.find_targets(model, targets))
+    if r > fits:  # PEFT would accept it; our layers refuse: skip both alike
+        return {"row": name, "method": kind, "model": model_name, "seq_len": seq, "grad_ckpt": ckpt,
+                "error": f"r={r} does not fit this model's smallest target ({fits} features)"}
+    g = torch.Generator().manual_seed(opts.seed)
+    ids = torch.randint(0, model.config.vocab_size, (mbs, seq), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    total_params = common.count_params(model)[1]
+    model_bytes = model_only_bytes(model, batch, ctx, device)
+
+    model.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    calib = (dict(batch) for _ in iter(int, 1))  # the importance passes see the same batch, as often as they ask
+    attach_s, out = timed(lambda: _attach(method, model, calib, ctx), device)
+    model = out or model
+    attach_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    train.to_fp32(model)
+    loop = Loop(model, method, args, batch, ctx, total)
+    while loop.t < pre or (stage and getattr(method, "stage", stage) != stage):
+        if loop.t > pre + 10:
+            raise RuntimeError(f"{name}: never reached stage {stage!r} (at {method.stage!r})")
+        loop.step()
+    for _ in range(opts.warmup_steps):
+        loop.step()
+    # a method that scores every K steps (PiLoRA stage 1) is timed over whole periods from a scoring step,
+    # so the mean is its amortised step and the median its plain step
+    period = args.pilora_interval if (kind, stage) == ("pilora", "stage1") else 1
+    while loop.t % period:
+        loop.step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed(loop.step, device)[0] for _ in range(period * math.ceil(opts.steps / period))]
+    saved = {}
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:  # one more, profiled step (untimed); saved-for-backward bytes only without checkpointing
+        start = live_bytes(model, loop.opt, batch)
+        delta, _ = cpu_peak_delta(lambda: loop.step(None if ckpt else saved_tensor_hooks(model, saved)))
+        peak = start + delta
+    row = {"row": name, "method": kind, "stage": stage, "r": r, "pair": pair, "targets": targets or "default",
+           "flags": extra, "model": model_name, "seq_len": seq, "micro_batch_size": mbs, "grad_ckpt": ckpt,
+           "dtype": dtype_name, "device": device, "total_params": total_params,
+           "trainable_params": common.count_params(model)[0], "peak_bytes": peak, "model_bytes": model_bytes,
+           "aux_bytes": peak - model_bytes, "saved_bytes": None if ckpt or device == "cuda" else sum(saved.values()),
+           "attach_s": attach_s, "attach_peak_bytes": attach_peak, "step_times_s": times,
+           "step_time_median_s": statistics.median(times), "step_time_mean_s": statistics.fmean(times),
+           "method_stage": getattr(method, "stage", None)}
+    row["tokens_per_s"] = mbs * seq / row["step_time_median_s"]
+    peak_flops = opts.peak_tflops * 1e12 if opts.peak_tflops else device_peak_flops(device)
+    row["mfu"] = 4 * total_params * row["tokens_per_s"] / peak_flops if peak_flops else None
+    row.update(method_fields(method, kind))
+    if opts.profile:
+        row["profile_top"] = profile_step(loop, opts.profile)
+    del loop, model, method, batch
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _attach(method, model, batches, ctx):
+    with ctx:
+        return method.attach(model, batches)
+
+
+def method_fields(method, kind):
+    """The importance-pass time and the method's own structure numbers, from its summary()."""
+    if kind == "peft":
+        return {}
+    s = method.summary()
+    keep = ("importance_time_s", "calib_batches", "adapted_modules", "modules", "retained_modules", "adapter_params_start",
+            "adapter_params_end", "dominant_fraction", "param_ratio", "lora_params", "pilora_params",
+            "taso_params", "lora_r1_params", "spsft_params", "lora_params_matched", "r_supp", "scorings")
+    out = {k: s[k] for k in keep if k in s}
+    if "retained_modules" in out:
+        out["retained_modules"] = len(out["retained_modules"])
+    if kind == "spsft":
+        out["calib_batches"] = 0 if method.importance == "l2" else method.calib_batches
+    return out
+
+
+def profile_step(loop, n):
+    """The n ops with the most self time in one step (torch.profiler), for explaining a missed target."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        loop.step()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    avg = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [[e.key, round(getattr(e, key) / 1e3, 3), e.count] for e in avg]
+
+
+def device_peak_flops(device):
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for k, tf in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU: {model}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores on the machine"
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", default=["llama-small-shape"],
+                   help="hub id / path, tiny-llama, llama-7b-shape, llama-small-shape, llama-h{H}-l{L}[-v{V}]")
+    p.add_argument("--seq_len", type=int, nargs="+", default=[256])
+    p.add_argument("--micro_batch_size", type=int, default=1)
+    p.add_argument("--suite", choices=["main", "sweep"], default="main", help="default rows and report section")
+    p.add_argument("--rows", nargs="+", help=f"rows to run (default: all for main, {' '.join(SWEEP_ROWS)} for "
+                   f"sweep); one of: {' '.join(ROWS)}")
+    p.add_argument("--grad_ckpt", choices=["off", "on", "both"], default="both")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row")
+    p.add_argument("--warmup_steps", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--calib_batches", type=int, help="batches of the TASO / SPSFT-taylor importance passes "
+                   "(default: each method's own, 64 / 8)")
+    p.add_argument("--epoch_examples", type=int, default=52002,
+                   help="examples in one epoch, for TASO's importance-pass / epoch ratio (Alpaca: 52002)")
+    p.add_argument("--peak_tflops", type=float, help="device dense bf16 peak for MFU (default: H100/H200 989)")
+    p.add_argument("--profile", type=int, default=0, help="also record the top-N ops of one profiled step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON path (default bench/results/<suite>-<model>-<device>-<time>.json)")
+    args = p.parse_args(argv)
+    args.rows = args.rows or (list(ROWS) if args.suite == "main" else SWEEP_ROWS)
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {' '.join(ROWS)}")
+    for flag in ("steps", "micro_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = opts.rows
+    if not have_peft() and any(ROWS[r][0] == "peft" for r in rows):
+        print("peft is not installed (pip install -r bench/requirements.txt): skipping the PEFT rows")
+        rows = [r for r in rows if ROWS[r][0] != "peft"]
+    import transformers
+    result = {"suite": opts.suite, "device": device, "device_name": device_name(device),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "peft": __import__("peft").__version__ if have_peft() else None, "python": platform.python_version(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": "python bench/efficiency.py " + shlex.join(argv), "load_avg": os.getloadavg(),
+              "settings": {k: v for k, v in vars(opts).items() if k not in ("out",)}, "rows": []}
+    modes = {"off": [False], "on": [True], "both": [False, True]}[opts.grad_ckpt]
+    t0 = time.time()
+    for model_name in opts.model:
+        for seq in opts.seq_len:
+            for ckpt in modes:
+                for name in rows:
+                    try:
+                        row = run_row(name, model_name, seq, opts.micro_batch_size, ckpt, opts, device, opts.dtype)
+                    except torch.cuda.OutOfMemoryError:
+                        row = {"row": name, "method": ROWS[name][0], "model": model_name, "seq_len": seq,
+                               "grad_ckpt": ckpt, "error": "out of memory"}
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    result["rows"].append(row)
+                    print(format_row(row), flush=True)
+    result["wall_s"] = time.time() - t0
+    path = opts.out or os.path.join(ROOT, "bench", "results", f"{opts.suite}-{'+'.join(opts.model)}-{device}-"
+                                    f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path} ({result['wall_s']:.0f} s)")
+    result["path"] = path
+    return result
+
+
+def format_row(row):
+    if "error" in row:
+        return f"{row['row']:<20} {row['model']} seq {row['seq_len']} ckpt {row['grad_ckpt']}: {row['error']}"
+    return (f"{row['row']:<20} {row['model']} seq {row['seq_len']} ckpt {int(row['grad_ckpt'])}  "
+            f"params {row['trainable_params']:>10,}  step {row['step_time_median_s'] * 1e3:8.1f} ms  "
+            f"aux {row['aux_bytes'] / 2 ** 20:8.1f} MiB  attach {row['attach_s']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

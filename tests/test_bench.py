@@ -1,0 +1,131 @@
+"""CI smoke test of the benchmark harness (bench/efficiency.py, bench/report.py) on tiny-llama, 2 steps.
+
+No timed assertions: times are only checked to be positive and consistent with tokens/s. peft and
+matplotlib are optional: without peft the PEFT rows are skipped, without matplotlib no chart is drawn.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import common  # noqa: E402
+import efficiency  # noqa: E402
+import report  # noqa: E402
+import train  # noqa: E402
+
+HAVE_PEFT = efficiency.have_peft()
+ROWS = ["peft-lora-r8", "lora-r8", "lora-r1", "taso-r8", "spsft-r128", "lora-r8-qkvud", "g2r2-warmup", "g2r2-refine",
+        "lora-r32-qkvud", "pilora-s2", "lora-r64"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run.json"
+    argv = ["--model", "tiny-llama", "--seq_len", "16", "--steps", "2", "--warmup_steps", "1", "--grad_ckpt",
+            "both", "--calib_batches", "2", "--rows", *ROWS, "--out", str(out)]
+    res = efficiency.main(argv)
+    with open(out) as f:
+        assert json.load(f)["rows"] == res["rows"]  # what was returned is what was written
+    return res
+
+
+def rows_by(result):
+    return {(r["row"], r["grad_ckpt"]): r for r in result["rows"]}
+
+
+def attached(method):
+    model = train.build_tiny("tiny-llama")
+    method.attach(model, [])
+    return model
+
+
+def test_rows_present_and_sane(result):
+    got = rows_by(result)
+    expected = [r for r in ROWS if HAVE_PEFT or not r.startswith("peft")]
+    assert sorted({k[0] for k in got}) == sorted(expected)
+    assert {k[1] for k in got} == {False, True}
+    total = common.count_params(train.build_tiny("tiny-llama"))[1]
+    for (name, ckpt), r in got.items():
+        if name == "lora-r64":  # r = 64 does not fit tiny-llama's 32-feature k/v projections
+            assert "does not fit" in r["error"]
+            continue
+        assert r["total_params"] == total
+        assert all(t > 0 for t in r["step_times_s"]) and len(r["step_times_s"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(16 / r["step_time_median_s"])
+        assert r["mfu"] is None  # CPU
+        assert r["peak_bytes"] > r["model_bytes"] >= 4 * total  # fp32 weights are part of the model memory
+        assert r["aux_bytes"] == r["peak_bytes"] - r["model_bytes"]
+        if ckpt:
+            assert r["saved_bytes"] is None
+        else:  # at least the 16 x 64 fp32 input of each adapted layer is saved for backward
+            assert r["saved_bytes"] >= 16 * 64 * 4
+
+
+def test_params_match_count_params(result):
+    got = rows_by(result)
+    lora8 = common.count_params(attached(common.LoRA(r=8)))[0]
+    for ckpt in (False, True):
+        assert got[("lora-r8", ckpt)]["trainable_params"] == lora8
+        assert got[("lora-r1", ckpt)]["trainable_params"] == common.count_params(attached(common.LoRA(r=1)))[0]
+        if HAVE_PEFT:  # same targets, r, alpha, dropout: the same trainable tensors
+            assert got[("peft-lora-r8", ckpt)]["trainable_params"] == lora8
+        # stage rows are measured in their stage
+        assert got[("g2r2-warmup", ckpt)]["method_stage"] == "warmup"
+        refine = got[("g2r2-refine", ckpt)]
+        assert refine["method_stage"] == "refine"
+        assert refine["trainable_params"] == refine["adapter_params_end"] < refine["adapter_params_start"]
+        assert refine["retained_modules"] == 2  # ceil(p_f · M) = ceil(0.2 · 10): 2 layers x 5 targets
+        s2 = got[("pilora-s2", ckpt)]
+        assert s2["method_stage"] == "stage2" and s2["trainable_params"] == s2["pilora_params"]
+        assert got[("taso-r8", ckpt)]["trainable_params"] == got[("taso-r8", ckpt)]["taso_params"]
+        assert got[("taso-r8", ckpt)]["calib_batches"] == 2 and got[("taso-r8", ckpt)]["importance_time_s"] > 0
+        assert got[("spsft-r128", ckpt)]["trainable_params"] == got[("spsft-r128", ckpt)]["spsft_params"]
+
+
+def test_report_renders(result, tmp_path):
+    md_path = tmp_path / "B.md"
+    (tmp_path / "B.md").write_text(f"old\n{report.BEGIN}\nhand-written analysis\n{report.END}\n")
+    md = report.main([result["path"], "--out", str(md_path), "--png_dir", str(tmp_path)])
+    assert md == md_path.read_text()
+    assert "hand-written analysis" in md and "old" not in md.split("\n")[0]
+    assert "GPU tables: still to be measured" in md and "not measured (no GPU)" in md
+    line = next(l for l in md.splitlines() if l.startswith("| `lora-r8` |"))
+    assert f"{rows_by(result)[('lora-r8', False)]['trainable_params']:,}" in line
+    assert "| `g2r2-refine` |" in md and "G²R² refinement step time" in md
+    assert result["command"] in md and result["torch"] in md
+
+
+def test_cpu_peak_delta_counts_allocations():
+    n = 1 << 20
+
+    def fn():
+        a = torch.ones(n)       # 4 MiB alive
+        b = torch.ones(n // 2)  # + 2 MiB: the peak
+        del a, b
+        return torch.ones(n // 4)  # 1 MiB left at the end
+
+    peak, out = efficiency.cpu_peak_delta(fn)
+    assert 6 * 2 ** 20 <= peak < 7 * 2 ** 20 and out.numel() == n // 4
+
+
+def test_saved_tensor_hooks_count_activations_not_parameters():
+    w = torch.nn.Parameter(torch.randn(8, 32))
+    model = torch.nn.Module()
+    model.w = w
+    x = torch.randn(16, 32)
+    sink = {}
+    with efficiency.saved_tensor_hooks(model, sink):
+        y = F.linear(x, w).relu()  # saves x (for dW) and the relu output; w itself is not counted
+    y.sum().backward()
+    assert sum(sink.values()) == x.numel() * 4 + 16 * 8 * 4
+
+
+def test_bad_row_name_is_a_clear_error():
+    with pytest.raises(SystemExit):
+        efficiency.parse_args(["--rows", "nope"])
