@@ -54,9 +54,15 @@ def byte_tokenizer():
 
 
 def read_records(path) -> list:
-    """Records from a .json file (a list of objects) or .jsonl (one object a line); any other
-    source that is not a local file is a hub dataset name (its train split)."""
+    """Records from a .json file (a list of objects) or .jsonl (one object a line), or a folder's
+    <task>/train.json files concatenated (LLM-Adapters' layout: a stand-in for commonsense_170k); any
+    other source that is not a local path is a hub dataset name (its train split)."""
     p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*/train.json"))
+        if not files:
+            raise ValueError(f"{path} is a folder without <task>/train.json files; pass a .json or .jsonl file")
+        return [r for f in files for r in read_records(f)]
     if p.suffix == ".jsonl":
         with p.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]

@@ -16,6 +16,7 @@ Deviations from LLM-Adapters' commonsense_evaluate.py, each on purpose:
   Candidates are the ones the record's "Answer format:" line lists (ARC has 3–5 options), else all
   of the task's pattern.
 """
+import copy
 import json
 import math
 import re
@@ -222,29 +223,52 @@ def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams=1
 
 
 def _loglik_scores(model, tokenizer, items, batch_size):
-    """Summed log p(response | prompt) for each (prompt, response) pair; right-padded batches."""
-    seqs = []
-    for p, r in items:
-        ctx, full = tokenizer(p)["input_ids"], tokenizer(p + r)["input_ids"]
-        n = next((k for k, (a, b) in enumerate(zip(ctx, full)) if a != b), len(ctx))  # shared prefix
-        seqs.append((full, max(n, 1)))
-    dev, scores = next(model.parameters()).device, []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        T = max(len(s) for s, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        target = torch.zeros(len(chunk), T, dtype=torch.bool)  # positions whose token is scored
-        for b, (s, n) in enumerate(chunk):
-            ids[b, :len(s)] = torch.tensor(s)
-            target[b, n:len(s)] = True
-        mask = (torch.arange(T) < torch.tensor([len(s) for s, _ in chunk])[:, None]).long()
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # (B, T, V)
-        sel = target[:, 1:].to(dev)  # token t is predicted by the logits at t - 1
-        logp = F.log_softmax(logits[:, :-1][sel].float(), dim=-1)  # (N, V)
-        tok = logp.gather(1, ids[:, 1:].to(dev)[sel][:, None])[:, 0]
-        row = torch.arange(len(chunk), device=dev)[:, None].expand_as(sel)[sel]
-        scores += torch.zeros(len(chunk), device=dev, dtype=torch.float64).index_add_(0, row, tok.double()).tolist()
+    """Summed log p(response | prompt) for each (prompt, response) pair. The pairs of one prompt share
+    one forward of their common token prefix; its KV cache is repeated for the candidates' remaining
+    tokens (right-padded, batch_size at a time): the cost of a prompt, not of a prompt per candidate."""
+    groups = {}
+    for i, (p, _) in enumerate(items):
+        groups.setdefault(p, []).append(i)
+    dev, scores = next(model.parameters()).device, [0.0] * len(items)
+    for p, idx in groups.items():
+        ctx = tokenizer(p)["input_ids"]
+        fulls = [tokenizer(p + items[i][1])["input_ids"] for i in idx]
+        starts = [max(_shared(ctx, f), 1) for f in fulls]  # the first response token of each
+        c = min(starts + [_shared(f, fulls[0]) for f in fulls])  # run once: tokens [0, c)
+        last, cache = None, None
+        if c:
+            out = model(input_ids=torch.tensor([fulls[0][:c]], device=dev), use_cache=True)
+            last, cache = out.logits[0, -1:].float(), out.past_key_values  # logits at c - 1 predict token c
+        for j in range(0, len(idx), batch_size):
+            chunk = list(range(j, min(j + batch_size, len(idx))))
+            S = max(len(fulls[b]) - c for b in chunk)
+            ids = torch.zeros(len(chunk), max(S, 1), dtype=torch.long)
+            mask = torch.zeros(len(chunk), c + max(S, 1), dtype=torch.long)
+            for row, b in enumerate(chunk):
+                ids[row, :len(fulls[b]) - c] = torch.tensor(fulls[b][c:], dtype=torch.long)
+                mask[row, :len(fulls[b])] = 1
+            kv = None
+            if cache is not None:
+                kv = copy.deepcopy(cache)
+                kv.batch_repeat_interleave(len(chunk))
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=kv,
+                           use_cache=cache is not None).logits.float()  # position c + t predicts c + t + 1
+            if last is not None:
+                logits = torch.cat([last.expand(len(chunk), 1, -1), logits], 1)  # now k predicts c + k
+            else:
+                logits = torch.cat([logits[:, :1] * float("nan"), logits], 1)  # token 0 is never scored
+            for row, b in enumerate(chunk):
+                t = torch.arange(starts[b], len(fulls[b]))  # scored tokens
+                if len(t):
+                    logp = F.log_softmax(logits[row, t - c], dim=-1)
+                    tok = torch.tensor(fulls[b], device=dev)[t]
+                    scores[idx[b]] = logp.gather(1, tok[:, None]).double().sum().item()
     return scores
+
+
+def _shared(a, b):
+    """Length of the common prefix of two token lists."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _commonsense_files(source):

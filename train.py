@@ -198,8 +198,10 @@ def load_data(args, task, proc):
             train_recs, test_recs = data.builtin_task(args.seed)
         else:
             recs = data.read_records(args.data)
-            n_val = min(max(len(recs) // 20, 1), 200)  # a held-out slice for eval loss
-            train_recs, test_recs = recs[n_val:], recs[:n_val]
+            n_val = min(max(len(recs) // 20, 1), 200)  # a held-out slice for eval loss, drawn with --seed
+            held = set(torch.randperm(len(recs), generator=torch.Generator().manual_seed(args.seed))[:n_val].tolist())
+            train_recs = [r for i, r in enumerate(recs) if i not in held]
+            test_recs = [r for i, r in enumerate(recs) if i in held]
         examples = data.tokenize_instructions(train_recs, proc, args.max_len)
         if not any(any(t != -100 for t in e["labels"]) for e in examples):
             raise ValueError(f"--max_len {args.max_len} cuts off every response; raise --max_len")

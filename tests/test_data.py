@@ -89,6 +89,13 @@ def test_read_records(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"data": RECORDS}))
     with pytest.raises(ValueError, match="list"):
         data.read_records(tmp_path / "b.json")
+    for task, recs in (("boolq", RECORDS[:1]), ("ARC-Easy", RECORDS)):  # LLM-Adapters' dataset/<task>/train.json
+        (tmp_path / "ca" / task).mkdir(parents=True)
+        (tmp_path / "ca" / task / "train.json").write_text(json.dumps(recs))
+    (tmp_path / "ca" / "boolq" / "test.json").write_text(json.dumps(RECORDS))  # test files are not training data
+    assert data.read_records(tmp_path / "ca") == RECORDS + RECORDS[:1]  # sorted by task folder
+    with pytest.raises(ValueError, match="train.json"):
+        data.read_records(tmp_path / "ca" / "boolq")
 
 
 # ----------------------------------------------------------------------------- classification

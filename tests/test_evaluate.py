@@ -223,6 +223,25 @@ def test_loglik_scores_match_unbatched():
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_loglik_scores_without_a_shared_first_token():
+    """A tokenizer whose first token depends on the whole text: no prefix can be shared (no KV cache)."""
+    torch.manual_seed(0)
+    model, base = build_tiny("tiny-llama").eval(), byte_tok()
+
+    def tok(text):
+        return {"input_ids": [len(text) % 7] + base(text)["input_ids"]}
+    items = [(prompt("Q?"), "the correct answer is true"), (prompt("Q?"), "the correct answer is false!")]
+    with torch.no_grad():
+        got = E._loglik_scores(model, tok, items, batch_size=2)
+        want = []
+        for p, r in items:  # scored from the first token after the prompt's own tokens (position 1 at least)
+            ctx, ids = tok(p)["input_ids"], tok(p + r)["input_ids"]
+            n = max(next((k for k, (a, b) in enumerate(zip(ctx, ids)) if a != b), len(ctx)), 1)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            want.append(sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids))))
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_generate_left_padding_matches_unbatched():
     torch.manual_seed(0)
     model, tok = build_tiny("tiny-llama", seed=1).eval(), byte_tok()
