@@ -6,6 +6,7 @@ LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Ka
 B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -260,3 +261,25 @@ class LoRA(Method):
 
     def summary(self):
         return {"r": self.r, "alpha": self.alpha, "adapted_modules": len(self.names)}
+
+
+# ------------------------------------------------------------------- pictures (optional matplotlib)
+
+def pyplot():
+    """matplotlib.pyplot on the file backend, or None when matplotlib (optional) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, out_dir, name, dpi=120):
+    """Write fig to out_dir/name (tight layout), close it, return the path."""
+    import matplotlib.pyplot as plt
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path

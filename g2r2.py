@@ -373,13 +373,9 @@ class G2R2(common.Method):
 
     def plot(self, out_dir):
         """Layers × module-type grid: the step at which each module was pruned (retained: blank)."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = common.pyplot()
+        if plt is None:
             return None
-        import os
         layer_of = lambda n: next((int(p) for p in n.split(".") if p.isdigit()), 0)
         types = list(dict.fromkeys(n.split(".")[-1] for n in self.names))
         layers = sorted({layer_of(n) for n in self.names})
@@ -393,7 +389,4 @@ class G2R2(common.Method):
         ax.set_ylabel("layer")
         ax.set_title(f"G²R²: pruned at step (blank = retained, {len(self.retained())}/{len(self.names)})")
         fig.colorbar(im, ax=ax, label="step")
-        path = os.path.join(out_dir, "g2r2_modules.png")
-        fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        return common.save_figure(fig, out_dir, "g2r2_modules.png")

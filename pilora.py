@@ -36,7 +36,6 @@ Readings of the paper and deviations:
   long, so that a stage 2 exists; an explicit --pilora_phase that leaves no stage 2 is an error.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -302,11 +301,8 @@ class PiLoRA(common.Method):
 
     def plot(self, out_dir):
         """Fig. 3 style: each matrix's dominant (1) / supplementary (0) rows as a stripe; hit histogram."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = common.pyplot()
+        if plt is None:
             return None
         if self.dominant is None:
             return None
@@ -323,8 +319,4 @@ class PiLoRA(common.Method):
         hits = torch.cat(list(self.hits.values()))
         ax2.hist(hits.numpy(), bins=[b - 0.5 for b in range(int(hits.max()) + 2)])
         ax2.set_xlabel(f"hit count H ({self.scorings} scorings)")
-        fig.tight_layout()
-        path = os.path.join(out_dir, "pilora_partition.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return common.save_figure(fig, out_dir, "pilora_partition.png")

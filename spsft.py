@@ -32,7 +32,6 @@ Deviations and readings:
 - The trainer's shared `--r`, `--alpha`, `--dropout` are LoRA's and are ignored: rows come from
   `--spsft_rows` / `--spsft_ratio`, and the paper's Llama settings pair SPSFT r with LoRA r/2 (Table 8).
 """
-import os
 import time
 
 import torch
@@ -256,11 +255,8 @@ class SPSFT(common.Method):
 
     def plot(self, out_dir):
         """Selected rows per adapted matrix (x: output neuron / d_out, y: matrix), spsft_rows.png."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = common.pyplot()
+        if plt is None:
             return None
         names = list(self.idx)
         fig, ax = plt.subplots(figsize=(8, 0.18 * len(names) + 1.5))
@@ -270,8 +266,4 @@ class SPSFT(common.Method):
         ax.set_yticks(range(len(names)), [n.split("layers.")[-1] for n in names], fontsize=5)
         ax.set_xlabel("selected output neuron i / d_out")
         ax.set_title(f"SPSFT rows ({self.importance})")
-        fig.tight_layout()
-        path = os.path.join(out_dir, "spsft_rows.png")
-        fig.savefig(path, dpi=150)
-        plt.close(fig)
-        return path
+        return common.save_figure(fig, out_dir, "spsft_rows.png", dpi=150)

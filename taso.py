@@ -32,7 +32,6 @@ Our readings and deviations (each is a flag):
   cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
 """
 import math
-import os
 import time
 
 import torch
@@ -270,11 +269,8 @@ class TASO(common.Method):
         """The importance map of the first target with its core rows (red) and columns (cyan)."""
         if self.example is None:
             return None  # resumed runs keep no importance map
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = common.pyplot()
+        if plt is None:
             return None
         name, I = self.example
         R, C = self.rows[name], self.cols[name]
@@ -288,7 +284,4 @@ class TASO(common.Method):
         ax.set_title(f"TASO importance log10 |{self.metric}| of {name}: {len(R)} core rows, {len(C)} columns")
         ax.set_xlabel("input column")
         ax.set_ylabel("output row")
-        path = os.path.join(out_dir, "taso_importance.png")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        return common.save_figure(fig, out_dir, "taso_importance.png")

@@ -13,17 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import common  # noqa: E402
 import spsft  # noqa: E402
 from train import build_tiny  # noqa: E402
-
-
-def llama_batches(n, b=2, t=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 260, (b, t), generator=g)
-        labels = ids.clone()
-        labels[:, :3] = -100  # prompt tokens
-        out.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))
-    return out
+from helpers import llama_batches  # noqa: E402
 
 
 def vit_batches(labels, seed=1, dtype=torch.float32):
