@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ------------------------------------------------------------------------------------ metrics
 
@@ -206,13 +207,13 @@ def _padding(tokenizer, side):
         tokenizer.pad_token, tokenizer.padding_side = old_pad, old_side
 
 
-def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams=1):
+def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams=1, desc=None):
     """Decoded new tokens of deterministic generation, left-padded batches."""
     dev, texts = next(model.parameters()).device, []
     eos = model.generation_config.eos_token_id  # stop at the model's and the tokenizer's EOS
     eos = [e for e in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if e is not None]
     with _padding(tokenizer, "left"):
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=desc is None):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -222,7 +223,7 @@ def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams=1
     return texts
 
 
-def _loglik_scores(model, tokenizer, items, batch_size):
+def _loglik_scores(model, tokenizer, items, batch_size, desc=None):
     """Summed log p(response | prompt) for each (prompt, response) pair. The pairs of one prompt share
     one forward of their common token prefix; its KV cache is repeated for the candidates' remaining
     tokens (right-padded, batch_size at a time): the cost of a prompt, not of a prompt per candidate."""
@@ -230,7 +231,7 @@ def _loglik_scores(model, tokenizer, items, batch_size):
     for i, (p, _) in enumerate(items):
         groups.setdefault(p, []).append(i)
     dev, scores = next(model.parameters()).device, [0.0] * len(items)
-    for p, idx in groups.items():
+    for p, idx in tqdm(groups.items(), desc=desc, leave=False, disable=desc is None):
         ctx = tokenizer(p)["input_ids"]
         fulls = [tokenizer(p + items[i][1])["input_ids"] for i in idx]
         starts = [max(_shared(ctx, f), 1) for f in fulls]  # the first response token of each
@@ -307,12 +308,12 @@ def evaluate_commonsense(model, tokenizer, source, mode="generate", batch_size=8
             records = json.loads(Path(path).read_text())[:limit]
             prompts = [prompt(r["instruction"], r.get("input", "")) for r in records]
             if mode == "generate":
-                texts = _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams)
+                texts = _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, f"{task} (generate)")
                 preds = [extract_answer(task, t) for t in texts]
             else:
                 opts = [_options(task, r["instruction"]) for r in records]
                 items = [(p, RESPONSE.format(c)) for p, o in zip(prompts, opts) for c in o]
-                flat, preds, k = _loglik_scores(model, tokenizer, items, batch_size), [], 0
+                flat, preds, k = _loglik_scores(model, tokenizer, items, batch_size, f"{task} (loglik)"), [], 0
                 for o in opts:
                     s = flat[k:k + len(o)]
                     preds.append(o[s.index(max(s))])  # ties: the first candidate

@@ -90,7 +90,7 @@ class PiLoRALinear(nn.Module):
         x = self.dropout(x)
         for A, B, idx in self.groups():
             y = F.linear(F.linear(common.adapter_input(x, A), A), B) * self.scaling  # (..., |idx|)
-            common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
+            out = common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
         return out
 
     def merge(self) -> nn.Linear:

@@ -8,7 +8,7 @@ Paper: ../shared/papers/004_584a2078842cda78.txt. Per target weight W (d_out × 
   §3.1          keep the top-r rows i_1 … i_r; W_f ∈ ℝ^{r × d_in} starts at zero; M ∈ {0,1}^{d_out × r}
                 with M_{i_j j} = 1 places them, so Ŵ = W + M W_f (Eq 1 with W_s = M W_f).
   Eq 5          h = f(W, x) + f(M W_f, x) = base(x) + M (W_f x): W_f x is scattered into the selected
-                output features with an index_put (common.scatter_rows), so autograd keeps x and W_f
+                output features in place (common.scatter_rows), so autograd keeps x and W_f
                 only, never the tokens × r activation W_f x that LoRA keeps as A x (§5.4, App. D.4).
   §4.2, §5.3    all attention + MLP linear layers, or MLP only (`--spsft_mlp_only`, the "FA" rows of
                 Tables 6–9: attention frozen). Classification heads train fully. No dropout.

@@ -250,7 +250,7 @@ def eval_batches(examples, size, pad_id, device):
 def run_eval(args, model, proc, task, eval_set, info, ctx, device):
     """The task metric: exact match (built-in task) or eval loss (instruction data), GLUE metrics,
     image accuracy; plus the commonsense protocol when --eval_commonsense is given."""
-    limit = args.eval_limit
+    limit, t0 = args.eval_limit, time.time()
     eval_set = eval_set[:limit] if limit else eval_set
     out = {}
     with ctx:
@@ -271,6 +271,7 @@ def run_eval(args, model, proc, task, eval_set, info, ctx, device):
             for mode in modes:
                 out[f"commonsense_{mode}"] = evaluate.evaluate_commonsense(
                     model, proc, args.eval_commonsense, mode, args.eval_batch_size, limit=limit)
+    out["eval_time_s"] = round(time.time() - t0, 1)
     return out
 
 

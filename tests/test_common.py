@@ -111,6 +111,14 @@ def test_scatter_rows_equals_dense_mapping_and_saves_no_block():
     g = torch.randn_like(out)
     (gWf,) = torch.autograd.grad(out, Wf, g)
     assert torch.allclose(gWf, (M.T @ g.T) @ x, atol=1e-12)
+    xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()  # gradients through the base output too
+    out = common.scatter_rows(F.linear(xg, Wg), idx, F.linear(xg, Wf))
+    gx, gW, gWf = torch.autograd.grad(out, (xg, Wg, Wf), g)
+    assert torch.allclose(gx, g @ (W + M @ Wf.detach()), atol=1e-12)
+    assert torch.allclose(gW, g.T @ x, atol=1e-12) and torch.allclose(gWf, (M.T @ g.T) @ x, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 base output, fp32 block: dtype of out kept
+        out = common.scatter_rows(F.linear(x.float(), W.float()), idx, F.linear(x.float(), Wf.float()))
+    assert out.dtype == torch.bfloat16 and out.requires_grad
 
 
 def test_gather_cols():
