@@ -338,6 +338,18 @@ def evaluate_generation(model, tokenizer, records, batch_size=16, max_new_tokens
 
 
 @torch.no_grad()
+def evaluate_loss(model, batches):
+    """Mean loss per response token (labels ≠ -100) over all batches: the eval loss of instruction data."""
+    total, n = 0.0, 0
+    with _eval_mode(model):
+        for b in batches:
+            k = int((b["labels"][:, 1:] != -100).sum())
+            total += float(model(**b).loss) * k
+            n += k
+    return total / max(n, 1)
+
+
+@torch.no_grad()
 def evaluate_classification(model, batches, task=None, regression=False):
     """GLUE metrics of argmax(logits) (logits[:, 0] for regression) against batch["labels"]."""
     pred, gold = [], []

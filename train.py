@@ -258,7 +258,7 @@ def run_eval(args, model, proc, task, eval_set, info, ctx, device):
             out.update(evaluate.evaluate_generation(model, proc, eval_set, args.eval_batch_size))
         elif task == "causal":
             ex = data.tokenize_instructions(eval_set, proc, args.max_len)
-            out["eval_loss"] = eval_loss(model, eval_batches(ex, args.eval_batch_size, proc.pad_token_id, device))
+            out["eval_loss"] = evaluate.evaluate_loss(model, eval_batches(ex, args.eval_batch_size, proc.pad_token_id, device))
         elif task == "cls":
             out.update(evaluate.evaluate_classification(
                 model, eval_batches(eval_set, args.eval_batch_size, proc.pad_token_id, device),
@@ -273,18 +273,6 @@ def run_eval(args, model, proc, task, eval_set, info, ctx, device):
                     model, proc, args.eval_commonsense, mode, args.eval_batch_size, limit=limit)
     out["eval_time_s"] = round(time.time() - t0, 1)
     return out
-
-
-@torch.no_grad()
-def eval_loss(model, batches):
-    was, total, n = model.training, 0.0, 0
-    model.eval()
-    for b in batches:
-        k = int((b["labels"][:, 1:] != -100).sum())
-        total += float(model(**b).loss) * k
-        n += k
-    model.train(was)
-    return total / max(n, 1)
 
 
 # ------------------------------------------------------------------------ optimiser, schedule
@@ -385,7 +373,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     method = METHODS[args.method](**vars(args), total_steps=total, steps_per_epoch=steps_per_epoch)
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = common.count_params(model)[1]
 
     if args.eval_only:
         if args.adapter:

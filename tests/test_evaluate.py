@@ -383,3 +383,30 @@ def test_print_table(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["metric", "before", "after"]
     assert lines[2].split() == ["acc", "0.1000", "0.9000"] and lines[3].split() == ["f1", "-", "0.8000"]
+
+
+def test_evaluate_loss_is_the_mean_over_all_response_tokens():
+    torch.manual_seed(0)
+    model = build_tiny("tiny-llama")
+    model.train()
+    batches = []
+    for b, t, cut in ((2, 9, 4), (3, 6, 2)):  # different sizes and prompt lengths
+        ids = torch.randint(0, 260, (b, t))
+        labels = ids.clone()
+        labels[:, :cut] = -100
+        labels[0, -1] = -100
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    got = E.evaluate_loss(model, batches)
+    assert model.training  # restored
+    nll, n = 0.0, 0  # brute force: every scored token of every batch, one by one, float64
+    with torch.no_grad():
+        model.eval()
+        for bt in batches:
+            logp = torch.log_softmax(model(input_ids=bt["input_ids"]).logits.double(), -1)
+            for row in range(len(bt["labels"])):
+                for pos in range(1, bt["labels"].shape[1]):
+                    tok = int(bt["labels"][row, pos])
+                    if tok != -100:
+                        nll -= logp[row, pos - 1, tok].item()
+                        n += 1
+    assert got == pytest.approx(nll / n, rel=1e-5)
