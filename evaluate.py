@@ -259,7 +259,7 @@ def _loglik_scores(model, tokenizer, items, batch_size, desc=None):
             else:
                 logits = torch.cat([logits[:, :1] * float("nan"), logits], 1)  # token 0 is never scored
             for row, b in enumerate(chunk):
-                t = torch.arange(starts[b], len(fulls[b]))  # scored tokens
+                t = torch.arange(starts[b], len(fulls[b]), device=dev)  # scored tokens
                 if len(t):
                     logp = F.log_softmax(logits[row, t - c], dim=-1)
                     tok = torch.tensor(fulls[b], device=dev)[t]
