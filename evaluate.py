@@ -254,15 +254,14 @@ def _loglik_scores(model, tokenizer, items, batch_size, desc=None):
                 kv.batch_repeat_interleave(len(chunk))
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=kv,
                            use_cache=cache is not None).logits.float()  # position c + t predicts c + t + 1
-            if last is not None:
-                logits = torch.cat([last.expand(len(chunk), 1, -1), logits], 1)  # now k predicts c + k
-            else:
-                logits = torch.cat([logits[:, :1] * float("nan"), logits], 1)  # token 0 is never scored
+            first = last.expand(len(chunk), 1, -1) if last is not None else \
+                torch.full_like(logits[:, :1], float("nan"))  # without a prefix, token 0 is never scored
+            logits = torch.cat([first, logits], 1)  # now position k predicts token c + k
             for row, b in enumerate(chunk):
                 t = torch.arange(starts[b], len(fulls[b]), device=dev)  # scored tokens
                 if len(t):
                     logp = F.log_softmax(logits[row, t - c], dim=-1)
-                    tok = torch.tensor(fulls[b], device=dev)[t]
+                    tok = torch.tensor(fulls[b][starts[b]:], device=dev)
                     scores[idx[b]] = logp.gather(1, tok[:, None]).double().sum().item()
     return scores
 
