@@ -224,21 +224,29 @@ def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams=1
 
 
 def _loglik_scores(model, tokenizer, items, batch_size, desc=None):
-    """Summed log p(response | prompt) for each (prompt, response) pair. The pairs of one prompt share
-    one forward of their common token prefix; its KV cache is repeated for the candidates' remaining
-    tokens (right-padded, batch_size at a time): the cost of a prompt, not of a prompt per candidate."""
+    """Summed log p(response | prompt) for each (prompt, response) pair, exact, in three cached steps:
+    the token prefix every pair shares (the template) runs once; each prompt's own tokens run once on
+    a copy of that cache, keeping only the last logits; its candidates' remaining tokens run on copies
+    of the prompt's cache (right-padded, batch_size at a time). Cost: about one prompt per question."""
     groups = {}
     for i, (p, _) in enumerate(items):
         groups.setdefault(p, []).append(i)
     dev, scores = next(model.parameters()).device, [0.0] * len(items)
-    for p, idx in tqdm(groups.items(), desc=desc, leave=False, disable=desc is None):
+    run = []  # (idx, fulls, starts, c): tokens [0, c) are shared by the group's pairs
+    for p, idx in groups.items():
         ctx = tokenizer(p)["input_ids"]
         fulls = [tokenizer(p + items[i][1])["input_ids"] for i in idx]
         starts = [max(_shared(ctx, f), 1) for f in fulls]  # the first response token of each
-        c = min(starts + [_shared(f, fulls[0]) for f in fulls])  # run once: tokens [0, c)
+        run.append((idx, fulls, starts, min(starts + [_shared(f, fulls[0]) for f in fulls])))
+    # the template: tokens [0, base) shared by all groups, at least one own token left to each group
+    base = min([c - 1 for *_, c in run] + [_shared(run[0][1][0], r[1][0]) for r in run]) if run else 0
+    base_cache = model(input_ids=torch.tensor([run[0][1][0][:base]], device=dev), use_cache=True,
+                       logits_to_keep=1).past_key_values if base > 0 else None
+    for idx, fulls, starts, c in tqdm(run, desc=desc, leave=False, disable=desc is None):
         last, cache = None, None
         if c:
-            out = model(input_ids=torch.tensor([fulls[0][:c]], device=dev), use_cache=True)
+            out = model(input_ids=torch.tensor([fulls[0][max(base, 0):c]], device=dev), use_cache=True,
+                        past_key_values=copy.deepcopy(base_cache), logits_to_keep=1)
             last, cache = out.logits[0, -1:].float(), out.past_key_values  # logits at c - 1 predict token c
         for j in range(0, len(idx), batch_size):
             chunk = list(range(j, min(j + batch_size, len(idx))))

@@ -93,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_commonsense", help="dir of LLM-Adapters test files to evaluate after training")
     p.add_argument("--eval_mode", choices=["generate", "loglik", "both"], default="generate")
     p.add_argument("--eval_batch_size", type=int, default=16)
+    p.add_argument("--num_beams", type=int, default=1,
+                   help="beams for commonsense generation (1: greedy; LLM-Adapters' own script uses 4)")
     p.add_argument("--output_dir", default="out/run")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--stop_after", type=int, help="stop after N steps as if killed (testing --resume)")
@@ -105,6 +107,8 @@ def parse_args(argv=None):
         p.error(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.batch_size % args.micro_batch_size:
         p.error("--batch_size must be a multiple of --micro_batch_size")
+    if args.num_beams < 1:
+        p.error("--num_beams must be 1 (greedy) or more")
     return args
 
 
@@ -270,7 +274,8 @@ def run_eval(args, model, proc, task, eval_set, info, ctx, device):
             modes = ["generate", "loglik"] if args.eval_mode == "both" else [args.eval_mode]
             for mode in modes:
                 out[f"commonsense_{mode}"] = evaluate.evaluate_commonsense(
-                    model, proc, args.eval_commonsense, mode, args.eval_batch_size, limit=limit)
+                    model, proc, args.eval_commonsense, mode, args.eval_batch_size, limit=limit,
+                    num_beams=args.num_beams)
     out["eval_time_s"] = round(time.time() - t0, 1)
     return out
 

@@ -293,9 +293,9 @@ def test_commonsense_picks_planted_answer(trained, tmp_path):
     boolq = [{"instruction": f"{i} Answer format: true/false", "input": "", "answer": a} for i, a in PLANTED[4:]]
     (tmp_path / "ARC-Challenge.json").write_text(json.dumps(arc))
     (tmp_path / "boolq.json").write_text(json.dumps(boolq))
-    for mode in ("loglik", "generate"):  # four different answers right: no constant guess does that
-        r = E.evaluate_commonsense(model, tok, tmp_path, mode=mode, batch_size=4)
-        assert (r["ARC-Challenge"], r["boolq"], r["average"]) == (1.0, 1.0, 1.0), mode
+    for mode, beams in (("loglik", 1), ("generate", 1), ("generate", 3)):  # four different answers
+        r = E.evaluate_commonsense(model, tok, tmp_path, mode=mode, batch_size=4, num_beams=beams)
+        assert (r["ARC-Challenge"], r["boolq"], r["average"]) == (1.0, 1.0, 1.0), (mode, beams)
     # the same records with the gold answers rotated: the planted answers are now all wrong
     for rec, other in zip(arc, arc[1:] + arc[:1]):
         rec["answer"] = other["answer"]

@@ -113,6 +113,7 @@ def test_merge_saves_model_with_same_outputs(tmp_path):
     (["--targets", "q_projj"], "no linear layer matches targets"),
     (["--r", "1000"], "pass --r between 1 and"),
     (["--batch_size", "3"], "multiple of --micro_batch_size"),
+    (["--num_beams", "0"], "--num_beams must be 1"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, match):
     with pytest.raises((ValueError, SystemExit)) as e:
