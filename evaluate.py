@@ -8,7 +8,7 @@
 - Images: top-1 accuracy and per-class accuracy min / quartiles / max (SPSFT Table 1).
 
 Deviations from LLM-Adapters' commonsense_evaluate.py, each on purpose:
-- Greedy decoding by default (their script calls generate with num_beams=4; pass num_beams=4 for it).
+- Greedy decoding by default (their script calls generate with num_beams=4: `--num_beams 4` in train.py).
 - Only the new tokens are decoded (theirs decodes everything and splits on "### Response:"), and a
   missing pad token becomes EOS (theirs hard-codes id 0, LLaMA-1's unk): same answer text.
 - `mode="loglik"` is our addition: each candidate response "the correct answer is {c}" is scored by its
