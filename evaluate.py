@@ -239,13 +239,13 @@ def _loglik_scores(model, tokenizer, items, batch_size, desc=None):
         starts = [max(_shared(ctx, f), 1) for f in fulls]  # the first response token of each
         run.append((idx, fulls, starts, min(starts + [_shared(f, fulls[0]) for f in fulls])))
     # the template: tokens [0, base) shared by all groups, at least one own token left to each group
-    base = min([c - 1 for *_, c in run] + [_shared(run[0][1][0], r[1][0]) for r in run]) if run else 0
+    base = max(0, min([c - 1 for *_, c in run] + [_shared(run[0][1][0], r[1][0]) for r in run], default=0))
     base_cache = model(input_ids=torch.tensor([run[0][1][0][:base]], device=dev), use_cache=True,
                        logits_to_keep=1).past_key_values if base > 0 else None
     for idx, fulls, starts, c in tqdm(run, desc=desc, leave=False, disable=desc is None):
         last, cache = None, None
         if c:
-            out = model(input_ids=torch.tensor([fulls[0][max(base, 0):c]], device=dev), use_cache=True,
+            out = model(input_ids=torch.tensor([fulls[0][base:c]], device=dev), use_cache=True,
                         past_key_values=copy.deepcopy(base_cache), logits_to_keep=1)
             last, cache = out.logits[0, -1:].float(), out.past_key_values  # logits at c - 1 predict token c
         for j in range(0, len(idx), batch_size):
