@@ -239,8 +239,9 @@ def _loglik_scores(model, tokenizer, items, batch_size, desc=None):
         starts = [max(_shared(ctx, f), 1) for f in fulls]  # the first response token of each
         run.append((idx, fulls, starts, min(starts + [_shared(f, fulls[0]) for f in fulls])))
     # the template: tokens [0, base) shared by all groups, at least one own token left to each group
-    base = max(0, min([c - 1 for *_, c in run] + [_shared(run[0][1][0], r[1][0]) for r in run], default=0))
-    base_cache = model(input_ids=torch.tensor([run[0][1][0][:base]], device=dev), use_cache=True,
+    firsts = [fulls[0] for _, fulls, _, _ in run]
+    base = max(0, min([c - 1 for *_, c in run] + [_shared(firsts[0], f) for f in firsts], default=0))
+    base_cache = model(input_ids=torch.tensor([firsts[0][:base]], device=dev), use_cache=True,
                        logits_to_keep=1).past_key_values if base > 0 else None
     for idx, fulls, starts, c in tqdm(run, desc=desc, leave=False, disable=desc is None):
         last, cache = None, None

@@ -91,8 +91,8 @@ def test_adapter_round_trip_and_eval_only(tmp_path):
     for n, t in saved.items():
         assert torch.equal(dict(model.named_parameters())[n], t), n  # bit-exact
     e = train.main(TINY_RUN + ["--output_dir", str(tmp_path / "e"), "--eval_only", "--adapter", str(tmp_path / "r")])
-    timeless = [{k: v for k, v in m.items() if k != "eval_time_s"} for m in (e["metrics"]["eval"], s["metrics"]["after"])]
-    assert timeless[0] == timeless[1] and "eval_time_s" in e["metrics"]["eval"]  # the time differs run to run
+    ev, after = ({k: v for k, v in m.items() if k != "eval_time_s"} for m in (e["metrics"]["eval"], s["metrics"]["after"]))
+    assert ev == after and "eval_time_s" in e["metrics"]["eval"]  # the time differs run to run
 
 
 def test_merge_saves_model_with_same_outputs(tmp_path):
