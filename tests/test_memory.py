@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import common  # noqa: E402
 import efficiency  # noqa: E402
 import memory  # noqa: E402
 
@@ -87,3 +88,82 @@ def test_bad_row_is_one_line():
     with pytest.raises(SystemExit):
         memory.parse_args(["--rows", "nope"])
     assert set(efficiency.ROWS) >= set(ROWS)
+
+
+# ---------------------------------------------------- memory-free adapter dropout (common.dropout_linear)
+
+def plain_dropout_linear(x, p, weights):
+    """nn.Dropout then each weight's matmul: the reference dropout_linear must reproduce."""
+    d = torch.nn.Dropout(p)(x)
+    return [d @ w.T for w in weights]
+
+
+def leaves(shape_x=(2, 7, 12), rs=(3, 2), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape_x, dtype=dtype, generator=g).requires_grad_()
+    ws = [torch.randn(r, shape_x[-1], dtype=dtype, generator=g).requires_grad_() for r in rs]
+    return x, ws
+
+
+def grads_of(fn, x, ws, seed):
+    torch.manual_seed(seed)
+    outs = fn(x, ws)
+    g = torch.Generator().manual_seed(9)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum() for o in outs)
+    gx, *gws = torch.autograd.grad(loss, [x, *ws])
+    return [o.detach() for o in outs], gx, gws, torch.rand(3)  # the RNG stream after the call
+
+
+@pytest.mark.parametrize("rs", [(3,), (3, 2)], ids=["one", "two-share-a-mask"])
+def test_dropout_linear_equals_nn_dropout(rs):
+    """Same values, same gradients, same RNG stream afterwards as nn.Dropout + matmul, in float64."""
+    x, ws = leaves(rs=rs)
+    drop = torch.nn.Dropout(0.3)
+    ref = grads_of(lambda x, ws: plain_dropout_linear(x, 0.3, ws), x, ws, seed=5)
+    got = grads_of(lambda x, ws: common.dropout_linear(x, drop, *ws), x, ws, seed=5)
+    for a, b in zip(ref[0], got[0]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(ref[2], got[2]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ref[3], got[3])
+    assert (ref[0][0] != x.detach() @ ws[0].detach().T).any()  # dropout was active
+
+
+def test_dropout_linear_saves_no_copy():
+    """Autograd keeps only x and the weights (nn.Dropout + matmul keeps the dropped copy and the mask too)."""
+    x, ws = leaves(rs=(3, 2), dtype=torch.float32)
+    mine, plain = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: mine.append(t) or t, lambda t: t):
+        common.dropout_linear(x, torch.nn.Dropout(0.3), *ws)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t) or t, lambda t: t):
+        plain_dropout_linear(x, 0.3, ws)
+    own = {t.untyped_storage().data_ptr() for t in [x, *ws]}
+    assert {t.untyped_storage().data_ptr() for t in mine} == own
+    assert {t.untyped_storage().data_ptr() for t in plain} - own  # the reference keeps something else
+
+
+def test_dropout_linear_bf16_autocast_and_checkpoint():
+    """Under bf16 autocast, and recomputed by non-reentrant checkpointing: the plain path's values and grads."""
+    from torch.utils.checkpoint import checkpoint
+    x, ws = leaves(shape_x=(2, 16, 32), rs=(4,), dtype=torch.float32)
+    drop = torch.nn.Dropout(0.2)
+
+    def run(fn, ckpt):
+        def f(x, ws):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return checkpoint(fn, x, *ws, use_reentrant=False) if ckpt else fn(x, *ws)
+        return grads_of(lambda x, ws: [f(x, ws)], x, ws, seed=3)
+    ref = run(lambda x, w: plain_dropout_linear(x, 0.2, [w])[0], False)
+    for ckpt in (False, True):
+        got = run(lambda x, w: common.dropout_linear(x, drop, w)[0], ckpt)
+        assert got[0][0].dtype == torch.bfloat16 and torch.equal(got[0][0], ref[0][0])
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(got[2][0], ref[2][0], rtol=1e-2, atol=1e-2)
+
+
+def test_dropout_linear_inactive_in_eval():
+    x, ws = leaves(rs=(3,))
+    drop = torch.nn.Dropout(0.5).eval()
+    assert torch.equal(common.dropout_linear(x, drop, *ws)[0], x @ ws[0].T)
+    assert torch.equal(common.dropout_linear(x, None, *ws)[0], x @ ws[0].T)
