@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--micro_batch_size", type=int, default=8, help="examples per forward/backward")
-    p.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max_steps", type=int, help="optimizer steps of the whole run (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--warmup", type=float, default=0.06, help="warmup steps (≥1) or fraction of steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
@@ -378,6 +378,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     method = METHODS[args.method](**vars(args), total_steps=total, steps_per_epoch=steps_per_epoch)
+    total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
     total_params = common.count_params(model)[1]
 
     if args.eval_only:
