@@ -38,6 +38,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 
@@ -116,7 +117,9 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         used = 0
         with torch.enable_grad(), common.scoring_mode(model):
-            for _, batch in zip(range(n_batches), batches):
+            bar = tqdm(zip(range(n_batches), batches), total=n_batches, unit="batch", leave=False,
+                       desc=f"taso importance |{'W⊙G' if metric == 'wg' else 'G'}| (≤ {n_batches} batches)")
+            for _, batch in bar:
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise ValueError(f"TASO's importance pass got loss {float(loss)} on calibration batch "

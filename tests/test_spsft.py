@@ -177,6 +177,15 @@ def test_taylor_passes_score_with_dropout_off_and_restore_training_mode(kind):
     assert all(m.training for m in model.modules())  # train mode restored everywhere
 
 
+def test_taylor_passes_show_a_progress_bar(capsys):
+    model = common.prepare(build_tiny("tiny-bert", num_labels=3))
+    weights = target_weights(model)
+    spsft.row_importance(model, weights, bert_batches([2, 2, 2]), "taylor")
+    spsft.row_importance(model, weights, bert_batches([2, 2], labels=2), "qm_taylor")
+    err = capsys.readouterr().err
+    assert "spsft taylor" in err and "spsft qm_taylor class 1" in err
+
+
 def test_qm_taylor_equals_explicit_per_class_loop_and_quantiles():
     model = build_tiny("tiny-vit", num_labels=4).double()
     labels = [[0, 1, 3, 1, 0], [3, 3, 1, 0]]  # class 2 absent: left out of the quantiles

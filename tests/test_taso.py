@@ -96,6 +96,14 @@ def test_importance_of_a_bf16_model_is_summed_in_fp32():
         torch.testing.assert_close(wg[n].double(), ref, rtol=1e-5, atol=1e-12)
 
 
+def test_importance_pass_shows_a_progress_bar(capsys):
+    model = train.build_tiny("tiny-llama")
+    weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)[:2]}
+    taso.gradient_importance(model, weights, iter(lm_batches(3)), n_batches=5)
+    err = capsys.readouterr().err
+    assert "taso importance |W⊙G| (≤ 5 batches)" in err
+
+
 def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
     model = ckpt(train.build_tiny("tiny-bert", num_labels=2))  # hidden dropout 0.1, a trainable head
     common.prepare(model)
