@@ -193,13 +193,14 @@ def importance_table(rows, model, seq, epoch_examples):
         f = epoch_fraction(r, epoch_examples)
         body.append([f"`{name}`", mode_name(ckpt), r["calib_batches"], f"{r['importance_time_s']:.2f}",
                      f"{1e3 * r['importance_time_s'] / r['calib_batches']:.0f}", ms(r["step_time_median_s"]),
-                     "–" if f is None else f"{100 * f:.3f} %"])
+                     "–" if f is None else f"{100 * f:.3f} %",
+                     "–" if r.get("importance_buffer_bytes") is None else f"{r['importance_buffer_bytes'] / 2 ** 20:.1f}"])
     if not body:
         return ""
     return "\n".join([f"Importance passes (one epoch = {epoch_examples:,} examples at this micro-batch, timed "
                       "with the method's own median step):", ""] +
                      table(["row", "mode", "calibration batches", "pass s", "ms / batch", "train step ms",
-                            "pass / epoch"], body))
+                            "pass / epoch", "fp32 sum buffers MiB"], body))
 
 
 def structure_lines(rows, model, seq):
