@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -315,6 +316,31 @@ def get_lr(it, total, args):
     return args.lr * (1 - frac) if args.schedule == "linear" else args.lr
 
 
+def causal_loss(model, batch, n_items, chunk=1024):
+    """model(**batch, num_items_in_batch=n_items).loss (next-token cross-entropy summed over the target tokens,
+    over n_items) without the (tokens × vocab) fp32 logits and their gradient: the LM head and the loss run
+    `chunk` positions at a time, each chunk recomputed in backward (non-reentrant checkpoint), so one
+    chunk's logits are alive at a time. The forward still goes through model(...) (hooks, DDP); its own
+    LM head computes no position (logits_to_keep = none) and the decoder's output is taken by a hook."""
+    core = getattr(model, "module", model)  # DDP
+    out = []
+    hook = core.get_decoder().register_forward_hook(lambda mod, args, o: out.append(o.last_hidden_state))
+    none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=none)
+    finally:
+        hook.remove()
+    h = out[0].flatten(0, 1)  # (B·T, H)
+    y = nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100).flatten()  # next token, as HF shifts
+    head = core.get_output_embeddings()
+    return sum(checkpoint(_ce_sum, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+               for i in range(0, len(y), chunk)) / n_items
+
+
+def _ce_sum(head, h, y):
+    return nn.functional.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
+
+
 def save_atomic(obj, path):
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
@@ -434,7 +460,7 @@ def main(argv=None):
         for b in micro:
             with ctx:
                 if task == "causal":
-                    loss = model(**b, num_items_in_batch=torch.tensor(n_items, device=device)).loss
+                    loss = causal_loss(model, b, n_items)
                 else:
                     loss = model(**b).loss / accum
             loss.backward()

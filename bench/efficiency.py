@@ -152,7 +152,8 @@ class Loop:
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         with self.ctx, hooks or nullcontext():
-            loss = self.model(**self.batch, num_items_in_batch=self.n_items).loss
+            loss = self.model(**self.batch, num_items_in_batch=self.n_items).loss if isinstance(self.method, PeftLoRA) \
+                else train.causal_loss(self.model, self.batch, self.n_items)  # PEFT users' HF loss; ours: train.py's
         loss.backward()
         loss = float(loss.detach())  # train.py reads the loss every micro-batch (a sync on CUDA)
         method.after_backward(t)

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import common  # noqa: E402
 import efficiency  # noqa: E402
 import memory  # noqa: E402
+import train  # noqa: E402
 
 # every method and stage: LoRA (ours and PEFT's), TASO, SPSFT with its Taylor pass, G²R² warmup (exact
 # capture) and refinement, PiLoRA stage 1 and 2
@@ -48,14 +49,18 @@ def test_counter_by_hand():
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("row", ROWS)
 def test_count_matches_cpu_allocator(row, ckpt):
-    """Fake count vs real execution of the same row (same loop, bf16 autocast) measured as the efficiency suite
-    does on CPU (torch.profiler allocator events). Tolerance: 3 % + 96 KiB on the step's peak above its start.
-    What the count cannot see is kernel scratch memory (CPU SDPA's backward buffers: ~70 KiB at this
-    shape, all of the gap with checkpointing) and PiLoRA's data-chosen dominant rows (the count assumes half)."""
+    """Fake count vs real execution of the same row (same loop, bf16 autocast): (1) the counter on the real
+    tensors sees what it counts on fake ones, to 32 KiB; (2) the CPU allocator as the efficiency suite reads it
+    (torch.profiler memory events) on the step's peak above its start: the count is within −20 % / +3 % + 32 KiB.
+    What a dispatcher-level count cannot see is kernel scratch: MKL's int32 buffer inside bernoulli_ while a
+    dropout mask is drawn (the big gaps: LoRA / TASO with checkpointing, −7 % / −18 % at this shape), CPU
+    SDPA's backward buffers; and PiLoRA's data-chosen dominant rows (the fake count assumes half)."""
     fake = memory.count_row(row, SHAPE, SEQ, 1, ckpt)
     real = memory.count_row(row, SHAPE, SEQ, 1, ckpt, fake=False)
     counted, measured = fake["peak_bytes"] - fake["start_bytes"], real["profiled_step_delta"]
-    assert abs(counted - measured) <= 0.03 * measured + 96 * 1024, (counted, measured)
+    if row != "pilora-s2":
+        assert abs(counted - (real["peak_bytes"] - real["start_bytes"])) <= 32 * 1024
+    assert -0.20 * measured - 32 * 1024 <= counted - measured <= 0.03 * measured + 32 * 1024, (counted, measured)
     # the no-grad forward: exact
     assert fake["model_bytes"] - fake["base_bytes"] == real["profiled_model_delta"]
     # what is alive between steps: parameters, buffers, AdamW state, batch (+ the method's own tensors)
@@ -167,3 +172,64 @@ def test_dropout_linear_inactive_in_eval():
     drop = torch.nn.Dropout(0.5).eval()
     assert torch.equal(common.dropout_linear(x, drop, *ws)[0], x @ ws[0].T)
     assert torch.equal(common.dropout_linear(x, None, *ws)[0], x @ ws[0].T)
+
+
+# ------------------------------------------------------- chunked LM head + cross-entropy (train.causal_loss)
+
+def lora_tiny(ckpt=False):
+    model = train.build_tiny("tiny-llama")
+    if ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    common.LoRA(r=4, dropout=0.0).attach(model)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # B starts at 0: give A a gradient
+    return model
+
+
+def loss_and_grads(model, fn):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 260, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100   # prompt
+    labels[1, :] = -100    # an example with no target token: whole chunks ignored
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    n = int((labels[:, 1:] != -100).sum())
+    model.zero_grad(set_to_none=True)
+    loss = fn(model, batch, n)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("chunk", [1, 5, 33, 4096])
+def test_causal_loss_equals_hf_loss(chunk, ckpt):
+    """Same value and gradients as the model's own loss (HF: logits.float(), shift, summed CE / num items)."""
+    model = lora_tiny(ckpt)
+    ref, ref_g = loss_and_grads(model, lambda m, b, n: m(**b, num_items_in_batch=torch.tensor(n)).loss)
+    got, got_g = loss_and_grads(model, lambda m, b, n: train.causal_loss(m, b, n, chunk=chunk))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert ref_g.keys() == got_g.keys() and len(ref_g) == 28
+    for k in ref_g:
+        torch.testing.assert_close(got_g[k], ref_g[k], rtol=1e-5, atol=1e-7)
+
+
+def test_causal_loss_keeps_one_chunk_of_logits():
+    """Counted: the plain loss holds (tokens × vocab) fp32 tensors at its peak; the chunked one holds none
+    larger than a chunk's."""
+    seq, vocab, chunk = 256, 8192, 64
+
+    def peak_top(fn):
+        with memory.counting() as c:
+            model = memory.build_model(f"llama-h64-l1-v{vocab}", dtype=torch.float32)
+            common.LoRA(r=4, dropout=0.0).attach(model)
+            ids = torch.randint(0, vocab, (1, seq))
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            c.reset(record=True)
+            fn(model, batch, seq - 1).backward()
+            return c.peak, c.top(3)  # same model and batch in both: absolute peaks compare
+    plain = peak_top(lambda m, b, n: m(**b, num_items_in_batch=torch.tensor(n)).loss)
+    chunked = peak_top(lambda m, b, n: train.causal_loss(m, b, n, chunk=chunk))
+    assert plain[1][0]["bytes"] >= seq * vocab * 4
+    assert chunked[1][0]["bytes"] <= chunk * vocab * 4
+    assert chunked[0] < plain[0] - seq * vocab * 4
