@@ -15,7 +15,8 @@ its fused CPU flash kernel, which saves what CUDA's flash / memory-efficient ker
 fp32 log-sum-exp per query and head, no T × T matrix); `attention` in each row names the kernel that ran.
 Per row: weights (`base_bytes`), `model_bytes` (the peak of a no-grad forward of the same batch on the base
 model, as the efficiency suite defines it), `peak_bytes` over the measured optimizer steps after warm-up,
-`aux_bytes` = peak − model, and the largest tensors alive at the peak with the op and module that made them.
+`aux_bytes` = peak − model, and the largest tensors alive at the peak with the op and module that made them;
+`attach_peak_bytes` (and `attach_top`) over method.attach, where TASO's and SPSFT-Taylor's importance passes run.
 
 Values never exist, so an op whose result depends on them gets a placeholder, counted in `placeholders`:
 `.item()` (the loss the loop prints, Adam's step count, a score) returns 1 / True, and `nonzero` of a fake mask
@@ -61,7 +62,7 @@ class Counter(TorchDispatchMode):
         self.info = {}          # storage key -> (nbytes, shape, dtype, op, where)
         self.names, self.stack = {}, []
         self.log = self.start = None
-        self.kernels = set()
+        self.kernels, self.weights = set(), set()  # weights: storages top() leaves out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
@@ -111,14 +112,14 @@ class Counter(TorchDispatchMode):
         self.start, self.log = (dict(self.info), []) if record else (None, None)
 
     def top(self, n=10):
-        """The n largest storages alive at the peak since reset(record=True)."""
+        """The n largest storages alive at the peak since reset(record=True), the base weights left out."""
         alive = dict(self.start)
         for key, entry in self.log[:self.peak_at]:
             if entry is None:
                 alive.pop(key, None)
             else:
                 alive[key] = entry
-        big = sorted(alive.values(), key=lambda e: -e[0])[:n]
+        big = sorted((e for k, e in alive.items() if k not in self.weights), key=lambda e: -e[0])[:n]
         return [{"bytes": b, "shape": list(s), "dtype": d, "op": op, "where": w} for b, s, d, op, w in big]
 
     @contextmanager
@@ -222,6 +223,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         ids = torch.randint(0, model.config.vocab_size, (mbs, seq))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         row["base_bytes"] = c.live
+        c.weights = set(c.info)
         row["total_params"] = common.count_params(model)[1]
         c.reset()
         fwd = lambda: model(**batch).loss  # noqa: E731
@@ -233,7 +235,10 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         row["model_bytes"] = c.peak
         model.train()
         calib = (dict(batch) for _ in iter(int, 1))
-        model = attach(method, model, calib, ctx, c)
+        c.reset(record=True)
+        target_numel = sum(model.get_submodule(n).weight.numel() for n in common.find_targets(model, targets))
+        model = attach(method, model, calib, ctx, c)  # TASO's and SPSFT-Taylor's importance passes run here
+        row.update(attach_peak_bytes=c.peak, attach_top=c.top(top), target_weight_numel=target_numel)
         train.to_fp32(model)
         loop = efficiency.Loop(model, method, args, batch, ctx, total)
         with c.modules(model):
@@ -273,6 +278,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1, help="measured optimizer steps per row")
     p.add_argument("--warmup_steps", type=int, default=1, help="steps before measuring (Adam state exists)")
     p.add_argument("--top", type=int, default=10, help="largest tensors at the peak to report")
+    p.add_argument("--validate", action="store_true", help="also run each row on real tensors (small shapes "
+                   "only) and record the CPU allocator's peak beside the count (as tests/test_memory.py checks)")
     p.add_argument("--json", help="write the rows (a JSON list) here")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in efficiency.ROWS]
@@ -296,6 +303,13 @@ def main(argv=None):
             for name in rows_names:
                 row = count_row(name, args.model, seq, args.micro_batch_size, ckpt, args.steps, args.warmup_steps,
                                 top=args.top)
+                if args.validate and "error" not in row:
+                    real = count_row(name, args.model, seq, args.micro_batch_size, ckpt, args.steps,
+                                     args.warmup_steps, fake=False)
+                    row["validation"] = {"counted_step_bytes": row["peak_bytes"] - row["start_bytes"],
+                                         "measured_step_bytes": real["profiled_step_delta"],
+                                         "counted_forward_bytes": row["model_bytes"] - row["base_bytes"],
+                                         "measured_forward_bytes": real["profiled_model_delta"]}
                 rows.append(row)
                 print(format_row(row), flush=True)
     if args.json:
