@@ -455,8 +455,8 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
                 cells.append("–")
                 continue
             extra, buf = r["attach_peak_bytes"] - r["model_bytes"], 2 * r["target_weight_numel"]
-            cells.append(f"model + {gib(extra)} GiB = model + {extra / buf:.2f} bf16 target-weight buffers "
-                         f"({gib(buf)} GiB) **{'met' if extra <= buf else 'missed'}**")
+            cells.append(f"model + {gib(extra)} GiB = model + {extra / buf:.2f} bf16 ({extra / buf / 2:.2f} fp32) "
+                         f"buffers of the target weights ({gib(buf)} GiB bf16) **{'met' if extra <= buf else 'missed'}**")
         return cells
 
     lines = ["## Counted at 7B shape (no GPU)", "",
@@ -495,6 +495,28 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
             ["PiLoRA stage 1, G̃ scored every step (reported)", "`pilora-s1-K1` / `lora-r32-qkvud`",
              *cmp("pilora-s1-K1", "lora-r32-qkvud", None), ""]]
     lines += table(["target", "counted as", "no checkpointing", "checkpointing", "paper"], body) + [""]
+    aux = lambda n, c: (row(n, c) or {}).get("aux_bytes")  # noqa: E731
+    if all(aux(n, c) for n in ("lora-r1", "spsft-r128", "lora-r64", "peft-lora-r64") for c in (False, True)):
+        lines += ["Reading:", "",
+                  f"- Without checkpointing every row carries the frozen model's own activations: LoRA r = 1 "
+                  f"already counts {gib(aux('lora-r1', False))} GiB (the 11008-wide MLP activations, RMSNorm's "
+                  f"fp32 upcasts, attention outputs). PEFT LoRA adds, per adapted module, a dropped copy of its "
+                  f"input in fp32 (PEFT casts x to the adapter's dtype before its dropout) and the mask, and HF's "
+                  f"loss keeps the fp32 logits, log-softmax and their gradient: {gib(aux('peft-lora-r64', False))} GiB.",
+                  f"- SPSFT's advantage over PEFT LoRA is mostly LoRA's dropout copies. Against our LoRA, whose "
+                  f"dropout keeps no copy (`common.dropout_linear`), SPSFT is "
+                  f"{fx(ratio(aux('spsft-r128', False), aux('lora-r64', False)))} without checkpointing and "
+                  f"{fx(ratio(aux('spsft-r128', True), aux('lora-r64', True)))} with it: not caching W_f x saves only "
+                  f"T × r per module; with checkpointing what differs is the AdamW state of 146 M vs 160 M "
+                  f"parameters. The paper's 0.75× does not survive a LoRA without dropout copies.",
+                  "- G²R² refinement prunes 80 % of the modules, which removes their adapter state and r-wide "
+                  "activations but none of the frozen model's activations: the target is met with checkpointing "
+                  "and missed without it (it was met, 0.64×, against the LoRA that kept dropout copies).",
+                  "- The importance passes keep an fp32 sum per target weight (two bf16 weight-sized buffers: "
+                  "24.1 GiB for the seven targets), by design in `taso.py` / `spsft.py` (a bf16 sum moves the "
+                  "selection); beyond those the checkpointed pass adds the HF loss's full logits and one layer's "
+                  "working set. G²R²'s exact capture holds several fp32 out × in temporaries per module at once in "
+                  "its sink (172 MiB each for an MLP matrix) and keeps nn.Dropout's copy for the capture.", ""]
 
     seqs = sorted({k[2] for k in now if k[1] == model})
     names = list(dict.fromkeys(k[0] for k in now if k[1] == model))
@@ -507,6 +529,14 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
                     + [gib((row(n, c, s=s) or {}).get("aux_bytes")) for s in seqs for c in (False, True)])
     lines += table(head, body) + [""]
 
+    pairs = [("spsft-r128", "peft-lora-r64"), ("lora-r64", "peft-lora-r64"), ("lora-r8", "peft-lora-r8"),
+             ("g2r2-refine", "lora-r8-qkvud"), ("spsft-r128", "lora-r64")]
+    lines += [f"### aux ratios per sequence length ({model})", ""]
+    body = [[f"`{a}` / `{b}`"] + [fx(ratio((row(a, c, s=q) or {}).get("aux_bytes"), (row(b, c, s=q) or {}).get("aux_bytes")))
+                                  for q in seqs for c in (False, True)] for a, b in pairs]
+    lines += table(["rows"] + [f"seq {q} {'ckpt' if c else 'no ckpt'}" for q in seqs for c in (False, True)], body)
+    lines += [""]
+
     lines += [f"### Largest tensors at the peak ({model}, seq {seq}, no checkpointing)", ""]
     for n in ("peft-lora-r64", "lora-r64", "spsft-r128", "lora-r8-qkvud", "g2r2-refine", "g2r2-warmup"):
         r = row(n, False)
@@ -514,6 +544,12 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
             tops = "; ".join(f"{t['bytes'] / 2 ** 20:,.0f} MiB {t['dtype']} {tuple(t['shape'])} `{t['op']}` "
                              f"({t['where'] or '–'})" for t in r["top"][:5])
             lines.append(f"- `{n}`: {tops}")
+    for n in ("taso-r8", "spsft-r128-taylor"):
+        r = row(n, True)
+        if r and r.get("attach_top"):
+            tops = "; ".join(f"{t['bytes'] / 2 ** 20:,.0f} MiB {t['dtype']} {tuple(t['shape'])} `{t['op']}` "
+                             f"({t['where'] or '–'})" for t in r["attach_top"][:5])
+            lines.append(f"- `{n}` importance pass (checkpointing): {tops}")
     lines += [""]
 
     before, drop = runs.get("before", {}), runs.get("dropout", {})
