@@ -146,14 +146,19 @@ class Loop:
         self.opt = train.build_optimizer(model, method, args)
         self.t = 0
 
+    def loss(self):
+        """train.py's causal loss; the PEFT rows keep HF's (what PEFT users run)."""
+        if isinstance(self.method, PeftLoRA):
+            return self.model(**self.batch, num_items_in_batch=self.n_items).loss
+        return train.causal_loss(self.model, self.batch, self.n_items)
+
     def step(self, hooks=None):
         method, args, t = self.method, self.args, self.t
         lr = train.get_lr(t - method.schedule_start, self.total - method.schedule_start, args)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         with self.ctx, hooks or nullcontext():
-            loss = self.model(**self.batch, num_items_in_batch=self.n_items).loss if isinstance(self.method, PeftLoRA) \
-                else train.causal_loss(self.model, self.batch, self.n_items)  # PEFT users' HF loss; ours: train.py's
+            loss = self.loss()
         loss.backward()
         loss = float(loss.detach())  # train.py reads the loss every micro-batch (a sync on CUDA)
         method.after_backward(t)

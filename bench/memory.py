@@ -20,7 +20,8 @@ model, as the efficiency suite defines it), `peak_bytes` over the measured optim
 
 Values never exist, so an op whose result depends on them gets a placeholder, counted in `placeholders`:
 `.item()` (the loss the loop prints, Adam's step count, a score) returns 1 / True, and `nonzero` of a fake mask
-returns half its entries (only PiLoRA's stage-2 switch uses one: its dominant rows, an adapter-size detail).
+returns half its entries, rounded up (PiLoRA's stage-2 switch: its dominant rows, an adapter-size detail;
+DeBERTa's loss: which labels are set).
 Validated against the CPU allocator on real tensors in tests/test_memory.py.
 """
 import argparse
@@ -48,6 +49,13 @@ import train  # noqa: E402
 GIB, MIB = 2 ** 30, 2 ** 20
 SHAPES = dict(efficiency.SHAPES, **{
     "llama-3-8b-shape": dict(efficiency.llama_shape(4096, 32, 128256, 14336, 32), num_key_value_heads=8)})
+# classification shapes (train.py's non-causal branch: the model's own loss, one label per example)
+CLS_SHAPES = {
+    "deberta-v3-base-shape": ("DebertaV2", dict(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
+        type_vocab_size=0, layer_norm_eps=1e-7, num_labels=2))}
 
 
 # ------------------------------------------------------------------------------------------ the counter
@@ -69,8 +77,8 @@ class Counter(TorchDispatchMode):
             self.placeholders += 1
             return True if args[0].dtype == torch.bool else 1
         if func is torch.ops.aten.nonzero.default and isinstance(args[0], FakeTensor):
-            self.placeholders += 1  # the count of a fake mask is unknown: half of its entries
-            out = torch.empty(args[0].numel() // 2, args[0].dim(), dtype=torch.long, device=args[0].device)
+            self.placeholders += 1  # the count of a fake mask is unknown: half of its entries, rounded up
+            out = torch.empty((args[0].numel() + 1) // 2, args[0].dim(), dtype=torch.long, device=args[0].device)
             self.add(out, "nonzero")
             return out
         if "scaled_dot_product" in func.__name__:
@@ -165,12 +173,15 @@ def build_model(name, seed=0, dtype=torch.bfloat16):
         m = re.fullmatch(r"llama-h(\d+)-l(\d+)(?:-v(\d+))?", name)
         if name in train.TINY:
             model = train.build_tiny(name, seed=seed)
+        elif name in CLS_SHAPES:
+            arch, kw = CLS_SHAPES[name]
+            model = getattr(tf, f"{arch}ForSequenceClassification")(getattr(tf, f"{arch}Config")(**kw))
         elif name in SHAPES or m:
             kw = SHAPES[name] if name in SHAPES else efficiency.llama_shape(int(m[1]), int(m[2]), int(m[3] or 32000))
             model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
         else:
-            raise SystemExit(f"unknown --model {name}; use {', '.join(SHAPES)}, llama-h{{H}}-l{{L}}[-v{{V}}] or "
-                             f"{', '.join(train.TINY)}")
+            raise SystemExit(f"unknown --model {name}; use {', '.join([*SHAPES, *CLS_SHAPES])}, "
+                             f"llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
     finally:
         torch.set_default_dtype(old)
     model.config.use_cache = False
@@ -194,6 +205,27 @@ def attach(method, model, batches, ctx, counter):
                     counter.add(f, "peft")
                     store[k] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else f
     return model
+
+
+def make_batch(model, mbs, seq):
+    """Random token ids; labels = inputs for a causal LM, one class per example otherwise. (ViT: not yet —
+    tiny-vit stalls on fake tensors, cause not found.)"""
+    ids = torch.randint(0, model.config.vocab_size, (mbs, seq))
+    labels = ids.clone() if model.config.model_type == "llama" else torch.zeros(mbs, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+class Classify(efficiency.Loop):
+    """efficiency.Loop on a classification batch. The loss is cross-entropy on the model's logits, what its
+    own loss computes (train.py's non-causal branch), without DeBERTa's data-dependent label filtering."""
+
+    def __init__(self, model, method, args, batch, ctx, total):
+        super().__init__(model, method, args, {**batch, "labels": batch["labels"][:, None]}, ctx, total)
+        self.batch = batch  # (B,) labels; the Loop's token count read a (B, 1) view
+
+    def loss(self):
+        logits = self.model(**{k: v for k, v in self.batch.items() if k != "labels"}).logits
+        return nn.functional.cross_entropy(logits.float(), self.batch["labels"].view(-1))
 
 
 # ------------------------------------------------------------------------------------------- a row
@@ -220,8 +252,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         fits = min(min(model.get_submodule(n).weight.shape) for n in common.find_targets(model, targets))
         if r > fits:
             return row | {"error": f"r={r} does not fit this model's smallest target ({fits} features)"}
-        ids = torch.randint(0, model.config.vocab_size, (mbs, seq))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batch = make_batch(model, mbs, seq)
         row["base_bytes"] = c.live
         c.weights = set(c.info)
         row["total_params"] = common.count_params(model)[1]
@@ -240,7 +271,8 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         model = attach(method, model, calib, ctx, c)  # TASO's and SPSFT-Taylor's importance passes run here
         row.update(attach_peak_bytes=c.peak, attach_top=c.top(top), target_weight_numel=target_numel)
         train.to_fp32(model)
-        loop = efficiency.Loop(model, method, args, batch, ctx, total)
+        causal = model.config.model_type == "llama"
+        loop = (efficiency.Loop if causal else Classify)(model, method, args, batch, ctx, total)
         with c.modules(model):
             while loop.t < pre or (stage and getattr(method, "stage", stage) != stage):
                 if loop.t > pre + 10:
@@ -270,7 +302,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-7b-shape",
-                   help=f"{', '.join(SHAPES)}, llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
+                   help=f"{', '.join([*SHAPES, *CLS_SHAPES])}, llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
     p.add_argument("--seq_len", type=int, nargs="+", default=[2048])
     p.add_argument("--micro_batch_size", type=int, default=1)
     p.add_argument("--grad_ckpt", choices=["off", "on", "both"], default="both")
@@ -301,8 +333,11 @@ def main(argv=None):
     for seq in args.seq_len:
         for ckpt in modes:
             for name in rows_names:
-                row = count_row(name, args.model, seq, args.micro_batch_size, ckpt, args.steps, args.warmup_steps,
-                                top=args.top)
+                try:
+                    row = count_row(name, args.model, seq, args.micro_batch_size, ckpt, args.steps,
+                                    args.warmup_steps, top=args.top)
+                except ValueError as e:  # e.g. a row's targets that this architecture does not have
+                    row = {"row": name, "model": args.model, "seq_len": seq, "grad_ckpt": ckpt, "error": str(e)}
                 if args.validate and "error" not in row:
                     real = count_row(name, args.model, seq, args.micro_batch_size, ckpt, args.steps,
                                      args.warmup_steps, fake=False)

@@ -233,3 +233,11 @@ def test_causal_loss_keeps_one_chunk_of_logits():
     assert plain[1][0]["bytes"] >= seq * vocab * 4
     assert chunked[1][0]["bytes"] <= chunk * vocab * 4
     assert chunked[0] < plain[0] - seq * vocab * 4
+
+
+def test_classification_shape_counts():
+    """DeBERTa-v2 (train.py's classification branch): counted through the same rows; LLaMA-only targets refuse."""
+    rows = memory.main(["--model", "tiny-deberta", "--seq_len", "16", "--grad_ckpt", "on", "--rows", "lora-r8",
+                        "lora-r8-qkvud"])
+    assert rows[0]["aux_bytes"] > 0 and rows[0]["trainable_params"] > 0
+    assert "no linear layer matches" in rows[1]["error"]
