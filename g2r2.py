@@ -94,6 +94,10 @@ class G2R2Linear(common.LoRALinear):
             y = _Capture.apply(y, xd, self.sink)
         return self.base(x) + y
 
+    def lora_factors(self):
+        """A pruned module carries no update: absent from the PEFT export (None)."""
+        return None if self.pruned else super().lora_factors()
+
 
 # ---------------------------------------------------------- sensitivity and redundancy (Eq 4–7)
 

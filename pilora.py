@@ -101,6 +101,21 @@ class PiLoRALinear(nn.Module):
                  else self.base.weight.new_zeros(0, self.base.in_features, dtype=torch.float32))
         return common.merged_linear(self.base, delta, rows=rows)
 
+    def lora_factors(self):
+        """Eq 10 as one rank-(r + r′) LoRA for PEFT: A = [A_d; A_s], B = [M ⊗ B_d, M̄ ⊗ B_s] (B_d in rows M,
+        columns :r; B_s in rows M̄, columns r:; zero elsewhere); s = α / r kept, so α_PEFT = s·(r + r′).
+        None when neither group has an adapter (the module carries no update)."""
+        gs = self.groups()
+        if not gs:
+            return None
+        A = torch.cat([A.detach().float() for A, _, _ in gs])  # (r + r′, n)
+        B = A.new_zeros(self.base.out_features, A.shape[0])    # (m, r + r′)
+        k = 0
+        for A_g, B_g, idx in gs:
+            B[idx, k:k + len(A_g)] = B_g.detach().float()
+            k += len(A_g)
+        return A, B, self.scaling * len(A)
+
 
 def new_adapter(rows, rank, n, device, generator=None):
     """(A, B) with LoRA's init (A Kaiming-uniform a=√5, B zeros), or (None, None) when empty."""

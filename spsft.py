@@ -77,6 +77,14 @@ class SPSFTLinear(nn.Module):
     def merge(self) -> nn.Linear:
         return common.merged_linear(self.base, self.spsft_W_f, rows=self.idx)          # W + M W_f
 
+    def lora_factors(self):
+        """M W_f as a rank-|rows| LoRA for PEFT: B = the one-hot selection M (d_out × r), A = W_f,
+        α = r (scaling 1)."""
+        k = len(self.idx)
+        B = self.spsft_W_f.new_zeros(self.base.out_features, k)
+        B[self.idx, torch.arange(k, device=B.device)] = 1.0  # M_{i_j j} = 1 (§3.1)
+        return self.spsft_W_f.detach().float(), B, float(k)
+
 
 # ----------------------------------------------------------------------------- importance (§3.2)
 

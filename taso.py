@@ -86,6 +86,14 @@ class TASOLinear(nn.Module):
     def merge(self) -> nn.Linear:
         return common.merged_linear(self.base, self.delta_block(), rows=self.rows, cols=self.cols)  # T6
 
+    def lora_factors(self):
+        """T5 as a rank-r LoRA for PEFT: B (out × r) zero outside R, A (r × in) zero outside C, α = s·r."""
+        A = self.taso_A.new_zeros(len(self.taso_A), self.base.in_features)
+        B = self.taso_B.new_zeros(self.base.out_features, self.taso_B.shape[1])
+        A[:, self.cols] = self.taso_A.detach().float()
+        B[self.rows] = self.taso_B.detach().float()
+        return A, B, self.scaling * len(A)
+
 
 # ------------------------------------------------------------------------------- importance (§1)
 

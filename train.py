@@ -100,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--stop_after", type=int, help="stop after N steps as if killed (testing --resume)")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/ckpt.pt")
     p.add_argument("--merge", action="store_true", help="also save a merged model in <output_dir>/merged")
+    p.add_argument("--export", choices=["peft"], help="also write <output_dir>/peft in PEFT's LoRA format "
+                   "(peft.PeftModel.from_pretrained loads it); with --eval_only, the --adapter run's")
     for mod in (g2r2, pilora, taso, spsft):
         mod.add_args(p)
     args = p.parse_args(argv)
@@ -109,6 +111,8 @@ def parse_args(argv=None):
         p.error("--batch_size must be a multiple of --micro_batch_size")
     if args.num_beams < 1:
         p.error("--num_beams must be 1 (greedy) or more")
+    if args.export and args.eval_only and not args.adapter:
+        p.error("--export with --eval_only needs --adapter RUN_DIR (the run whose adapter to export)")
     return args
 
 
@@ -383,6 +387,8 @@ def main(argv=None):
     if args.eval_only:
         if args.adapter:
             load_adapter(model, method, args.adapter)
+        if args.export:
+            common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
         metrics = run_eval(args, model, proc, task, eval_set, info, ctx, device)
         summary = {"method": args.method, "model": args.model, "total_params": total_params,
                    "metrics": {"eval": metrics}}
@@ -473,6 +479,8 @@ def main(argv=None):
         "device": device, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt, **method.summary(),
     }
     method.plot(args.output_dir)
+    if args.export:  # before --merge, which replaces the adapter layers
+        common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
     if args.merge:
         merged = method.export(model)
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))
