@@ -237,6 +237,8 @@ class Method:
                                         changed and the trainer must rebuild its optimizer.
     state_dict()                        everything attach(state=...) needs to rebuild this run.
     export(model)                       merge adapters into plain Linears (no extra latency).
+                                        (Adapter layers carry .merge() and .lora_factors(): the PEFT
+                                        export, save_peft, and merge_adapters walk them; no hook needed.)
     summary() / plot(out_dir)           the method's fields of summary.json, its optional picture.
 
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
