@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -189,6 +190,23 @@ def prepare(model):
     return model
 
 
+@contextmanager
+def scoring_mode(model):
+    """eval() for an importance pass (no dropout: the importance of the pretrained model, not of a random
+    sub-network), with gradient checkpointing kept where layers use it (HF checkpoints only in training
+    mode); every module's training flag is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True
+    try:
+        yield model
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
 # ------------------------------------------------------------------------------- bookkeeping
 
 def count_params(model):
@@ -244,12 +262,17 @@ class Method:
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
     `schedule_start` is the step at which the current learning-rate schedule (warmup) began;
     `stage` is shown in the progress bar. Constructors take keyword arguments named as the CLI flags
-    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)).
+    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
+    the number of optimizer steps the run takes given the trainer's count (--max_steps, else --epochs
+    epochs); a method with steps of its own (PiLoRA's stage 1) adds them there.
     """
     prefix = "lora_"
     lr_scale = 1.0
     schedule_start = 0
     stage = "train"
+
+    def run_steps(self, steps):
+        return steps
 
     def after_backward(self, step):
         pass
