@@ -10,7 +10,8 @@
 One plain loop (nanoGPT shape): micro-batches accumulate into an optimizer step; the method object
 gets the same hooks whatever the method (common.Method): attach, after_backward, after_step,
 state_dict, export. Outputs in --output_dir: summary.json, adapter.safetensors + method_state.pt,
-ckpt.pt (atomic, for --resume) and, with --merge, a merged save_pretrained model.
+ckpt.pt (atomic, for --resume), with --merge a merged save_pretrained model and, with --export peft,
+peft/ (adapter_config.json + adapter_model.safetensors: peft.PeftModel.from_pretrained loads it).
 """
 import argparse
 import importlib.util

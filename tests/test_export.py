@@ -29,6 +29,7 @@ METHODS = {  # small settings that reach every stage in STEPS steps
     "pilora": lambda: pilora.PiLoRA(r=4, total_steps=STEPS, pilora_phase=2, pilora_interval=1),
     "taso": lambda: taso.TASO(r=4, taso_calib_batches=2),
     "spsft": lambda: spsft.SPSFT(spsft_ratio=0.1),  # rows ∝ d_out: per-module ranks (rank_pattern)
+    "spsft_norms": lambda: spsft.SPSFT(spsft_rows=4, spsft_norms=True),  # norms whole: modules_to_save
 }
 FAMILIES = ["tiny-llama", "tiny-deberta", "tiny-vit"]
 
