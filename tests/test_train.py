@@ -32,6 +32,52 @@ def test_get_lr_warmup_and_decay():
     assert train.get_lr(0, 20, a) == pytest.approx(1 / 6)
 
 
+def record_lrs(monkeypatch):
+    """[{parameter name: lr}] of every optimizer step train.main takes, read off AdamW at step()."""
+    seen, names = [], {}
+    build = train.build_optimizer
+
+    def spy_build(model, *a, **k):
+        names.update({id(p): n for n, p in model.named_parameters()})
+        return build(model, *a, **k)
+    step = torch.optim.AdamW.step
+
+    def spy_step(self, *a, **k):
+        seen.append({names[id(p)]: g["lr"] for g in self.param_groups for p in g["params"]})
+        return step(self, *a, **k)
+    monkeypatch.setattr(train, "build_optimizer", spy_build)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    return seen
+
+
+def test_lr_each_parameter_gets_from_the_trainer(tmp_path, monkeypatch):
+    """TASO (T7): taso_* tensors at lr·p^(-1/2) = lr·√8, the head at lr; PiLoRA: the schedule restarts
+    with its warmup at stage 2. Values by hand for --warmup 1: lr·(it+1)/2 at it = 0, then linear decay
+    lr·(1 − (it − 1)/(n − 1)) over the n steps of the schedule."""
+    seen = record_lrs(monkeypatch)
+    d = tmp_path / "SST-2"
+    d.mkdir()
+    rows = ["sentence\tlabel"] + [f"{'good nice' if i % 2 else 'bad awful'} film {i}\t{i % 2}" for i in range(16)]
+    (d / "train.tsv").write_text("\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    train.main(["--method", "taso", "--model", "tiny-bert", "--data", str(d), "--max_steps", "2", "--batch_size", "4",
+                "--micro_batch_size", "4", "--lr", "1e-3", "--schedule", "constant", "--warmup", "0",
+                "--taso_calib_batches", "1", "--output_dir", str(tmp_path / "taso")])
+    assert len(seen) == 2
+    for lrs in seen:
+        taso_lrs = {lr for n, lr in lrs.items() if n.rpartition(".")[2].startswith("taso_")}
+        head_lrs = {lr for n, lr in lrs.items() if n.startswith(("classifier", "bert.pooler"))}
+        assert sorted(taso_lrs) == [pytest.approx(1e-3 * 8 ** 0.5)] and head_lrs == {1e-3}
+        assert len(lrs) == len([n for n in lrs if n.rpartition(".")[2].startswith("taso_")]) + 4  # 2 heads × (W, b)
+    seen.clear()
+    train.main(TINY_RUN + ["--method", "pilora", "--max_steps", "6", "--pilora_phase", "3", "--warmup", "1",
+                           "--output_dir", str(tmp_path / "pilora")])
+    want = [0.5e-3, 1e-3, 1e-3 * (1 - 1 / 5), 0.5e-3, 1e-3, 1e-3 * (1 - 1 / 2)]  # stage 1: n = 6; stage 2: n = 3
+    assert [sorted(set(lrs.values())) for lrs in seen] == [[pytest.approx(w, rel=1e-12)] for w in want]
+    assert all(n.rpartition(".")[2] in ("lora_A", "lora_B") for n in seen[0])
+    assert all(n.rpartition(".")[2] in ("lora_A_d", "lora_B_d", "lora_A_s", "lora_B_s") for n in seen[3])
+
+
 def test_optimizer_groups_and_rebuild_keeps_only_survivors():
     model = train.build_tiny("tiny-llama")
     method = common.LoRA(r=2)
