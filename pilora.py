@@ -21,6 +21,7 @@ A_s r′ × n. The mask mapping M ⊗ B (Eq 9) is an index scatter of the compac
 W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
 
 Readings of the paper and deviations:
+- K = 10 is ours: Alg. 1 names the interval K but the paper gives no value.
 - G̃ is Eq 7 without LoRA's scaling s. The model computes s·BA, so the exact first-order change of ΔW
   is s·(B Gᴬ + Gᴮ A); a positive per-matrix constant changes neither the hits (S against its own mean)
   nor the tie order. Gᴬ, Gᴮ are the step's gradients summed over micro-batches, before clipping.

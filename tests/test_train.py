@@ -218,3 +218,14 @@ def test_real_checkpoints_forward():
         e = enc(**tok(["a cat sits", "a kitten sits", "stock prices fell"], return_tensors="pt", padding=True))
     v = torch.nn.functional.normalize(e.last_hidden_state[:, 0], dim=-1)
     assert v[0] @ v[1] > v[0] @ v[2]  # trained embeddings: similar sentences are closer
+
+
+def test_readme_paper_commands_parse():
+    """The papers' settings in the README are commands train.py accepts (flags only; nothing is run)."""
+    import re
+    import shlex
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    cmds = [line.strip() for blk in re.findall(r"```bash\n(.*?)```", readme, re.S)
+            for line in blk.replace("\\\n", " ").splitlines() if line.strip().startswith("python train.py")]
+    methods = {train.parse_args(shlex.split(c, comments=True)[2:]).method for c in cmds}
+    assert {"g2r2", "pilora", "taso", "spsft"} <= methods and len(cmds) >= 9
