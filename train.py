@@ -470,6 +470,7 @@ def main(argv=None):
         "method": args.method, "model": args.model, "task": task, "data": args.data,
         "total_params": total_params, "trainable_params_start": trainable_start,
         "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak_memory(),
+        "head_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and common.is_head(n)),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
         "device": device, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt, **method.summary(),
