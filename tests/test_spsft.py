@@ -179,7 +179,10 @@ def test_taylor_passes_score_with_dropout_off_and_restore_training_mode(kind):
     assert all(m.training for m in model.modules())  # train mode restored everywhere
 
 
-def test_taylor_passes_show_a_progress_bar(capsys):
+def test_taylor_passes_show_a_progress_bar(capsys, monkeypatch):
+    import functools
+    import tqdm
+    monkeypatch.setattr(spsft, "tqdm", functools.partial(tqdm.tqdm, disable=False))  # TQDM_DISABLE may be set
     model = common.prepare(build_tiny("tiny-bert", num_labels=3))
     weights = target_weights(model)
     spsft.row_importance(model, weights, bert_batches([2, 2, 2]), "taylor")

@@ -96,7 +96,10 @@ def test_importance_of_a_bf16_model_is_summed_in_fp32():
         torch.testing.assert_close(wg[n].double(), ref, rtol=1e-5, atol=1e-12)
 
 
-def test_importance_pass_shows_a_progress_bar(capsys):
+def test_importance_pass_shows_a_progress_bar(capsys, monkeypatch):
+    import functools
+    import tqdm
+    monkeypatch.setattr(taso, "tqdm", functools.partial(tqdm.tqdm, disable=False))  # TQDM_DISABLE may be set
     model = train.build_tiny("tiny-llama")
     weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)[:2]}
     taso.gradient_importance(model, weights, iter(lm_batches(3)), n_batches=5)
