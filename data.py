@@ -76,7 +76,8 @@ def read_records(path) -> list:
             raise UserError(f"{path} holds a JSON {type(records).__name__}, not a list of records; "
                             "write [{\"instruction\": ..., \"output\": ...}, ...] or use .jsonl")
     elif p.exists():
-        raise UserError(f"instruction data must be a .json or .jsonl file, got {path}")
+        raise UserError(f"instruction data must be a .json or .jsonl file, got {path}; convert it, or pass "
+                        "--model with a classification model for csv / tsv tables")
     else:
         return hub(path, split="train").to_list()
     if not records:
@@ -128,9 +129,9 @@ def tokenize_instructions(records, tokenizer, max_len) -> list:
         if "instruction" not in r or "output" not in r:
             raise UserError("instruction data needs the columns instruction and output (input is "
                             f"optional); found columns: {', '.join(map(str, r)) or 'none'}")
-        bad = next((k for k in ("instruction", "input", "output") if not isinstance(r.get(k, ""), (str, type(None)))), None)
+        bad = next((k for k in ("instruction", "input", "output") if r.get(k) is not None and not isinstance(r[k], str)), None)
         if bad:
-            raise UserError(f"record {i}'s {bad} is a {type(r[bad]).__name__}, not a string; "
+            raise UserError(f"record {i}'s {bad} is not a string (a JSON {type(r[bad]).__name__}); "
                             "write every instruction, input and output as a JSON string")
     prompts = tokenizer([prompt(r["instruction"], r.get("input") or "") for r in records])["input_ids"]
     responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
@@ -242,8 +243,8 @@ def split_file(folder, split, task):
             if (folder / (stem + ext)).is_file():
                 return folder / (stem + ext)
     found = sorted(f.name for f in folder.iterdir() if f.suffix in DATA_EXTS)
-    raise UserError(f"no {split} split in {folder}: expected {stems[0]}.tsv/.csv/.json/.jsonl, "
-                    f"found {', '.join(found) or 'no data files'}")
+    raise UserError(f"no {split} split in {folder} (found {', '.join(found) or 'no data files'}); add "
+                    f"{stems[0]}.tsv, .csv, .json or .jsonl")
 
 
 def read_table(file, task=None):

@@ -270,6 +270,8 @@ def load_data(args, task, proc):
             held = set(torch.randperm(len(recs), generator=torch.Generator().manual_seed(args.seed))[:n_val].tolist())
             train_recs = [r for i, r in enumerate(recs) if i not in held]
             test_recs = [r for i, r in enumerate(recs) if i in held]
+        if len(train_recs) + len(test_recs) < 2:
+            raise UserError(f"{args.data} holds one record; give it at least 2 (5 % are held out for the eval loss)")
         examples = data.tokenize_instructions(train_recs, proc, args.max_len)
         if not any(any(t != -100 for t in e["labels"]) for e in examples):
             raise UserError(f"--max_len {args.max_len} cuts off every response; raise --max_len")
@@ -450,7 +452,8 @@ def method_errors():
     except UserError:
         raise
     except ValueError as e:
-        raise UserError(str(e)) from e
+        msg = str(e) if "; " in str(e) else f"{e}; see python train.py --help"
+        raise UserError(msg) from e
 
 
 def load_trainable(model, tensors):
