@@ -240,12 +240,17 @@ class Method:
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
     `schedule_start` is the step at which the current learning-rate schedule (warmup) began;
     `stage` is shown in the progress bar. Constructors take keyword arguments named as the CLI flags
-    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)).
+    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
+    the number of optimizer steps the run takes given the trainer's count (--max_steps, else --epochs
+    epochs); a method with steps of its own (PiLoRA's stage 1) adds them there.
     """
     prefix = "lora_"
     lr_scale = 1.0
     schedule_start = 0
     stage = "train"
+
+    def run_steps(self, steps):
+        return steps
 
     def after_backward(self, step):
         pass

@@ -5,11 +5,14 @@ Up, Down per Table 5; encoders / ViT: common's defaults). Every K = --pilora_int
 (t mod K == 0, from t = 0), between backward and the optimizer step, each module's reconstructed
 full-weight gradient G̃ = B·Gᴬ + Gᴮ·A (Eq 7, derived in App. A.2) gives neuron (row) scores
 S_i = Σ_j |G̃_ij| (Eq 8), and every row with S_i above the mean of S over its matrix gets a hit:
-H_i += 1 (Alg. 1 lines 10–12). Stage 1 lasts --pilora_phase steps (default one epoch, App. A.4).
+H_i += 1 (Alg. 1 lines 10–12). Stage 1 lasts --pilora_phase steps (default one epoch, App. A.4); stage 2
+then runs for --epochs of its own (Alg. 1 line 19), so the run is one epoch longer than --epochs says.
+--max_steps counts the whole run, both stages.
 
 Partition (line 14): the dominant set M is the smallest set of rows, taken in decreasing H, whose
 cumulative hit count reaches τ·ΣH (--pilora_tau, 0.7: where Fig. 6 saturates). Table 4's ablations:
-`random` (same |M|, rows drawn uniformly) and `top-half` (the ⌊m/2⌋ highest rows in that order).
+`random` (⌊m/2⌋ rows drawn uniformly: Table 4 gives it top-half's parameter count, 0.66 %) and `top-half`
+(the ⌊m/2⌋ highest rows in that order).
 
 Stage 2 (lines 15–23): a fresh two-group LoRA on Θ₀ (the stage-1 adapters are discarded):
 h = W₀x + s·(M ⊗ B_d)A_d x + s·(M̄ ⊗ B_s)A_s x (Eq 10) with B_d |M| × r, A_d r × n, B_s (m−|M|) × r′,
@@ -32,8 +35,11 @@ Readings of the paper and deviations:
   (B_s = 0) and keeps the heads with their Adam state.
 - The LR schedule restarts at stage 2 with its own warmup (schedule_start): stage 2 is a new
   fine-tuning run of new zero-initialised adapters with empty Adam moments, as stage 1 was.
-- The default stage length (one epoch) falls back to half the run when the run is at most one epoch
-  long, so that a stage 2 exists; an explicit --pilora_phase that leaves no stage 2 is an error.
+- Steps: stage 1 comes before the --epochs of stage 2 (Alg. 1); --pilora_stage1_in_epochs instead
+  carves stage 1 out of --epochs (the run is --epochs long in all). --max_steps is the whole run. When
+  the run is fixed (--max_steps, --pilora_stage1_in_epochs) and at most one epoch long, the default
+  stage length falls back to half the run, so that a stage 2 exists; an explicit --pilora_phase that
+  leaves no stage 2 is an error.
 """
 import math
 
@@ -52,6 +58,8 @@ def add_args(p):
     g.add_argument("--pilora_interval", type=int, default=10, help="K: score every K optimizer steps in stage 1")
     g.add_argument("--pilora_phase", type=int, default=None,
                    help="stage-1 length in optimizer steps (default: one epoch)")
+    g.add_argument("--pilora_stage1_in_epochs", action="store_true",
+                   help="take stage 1 out of --epochs instead of running it before them (Alg. 1)")
     g.add_argument("--pilora_tau", type=float, default=0.7, help="dominant rows hold this fraction of all hits")
     g.add_argument("--pilora_partition", choices=PARTITIONS, default="hits", help="hits, or Table 4's ablations")
     g.add_argument("--pilora_r_supp", type=int, default=None,
@@ -151,16 +159,19 @@ def importance_order(H, S):
 def dominant_size(H, S, tau):
     """|M|: the fewest rows, in importance order, whose hits reach τ·ΣH (0 when nothing was hit)."""
     # "consistently engaged" (§3.3) read as Fig. 6's cumulative importance threshold over hit counts
+    if H.sum() == 0:
+        return 0
+    need = math.ceil(tau * int(H.sum()) - 1e-9)  # hits to reach (1e-9 against float round-up, as g2r2.n_keep)
     cum = torch.cumsum(H[importance_order(H, S)], 0)
-    return int((cum.double() < tau * int(H.sum())).sum()) + 1 if H.sum() > 0 else 0
+    return int((cum < need).sum()) + 1
 
 
 def select_rows(H, S, tau, how="hits", generator=None):
     """The dominant rows M (ascending indices) by the hit rule or Table 4's ablations."""
     if how == "top-half":
         rows = importance_order(H, S)[:len(H) // 2]
-    elif how == "random":
-        rows = torch.randperm(len(H), generator=generator)[:dominant_size(H, S, tau)]
+    elif how == "random":  # Table 4: the parameter count of top-half, so ⌊m/2⌋ rows
+        rows = torch.randperm(len(H), generator=generator)[:len(H) // 2]
     elif how == "hits":
         rows = importance_order(H, S)[:dominant_size(H, S, tau)]
     else:
@@ -175,8 +186,9 @@ class PiLoRA(common.Method):
     prefix = "lora_"  # stage 1: LoRALinear's lora_A/B; stage 2: lora_A_d, lora_B_d, lora_A_s, lora_B_s
 
     def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, total_steps=None,
-                 steps_per_epoch=None, pilora_interval=10, pilora_phase=None, pilora_tau=0.7,
-                 pilora_partition="hits", pilora_r_supp=None, pilora_warm_start=False, **unused):
+                 steps_per_epoch=None, max_steps=None, pilora_interval=10, pilora_phase=None, pilora_tau=0.7,
+                 pilora_partition="hits", pilora_r_supp=None, pilora_warm_start=False,
+                 pilora_stage1_in_epochs=False, **unused):
         if pilora_interval < 1:
             raise ValueError(f"--pilora_interval must be ≥ 1 step, got {pilora_interval}")
         if pilora_phase is not None and pilora_phase < 1:
@@ -187,6 +199,9 @@ class PiLoRA(common.Method):
         if pilora_r_supp is not None and not 0 <= pilora_r_supp <= r:
             raise ValueError(f"--pilora_r_supp must be between 0 and --r ({r}), got {pilora_r_supp}")
         self.r, self.alpha, self.dropout, self.targets, self.seed = r, alpha, dropout, targets, seed
+        stage1 = pilora_phase or steps_per_epoch
+        if total_steps is not None and stage1 is not None and not (max_steps or pilora_stage1_in_epochs):
+            total_steps += stage1  # Alg. 1: stage 1, then stage 2 for the trainer's --epochs
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.interval, self.phase, self.tau = pilora_interval, pilora_phase, pilora_tau
         self.partition, self.r_supp, self.warm_start = pilora_partition, pilora_r_supp, pilora_warm_start
@@ -219,6 +234,11 @@ class PiLoRA(common.Method):
                 common.replace_module(model, n, PiLoRALinear(base[n], self.dominant[n], self.r, self.r_supp,
                                                              self.alpha, self.dropout, g))
         return model
+
+    def run_steps(self, steps):
+        """The whole run: stage 1 plus the trainer's `steps` of stage 2 (Alg. 1), or `steps` itself when
+        they are --max_steps or --pilora_stage1_in_epochs is set."""
+        return steps if self.total_steps is None else self.total_steps
 
     def stage1_length(self):
         if self.phase is not None:

@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--micro_batch_size", type=int, default=8, help="examples per forward/backward")
-    p.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max_steps", type=int, help="optimizer steps of the whole run (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--warmup", type=float, default=0.06, help="warmup steps (≥1) or fraction of steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
@@ -501,6 +501,7 @@ def main(argv=None):
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     with method_errors():
         method = METHODS[args.method](**vars(args), total_steps=total, steps_per_epoch=steps_per_epoch)
+        total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
     total_params = common.count_params(model)[1]
     run_id = {"method": args.method, "model": model_id(args.model)}
 
@@ -603,6 +604,7 @@ def main(argv=None):
         "method": args.method, "model": args.model, "task": task, "data": args.data,
         "total_params": total_params, "trainable_params_start": trainable_start,
         "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak_memory(),
+        "head_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and common.is_head(n)),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
         "device": device, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt, **method.summary(),

@@ -142,6 +142,23 @@ def test_partition_hand_example(tau, want):
     assert pilora.dominant_size(H, S, tau) == len(want)
 
 
+def test_dominant_size_equals_exact_rational_count_and_is_guarded_against_float_round_up():
+    """|M| = the fewest rows (decreasing H) with cumulative hits ≥ τ·ΣH, counted in exact fractions."""
+    from fractions import Fraction
+    H1 = torch.tensor([7] * 14 + [2])  # ΣH = 100, 0.07 · 100 = 7.000000000000001 in floats
+    assert pilora.dominant_size(H1, torch.zeros(15), 0.07) == 1  # row 0 alone holds 7 hits
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        h = torch.randint(0, 12, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        tau = ("0.07", "0.1", "0.3", "0.35", "0.7", "0.75", "0.9", "1.0")[trial % 8]
+        need, cum, k = Fraction(tau) * int(h.sum()), 0, 0
+        for v in sorted(h.tolist(), reverse=True):
+            if cum >= need or not need:
+                break
+            cum, k = cum + v, k + 1
+        assert pilora.dominant_size(h, torch.zeros(len(h)), float(tau)) == k, (h.tolist(), tau)
+
+
 def test_partition_ties_use_last_score_then_row_index():
     assert pilora.select_rows(H, S[[0, 1, 3, 2, 4, 5]], 0.7).tolist() == [0, 2, 5]  # the 3 vs 3 tie flips
     assert pilora.select_rows(torch.tensor([2, 2, 2, 2]), torch.tensor([.1, .4, .3, .2]), 0.5).tolist() == [1, 2]
@@ -155,7 +172,7 @@ def test_partition_ablations():
     h, s = torch.randint(0, 9, (200,)), torch.rand(200)
     runs = [pilora.select_rows(h, s, 0.7, "random", torch.Generator().manual_seed(k)) for k in (0, 0, 1)]
     for rows in runs:
-        assert len(rows) == pilora.dominant_size(h, s, 0.7) and len(set(rows.tolist())) == len(rows)
+        assert len(rows) == 200 // 2 and len(set(rows.tolist())) == len(rows)  # Table 4: top-half's count
         assert torch.equal(rows, rows.sort().values)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     with pytest.raises(ValueError, match="--pilora_partition"):
@@ -343,7 +360,7 @@ def test_bad_flags_raise_one_line_errors():
         with pytest.raises(ValueError, match=match):
             pilora.PiLoRA(r=8, **kw)
     with pytest.raises(ValueError, match="pass a smaller --pilora_phase"):
-        pilora.PiLoRA(pilora_phase=10, total_steps=10).attach(build_tiny("tiny-llama"))
+        pilora.PiLoRA(pilora_phase=10, total_steps=10, max_steps=10).attach(build_tiny("tiny-llama"))
     with pytest.raises(ValueError, match="pass --pilora_phase"):
         pilora.PiLoRA().attach(build_tiny("tiny-llama"))
 
@@ -353,9 +370,34 @@ def test_defaults_r_supp_by_model_kind_and_epoch_phase():
     llama.attach(build_tiny("tiny-llama"))
     bert.attach(build_tiny("tiny-bert"))
     assert (llama.r_supp, bert.r_supp, llama.phase) == (2, 1, 10)  # Tables 5–7, App. A.4
-    short = pilora.PiLoRA(total_steps=9, steps_per_epoch=10)
+    short = pilora.PiLoRA(total_steps=9, steps_per_epoch=10, max_steps=9)
     short.attach(build_tiny("tiny-llama"))
-    assert short.phase == 4  # one epoch would leave no stage 2: half the run
+    assert short.phase == 4  # --max_steps 9: one epoch would leave no stage 2, so half the run
+
+
+def test_stage1_comes_before_the_epochs_of_stage2():
+    """Alg. 1: one epoch of stage 1, then stage 2 for --epochs; --max_steps and
+    --pilora_stage1_in_epochs count the whole run."""
+    kw = dict(total_steps=30, steps_per_epoch=10)  # the trainer's count: --epochs 3 of 10 steps
+    assert pilora.PiLoRA(**kw).run_steps(30) == 40
+    assert pilora.PiLoRA(**kw, pilora_phase=4).run_steps(30) == 34
+    assert pilora.PiLoRA(**kw, max_steps=30).run_steps(30) == 30
+    assert pilora.PiLoRA(**kw, pilora_stage1_in_epochs=True).run_steps(30) == 30
+    assert common.LoRA().run_steps(30) == 30  # other methods: the trainer's count
+
+
+def test_train_main_runs_one_epoch_of_stage1_then_the_epochs_of_stage2(tmp_path):
+    import train
+    argv = ["--method", "pilora", "--model", "tiny-llama", "--max_len", "256", "--batch_size", "2",
+            "--micro_batch_size", "2", "--max_samples", "8", "--eval_limit", "1", "--epochs", "2",
+            "--pilora_interval", "1", "--dropout", "0.0"]
+    s = train.main(argv + ["--output_dir", str(tmp_path / "a")])  # 4 steps per epoch
+    assert (s["steps"], s["phase_steps"], s["stage_times_s"].keys() >= {"stage1", "stage2"}) == (12, 4, True)
+    assert len(s["losses"]) == 12 and s["scorings"] == 4
+    s = train.main(argv + ["--output_dir", str(tmp_path / "b"), "--pilora_stage1_in_epochs"])
+    assert (s["steps"], s["phase_steps"]) == (8, 4)
+    s = train.main(argv + ["--output_dir", str(tmp_path / "c"), "--max_steps", "6"])
+    assert (s["steps"], s["phase_steps"]) == (6, 4)
 
 
 def test_warm_start_keeps_dominant_rows_of_the_stage1_update():
