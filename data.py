@@ -310,8 +310,11 @@ class ImageExamples(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.ds[range(len(self))[i]]
-        image = row[self.image_col].convert("RGB")
+        try:
+            row = self.ds[range(len(self))[i]]
+            image = row[self.image_col].convert("RGB")
+        except OSError as e:  # PIL cannot read the file (not an image, truncated)
+            raise UserError(f"example {i} is not a readable image ({e}); remove or replace that file") from None
         x = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": x.float(), "labels": int(row[self.label_col])}
 

@@ -434,8 +434,9 @@ def load_weights(path, fix):
     except pickle.UnpicklingError:
         raise UserError(f"{path} is damaged or holds more than tensors and plain values (refused: loading "
                         f"it could run code); {fix}") from None
-    except (RuntimeError, EOFError) as e:
-        raise UserError(f"{path} is damaged or truncated ({str(e).split('.')[0] or 'empty file'}); {fix}") from None
+    except Exception as e:  # whatever a damaged file makes the reader raise (RuntimeError, EOFError, ...)
+        reason = str(e).split(". ")[0] or type(e).__name__
+        raise UserError(f"{path} is damaged or truncated ({reason}); {fix}") from None
 
 
 def model_id(name):
@@ -651,7 +652,7 @@ def cli(argv=None):
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        tqdm.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # on a line of its own under a bar
         return 2
     return 0
 

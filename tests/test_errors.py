@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def spoil(src, dst, how):
         b = (dst / "ckpt.pt").read_bytes()
         (dst / "ckpt.pt").write_bytes(b[:len(b) // 2])
     elif how == "junk_ckpt":
-        (dst / "ckpt.pt").write_bytes(os.urandom(1000))
+        (dst / "ckpt.pt").write_bytes(random.Random(0).randbytes(1000))
     elif how == "truncate_adapter":
         b = (dst / "adapter.safetensors").read_bytes()
         (dst / "adapter.safetensors").write_bytes(b[:len(b) // 2])
@@ -133,6 +134,8 @@ CASES = [
     ("empty image folder", lambda t, r: ["--model", "tiny-vit", "--data", str(mkdir(t / "imgs"))], "holds no images"),
     ("folder of non-images", lambda t, r: ["--model", "tiny-vit", "--data", os.path.dirname(os.path.dirname(
         write(t / "txt" / "train" / "cat" / "a.txt", "x")))], "holds no images"),
+    ("unreadable image", lambda t, r: ["--model", "tiny-vit", "--data", image_folder(t / "im")],
+     "is not a readable image (cannot identify image file"),
     # models
     ("model folder without config", lambda t, r: ["--model", str(mkdir(t / "m"))], "is a folder without config.json"),
     ("model path missing", lambda t, r: ["--model", "./no/such/model"], "--model ./no/such/model: no such folder"),
@@ -156,6 +159,18 @@ CASES = [
     ("truncated adapter", lambda t, r: ["--eval_only", "--adapter", spoil(r, t / "o", "truncate_adapter")],
      "adapter.safetensors is damaged or truncated"),
 ]
+
+
+def image_folder(d):
+    """train/ and test/ of two classes, one of train's images junk bytes named .png."""
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            for k in range(2):
+                mkdir(d / split / c)
+                Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(d / split / c / f"{k}.png")
+    (d / "train" / "dog" / "1.png").write_bytes(b"not a png")
+    return str(d)
 
 
 def mkdir(p):
@@ -217,6 +232,17 @@ def test_unreachable_hub_names(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     line = cli(capsys, TINY + ["--model", "someone/llama", "--output_dir", str(tmp_path)])
     assert "--model someone/llama: no usable model there (Couldn't reach 'someone/llama'" in line
+
+
+def test_damaged_files_are_user_errors(tmp_path, done):
+    """Random bytes, empty files and every cut of a real checkpoint: a UserError, never a crash."""
+    good = (done / "ckpt.pt").read_bytes()
+    rng = random.Random(0)
+    spoilt = [b"", good[:10], good[:len(good) // 3], good[:-10]] + [rng.randbytes(rng.randrange(1, 4000)) for _ in range(40)]
+    for k, b in enumerate(spoilt):
+        (tmp_path / f"{k}.pt").write_bytes(b)
+        with pytest.raises(common.UserError, match="is damaged"):
+            train.load_weights(tmp_path / f"{k}.pt", "the fix")
 
 
 def test_main_raises_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
