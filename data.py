@@ -129,7 +129,8 @@ def tokenize_instructions(records, tokenizer, max_len) -> list:
         if "instruction" not in r or "output" not in r:
             raise UserError("instruction data needs the columns instruction and output (input is "
                             f"optional); found columns: {', '.join(map(str, r)) or 'none'}")
-        bad = next((k for k in ("instruction", "input", "output") if r.get(k) is not None and not isinstance(r[k], str)), None)
+        bad = next((k for k in ("instruction", "input", "output")
+                    if r.get(k) is not None and not isinstance(r[k], str)), None)
         if bad:
             raise UserError(f"record {i}'s {bad} is not a string (a JSON {type(r[bad]).__name__}); "
                             "write every instruction, input and output as a JSON string")

@@ -138,7 +138,8 @@ def check_args(args):
     need(finite(args.epochs) and args.epochs > 0, f"--epochs must be finite and > 0, got {args.epochs}",
          "or give --max_steps")
     for flag in ("batch_size", "micro_batch_size", "max_len", "eval_batch_size", "r"):
-        need(getattr(args, flag) >= 1, f"--{flag} must be >= 1, got {getattr(args, flag)}", "pass a positive integer")
+        v = getattr(args, flag)
+        need(v >= 1, f"--{flag} must be >= 1, got {v}", "pass a positive integer")
     for flag in ("max_steps", "max_samples", "eval_limit", "stop_after"):
         v = getattr(args, flag)
         need(v is None or v >= 1, f"--{flag} must be >= 1, got {v}", "pass a positive integer or leave it out")
@@ -147,7 +148,8 @@ def check_args(args):
     need(args.batch_size % args.micro_batch_size == 0,
          f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}",
          "make it one (accumulation runs batch_size / micro_batch_size micro-batches)")
-    need(args.num_beams >= 1, f"--num_beams must be 1 (greedy) or more, got {args.num_beams}", "e.g. --num_beams 4")
+    need(args.num_beams >= 1, f"--num_beams must be 1 (greedy) or more, got {args.num_beams}",
+         "e.g. --num_beams 4")
     need(not args.eval_commonsense or os.path.exists(args.eval_commonsense),
          f"--eval_commonsense {args.eval_commonsense}: no such file or folder",
          "pass a folder of <task>/test.json files (LLM-Adapters' dataset/)")
@@ -417,7 +419,8 @@ def load_adapter(model, method, run_dir, batches=(), expect=None):
     if expect and "method" in meta:
         was, now = (f"--method {d['method']} --model {d['model']}" for d in (meta, expect))
         if meta["method"] != expect["method"] or model_id(meta["model"]) != model_id(expect["model"]):
-            raise UserError(f"{run_dir} was trained with {was}, this run has {now}; pass the same --method and --model")
+            raise UserError(f"{run_dir} was trained with {was}, this run has {now}; "
+                            "pass the same --method and --model")
     state = load_weights(os.path.join(run_dir, "method_state.pt"), "re-run the training that wrote it")
     with method_errors():
         method.attach(model, batches, state=state)
@@ -570,9 +573,9 @@ def main(argv=None):
             loss_sum += float(loss.detach())
         if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
             bar.close()
-            kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N keeps one)"
-            raise UserError(f"the loss is {loss_sum} at step {step + 1}, training stopped and {kept}; lower "
-                            f"--lr (now {args.lr}) or check the data, then run again (--resume continues from a checkpoint)")
+            kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N)"
+            raise UserError(f"the loss is {loss_sum} at step {step + 1}, training stopped and {kept}; lower --lr "
+                            f"(now {args.lr}) or check the data, then run again (--resume continues a checkpoint)")
         method.after_backward(step)
         if args.clip:
             nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip)

@@ -50,13 +50,9 @@ def records(n=4):
     return [{"instruction": "Say hi", "input": "", "output": "hi"}] * n
 
 
-def glue_dir(tmp, dev=True):
-    d = tmp / "SST-2"
+def glue_dir_without_dev(tmp):
     rows = "sentence\tlabel\n" + "".join(f"film {i}\t{i % 2}\n" for i in range(8))
-    write(d / "train.tsv", rows)
-    if dev:
-        write(d / "dev.tsv", rows)
-    return str(d)
+    return os.path.dirname(write(tmp / "SST-2" / "train.tsv", rows))
 
 
 def spoil(src, dst, how):
@@ -76,89 +72,6 @@ def spoil(src, dst, how):
     elif how == "not_a_ckpt":
         torch.save({"weights": torch.ones(2)}, dst / "ckpt.pt")
     return str(dst)
-
-
-# Each case: (name, argv built from tmp_path and the finished run, a phrase the line must hold).
-CASES = [
-    # flags
-    ("unknown method", lambda t, r: ["--method", "lorax"], "unknown method 'lorax'; choose one of"),
-    ("unknown flag", lambda t, r: ["--lerning_rate", "1"], "unrecognized arguments: --lerning_rate"),
-    ("not an int", lambda t, r: ["--r", "eight"], "argument --r: invalid int value"),
-    ("bad choice", lambda t, r: ["--dtype", "fp8"], "argument --dtype: invalid choice"),
-    ("dropout 1", lambda t, r: ["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
-    ("dropout < 0", lambda t, r: ["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
-    ("lr nan", lambda t, r: ["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    ("lr inf", lambda t, r: ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
-    ("lr 0", lambda t, r: ["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
-    ("lr < 0", lambda t, r: ["--lr=-1e-3"], "--lr must be a finite number > 0"),
-    ("micro batch 0", lambda t, r: ["--micro_batch_size", "0"], "--micro_batch_size must be >= 1"),
-    ("batch not a multiple", lambda t, r: ["--batch_size", "3"], "is not a multiple of --micro_batch_size 2"),
-    ("epochs 0", lambda t, r: ["--epochs", "0"], "--epochs must be finite and > 0"),
-    ("beams 0", lambda t, r: ["--num_beams", "0"], "--num_beams must be 1 (greedy) or more"),
-    ("rank too big", lambda t, r: ["--r", "1000"], "pass --r between 1 and 64"),
-    ("no such target", lambda t, r: ["--targets", "q_projj"], "no linear layer matches targets ['q_projj']"),
-    ("method flag", lambda t, r: ["--method", "g2r2", "--g2r2_pf", "2"], "must satisfy 0 < pf <= p0 <= 1"),
-    ("method needs classes", lambda t, r: ["--method", "spsft", "--spsft_importance", "qm_taylor"],
-     "qm_taylor needs one class label per example"),
-    ("no commonsense dir", lambda t, r: ["--eval_commonsense", str(t / "nope")], "--eval_commonsense"),
-    # instruction data
-    ("missing file", lambda t, r: ["--data", str(t / "missing.json")], "missing.json: no such file or folder"),
-    ("missing relative", lambda t, r: ["--data", "./data/alpaca.jsonl"], "no such file or folder"),
-    ("empty json", lambda t, r: ["--data", write(t / "e.json", "")], "e.json is empty"),
-    ("empty list", lambda t, r: ["--data", write(t / "l.json", "[]")], "l.json holds no records"),
-    ("empty jsonl", lambda t, r: ["--data", write(t / "e.jsonl", "\n\n")], "e.jsonl holds no records"),
-    ("malformed json", lambda t, r: ["--data", write(t / "m.json", '[{"instruction": "a", "output": }]')],
-     "m.json is not valid JSON at line 1 column 33 (Expecting value)"),
-    ("malformed jsonl", lambda t, r: ["--data", write(t / "m.jsonl", json.dumps(records()[0]) + "\n{oops\n")],
-     "m.jsonl is not valid JSON at line 2"),
-    ("json object", lambda t, r: ["--data", write(t / "o.json", json.dumps(records()[0]))],
-     "holds a JSON dict, not a list of records"),
-    ("records not objects", lambda t, r: ["--data", write(t / "n.json", "[1, 2]")], "record 0 is a JSON int"),
-    ("missing columns", lambda t, r: ["--data", write(t / "c.json", json.dumps([{"question": "q", "reply": "a"}] * 4))],
-     "needs the columns instruction and output (input is optional); found columns: question, reply"),
-    ("output not a string", lambda t, r: ["--data", write(t / "s.json", json.dumps([{"instruction": "a", "output": 5}] * 4))],
-     "record 0's output is not a string (a JSON int)"),
-    ("one record", lambda t, r: ["--data", write(t / "1.json", json.dumps(records(1)))], "holds one record"),
-    ("wrong extension", lambda t, r: ["--data", write(t / "d.txt", "hello")], "must be a .json or .jsonl file"),
-    ("response cut off", lambda t, r: ["--max_len", "4"], "cuts off every response; raise --max_len"),
-    # classification data (tiny-bert)
-    ("csv without columns", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "x.csv", "a,b\n1,2\n")],
-     "found columns a, b; expected text columns"),
-    ("csv header only", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "h.csv", "sentence,label\n")],
-     "holds no examples"),
-    ("malformed csv", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "q.csv", 'sentence,label\n"oops,1\n')],
-     "could not be read as csv"),
-    ("no dev split", lambda t, r: ["--model", "tiny-bert", "--data", glue_dir(t, dev=False)],
-     "no validation split in"),
-    # images (tiny-vit)
-    ("empty image folder", lambda t, r: ["--model", "tiny-vit", "--data", str(mkdir(t / "imgs"))], "holds no images"),
-    ("folder of non-images", lambda t, r: ["--model", "tiny-vit", "--data", os.path.dirname(os.path.dirname(
-        write(t / "txt" / "train" / "cat" / "a.txt", "x")))], "holds no images"),
-    ("unreadable image", lambda t, r: ["--model", "tiny-vit", "--data", image_folder(t / "im")],
-     "is not a readable image (cannot identify image file"),
-    # models
-    ("model folder without config", lambda t, r: ["--model", str(mkdir(t / "m"))], "is a folder without config.json"),
-    ("model path missing", lambda t, r: ["--model", "./no/such/model"], "--model ./no/such/model: no such folder"),
-    ("model without weights", lambda t, r: ["--model", config_only(t / "cfg")], "--model"),
-    # checkpoints and adapters
-    ("truncated ckpt", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "truncate_ckpt")],
-     "ckpt.pt is damaged or truncated"),
-    ("junk ckpt", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "junk_ckpt")],
-     "ckpt.pt is damaged or holds more than tensors and plain values"),
-    ("not a checkpoint", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "not_a_ckpt")],
-     "ckpt.pt is not a train.py checkpoint"),
-    ("ckpt of another method", lambda t, r: ["--resume", "--method", "spsft", "--output_dir", spoil(r, t / "o", "")],
-     "was written by a --method lora --model tiny-llama run, this run has --method spsft"),
-    ("adapter of another method", lambda t, r: ["--eval_only", "--method", "pilora", "--adapter", str(r)],
-     "was trained with --method lora --model tiny-llama, this run has --method pilora --model tiny-llama"),
-    ("adapter of another model", lambda t, r: ["--eval_only", "--model", saved_model(t / "llm"), "--adapter", str(r)],
-     "was trained with --method lora --model tiny-llama, this run has --method lora --model /"),
-    ("adapter folder missing", lambda t, r: ["--eval_only", "--adapter", str(t / "nope")], "no such folder"),
-    ("adapter file missing", lambda t, r: ["--eval_only", "--adapter", spoil(r, t / "o", "no_adapter")],
-     "has no adapter.safetensors"),
-    ("truncated adapter", lambda t, r: ["--eval_only", "--adapter", spoil(r, t / "o", "truncate_adapter")],
-     "adapter.safetensors is damaged or truncated"),
-]
 
 
 def image_folder(d):
@@ -192,6 +105,91 @@ def saved_model(d):
     train.build_tiny("tiny-llama", seed=1).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return str(d)
+
+
+# Each case: (name, argv built from tmp_path and the finished run, a phrase the line must hold).
+CASES = [
+    # flags
+    ("unknown method", lambda t, r: ["--method", "lorax"], "unknown method 'lorax'; choose one of"),
+    ("unknown flag", lambda t, r: ["--lerning_rate", "1"], "unrecognized arguments: --lerning_rate"),
+    ("not an int", lambda t, r: ["--r", "eight"], "argument --r: invalid int value"),
+    ("bad choice", lambda t, r: ["--dtype", "fp8"], "argument --dtype: invalid choice"),
+    ("dropout 1", lambda t, r: ["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    ("dropout < 0", lambda t, r: ["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+    ("lr nan", lambda t, r: ["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    ("lr inf", lambda t, r: ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    ("lr 0", lambda t, r: ["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    ("lr < 0", lambda t, r: ["--lr=-1e-3"], "--lr must be a finite number > 0"),
+    ("micro batch 0", lambda t, r: ["--micro_batch_size", "0"], "--micro_batch_size must be >= 1"),
+    ("batch not a multiple", lambda t, r: ["--batch_size", "3"], "is not a multiple of --micro_batch_size 2"),
+    ("epochs 0", lambda t, r: ["--epochs", "0"], "--epochs must be finite and > 0"),
+    ("beams 0", lambda t, r: ["--num_beams", "0"], "--num_beams must be 1 (greedy) or more"),
+    ("rank too big", lambda t, r: ["--r", "1000"], "pass --r between 1 and 64"),
+    ("no such target", lambda t, r: ["--targets", "q_projj"], "no linear layer matches targets ['q_projj']"),
+    ("method flag", lambda t, r: ["--method", "g2r2", "--g2r2_pf", "2"], "must satisfy 0 < pf <= p0 <= 1"),
+    ("method needs classes", lambda t, r: ["--method", "spsft", "--spsft_importance", "qm_taylor"],
+     "qm_taylor needs one class label per example"),
+    ("no commonsense dir", lambda t, r: ["--eval_commonsense", str(t / "nope")],
+     "nope: no such file or folder"),
+    # instruction data
+    ("missing file", lambda t, r: ["--data", str(t / "missing.json")], "missing.json: no such file or folder"),
+    ("missing relative", lambda t, r: ["--data", "./data/alpaca.jsonl"], "no such file or folder"),
+    ("empty json", lambda t, r: ["--data", write(t / "e.json", "")], "e.json is empty"),
+    ("empty list", lambda t, r: ["--data", write(t / "l.json", "[]")], "l.json holds no records"),
+    ("empty jsonl", lambda t, r: ["--data", write(t / "e.jsonl", "\n\n")], "e.jsonl holds no records"),
+    ("malformed json", lambda t, r: ["--data", write(t / "m.json", '[{"instruction": "a", "output": }]')],
+     "m.json is not valid JSON at line 1 column 33 (Expecting value)"),
+    ("malformed jsonl", lambda t, r: ["--data", write(t / "m.jsonl", json.dumps(records()[0]) + "\n{oops\n")],
+     "m.jsonl is not valid JSON at line 2"),
+    ("json object", lambda t, r: ["--data", write(t / "o.json", json.dumps(records()[0]))],
+     "holds a JSON dict, not a list of records"),
+    ("records not objects", lambda t, r: ["--data", write(t / "n.json", "[1, 2]")], "record 0 is a JSON int"),
+    ("missing columns", lambda t, r: ["--data", write(t / "c.json", json.dumps([{"question": "q", "reply": "a"}] * 4))],
+     "needs the columns instruction and output (input is optional); found columns: question, reply"),
+    ("output not a string", lambda t, r: ["--data", write(t / "s.json", json.dumps([{"instruction": "a", "output": 5}] * 4))],
+     "record 0's output is not a string (a JSON int)"),
+    ("one record", lambda t, r: ["--data", write(t / "1.json", json.dumps(records(1)))], "holds one record"),
+    ("wrong extension", lambda t, r: ["--data", write(t / "d.txt", "hello")], "must be a .json or .jsonl file"),
+    ("response cut off", lambda t, r: ["--max_len", "4"], "cuts off every response; raise --max_len"),
+    # classification data (tiny-bert)
+    ("csv without columns", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "x.csv", "a,b\n1,2\n")],
+     "found columns a, b; expected text columns"),
+    ("csv header only", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "h.csv", "sentence,label\n")],
+     "holds no examples"),
+    ("malformed csv", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "q.csv", 'sentence,label\n"oops,1\n')],
+     "could not be read as csv"),
+    ("no dev split", lambda t, r: ["--model", "tiny-bert", "--data", glue_dir_without_dev(t)],
+     "no validation split in"),
+    # images (tiny-vit)
+    ("empty image folder", lambda t, r: ["--model", "tiny-vit", "--data", str(mkdir(t / "imgs"))], "holds no images"),
+    ("folder of non-images", lambda t, r: ["--model", "tiny-vit", "--data", os.path.dirname(os.path.dirname(
+        write(t / "txt" / "train" / "cat" / "a.txt", "x")))], "holds no images"),
+    ("unreadable image", lambda t, r: ["--model", "tiny-vit", "--data", image_folder(t / "im")],
+     "is not a readable image (cannot identify image file"),
+    # models
+    ("model folder without config", lambda t, r: ["--model", str(mkdir(t / "m"))], "is a folder without config.json"),
+    ("model path missing", lambda t, r: ["--model", "./no/such/model"], "--model ./no/such/model: no such folder"),
+    ("model without weights", lambda t, r: ["--model", config_only(t / "cfg")],
+     "no usable model there (Error no file named model.safetensors"),
+    # checkpoints and adapters
+    ("truncated ckpt", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "truncate_ckpt")],
+     "ckpt.pt is damaged or truncated"),
+    ("junk ckpt", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "junk_ckpt")],
+     "ckpt.pt is damaged or holds more than tensors and plain values"),
+    ("not a checkpoint", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "not_a_ckpt")],
+     "ckpt.pt is not a train.py checkpoint"),
+    ("ckpt of another method", lambda t, r: ["--resume", "--method", "spsft", "--output_dir", spoil(r, t / "o", "")],
+     "was written by a --method lora --model tiny-llama run, this run has --method spsft"),
+    ("adapter of another method", lambda t, r: ["--eval_only", "--method", "pilora", "--adapter", str(r)],
+     "was trained with --method lora --model tiny-llama, this run has --method pilora --model tiny-llama"),
+    ("adapter of another model", lambda t, r: ["--eval_only", "--model", saved_model(t / "llm"), "--adapter", str(r)],
+     "was trained with --method lora --model tiny-llama, this run has --method lora --model /"),
+    ("adapter folder missing", lambda t, r: ["--eval_only", "--adapter", str(t / "nope")], "no such folder"),
+    ("adapter file missing", lambda t, r: ["--eval_only", "--adapter", spoil(r, t / "o", "no_adapter")],
+     "has no adapter.safetensors"),
+    ("truncated adapter", lambda t, r: ["--eval_only", "--adapter", spoil(r, t / "o", "truncate_adapter")],
+     "adapter.safetensors is damaged or truncated"),
+]
 
 
 @pytest.mark.parametrize("name, make, phrase", CASES, ids=[c[0] for c in CASES])
