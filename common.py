@@ -26,6 +26,11 @@ DEFAULT_TARGETS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "deberta-v2
 HEAD_NAMES = ("classifier", "score", "pooler.dense")
 
 
+class UserError(ValueError):
+    """Bad input (a flag, file, folder, model, checkpoint): train.py prints `error: <message>` and
+    exits 2. The message is one line, what is wrong then `; ` and the fix."""
+
+
 # ----------------------------------------------------------------------------- the LoRA layer
 
 class LoRALinear(nn.Module):
@@ -67,13 +72,13 @@ def adapter_input(x, weight):
 
 def check_rank(base: nn.Linear, r: int):
     if not 1 <= r <= min(base.in_features, base.out_features):
-        raise ValueError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "
-                         f"pass --r between 1 and {min(base.in_features, base.out_features)}")
+        raise UserError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "
+                        f"pass --r between 1 and {min(base.in_features, base.out_features)}")
 
 
 def check_fraction(name: str, value: float):
     if not 0 < value <= 1:
-        raise ValueError(f"--{name} must be in (0, 1], got {value}")
+        raise UserError(f"--{name} must be in (0, 1], got {value}")
 
 
 # ----------------------------------------------------------------- compact blocks: scatter, merge
@@ -146,14 +151,14 @@ def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
     if targets is None:
         kind = getattr(getattr(model, "config", None), "model_type", None)
         if kind not in defaults:
-            raise ValueError(f"no default targets for model type {kind!r}; pass --targets "
-                             f"(this model's linear layers end in: {', '.join(suffixes(model))})")
+            raise UserError(f"no default targets for model type {kind!r}; pass --targets "
+                            f"(this model's linear layers end in: {', '.join(suffixes(model))})")
         targets = defaults[kind]
     names = [n for n in linear_names(model)
              if any(n == t or n.endswith("." + t) for t in targets) and not is_head(n)]
     if not names:
-        raise ValueError(f"no linear layer matches targets {list(targets)}; pass --targets with "
-                         f"some of this model's linear-layer suffixes: {', '.join(suffixes(model))}")
+        raise UserError(f"no linear layer matches targets {list(targets)}; pass --targets with "
+                        f"some of this model's linear-layer suffixes: {', '.join(suffixes(model))}")
     return names
 
 

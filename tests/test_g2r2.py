@@ -484,7 +484,7 @@ def test_train_main_three_stages_and_resume(tmp_path):
     assert full["modules"] == 10 and len(full["retained_modules"]) == 2
     assert full["trainable_params_end"] == full["adapter_params_end"] < full["trainable_params_start"]
     assert all(math.isfinite(x) for x in full["losses"])
-    ck = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    ck = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     assert len(ck["optimizer"]["state"]) == 2 * 2  # A and B of the two retained modules only
     part = tmp_path / "part"
     train.main(argv + ["--output_dir", str(part), "--stop_after", "5"])  # step 5 is mid-pruning
