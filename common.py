@@ -47,13 +47,14 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def lora_delta(self, x):
-        """s·B A x, (..., out). Same dtype as x; no explicit fp32 copy of x under autocast."""
-        ax = F.linear(adapter_input(x, self.lora_A), self.lora_A)  # (..., r)
+    def lora_delta(self, x, dropout=True):
+        """s·B A dropout(x), (..., out). Same dtype as x; no explicit fp32 copy of x under autocast, no kept
+        dropped copy (dropout_linear). dropout=False: x is already dropped."""
+        ax, = dropout_linear(x, self.dropout if dropout else None, self.lora_A)  # (..., r)
         return (F.linear(ax, self.lora_B) * self.scaling).to(x.dtype)  # (..., out)
 
     def forward(self, x):
-        return self.base(x) + self.lora_delta(self.dropout(x))
+        return self.base(x) + self.lora_delta(x)
 
     def delta_weight(self):
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in), fp32
@@ -68,6 +69,61 @@ def adapter_input(x, weight):
     if torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype:
         return x
     return x.to(weight.dtype)
+
+
+def dropout_linear(x, dropout, *weights):
+    """(F.linear(d, w) for w in weights) with d = dropout(x), one mask for all: what nn.Dropout followed by the
+    adapter's first projection computes (the same draws from the same RNG state, CPU-exact), without the
+    memory. Autograd keeps x (shared by every adapter reading it, and by nothing when x is the base layer's
+    input: a frozen matmul saves only its weight), the weights and the RNG state — not d and not the mask,
+    which backward draws again. `dropout`: an nn.Dropout (active while training), nn.Identity or None."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if p == 0 or not weights:
+        return tuple(F.linear(adapter_input(x, w), w) for w in weights)
+    return _DropoutLinear.apply(x, p, *weights)
+
+
+def _dropout_scale(x, p):
+    """The mask / (1 − p) that nn.Dropout multiplies x by (CPU: bernoulli_ on a tensor like x, then the divide)."""
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+
+
+def _generator(device):
+    return torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
+        device.index if device.index is not None else torch.cuda.current_device()]
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """dropout_linear's autograd: saves x, the weights and the generator state; backward redraws the mask."""
+
+    @staticmethod
+    def forward(ctx, x, p, *weights):
+        ctx.p, ctx.state = p, _generator(x.device).get_state()
+        xd = x * _dropout_scale(x, p)
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(adapter_input(xd, w), w) for w in weights)  # under the caller's autocast
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        gen = _generator(x.device)
+        now = gen.get_state()
+        gen.set_state(ctx.state)
+        scale = _dropout_scale(x, ctx.p)  # the forward's mask again
+        gen.set_state(now)
+        xd = x * scale
+        gx, gws = None, []
+        for g, w, need in zip(grads, weights, ctx.needs_input_grad[2:]):
+            if g is None:
+                gws.append(None)
+                continue
+            gws.append(g.reshape(-1, g.shape[-1]).T @ xd.to(g.dtype).reshape(-1, x.shape[-1]) if need else None)
+            if ctx.needs_input_grad[0]:
+                gi = g @ w.to(g.dtype)  # (..., in)
+                gx = gi if gx is None else gx + gi
+        if gx is not None:
+            gx = gx.to(x.dtype) * scale
+        return (gx, None, *gws)
 
 
 def check_rank(base: nn.Linear, r: int):
