@@ -185,6 +185,9 @@ def test_train_export_resume_and_eval_only_equal(tmp_path):
 
 
 def test_export_with_eval_only_needs_adapter(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--model", "tiny-llama", "--eval_only", "--export", "peft", "--output_dir", str(tmp_path)])
-    assert "--export with --eval_only needs --adapter" in capsys.readouterr().err
+    assert train.cli(["--model", "tiny-llama", "--eval_only", "--export", "peft", "--output_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --export with --eval_only has no adapter to export; pass --adapter RUN_DIR (the run whose "
+        "adapter to export)")
+    with pytest.raises(common.UserError, match="nothing to export"):
+        common.peft_state(train.build_tiny("tiny-llama"))
