@@ -151,9 +151,10 @@ class PiLoRALinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)  # (..., m)
-        x = self.dropout(x)
-        for A, B, idx in self.groups():
-            y = F.linear(F.linear(common.adapter_input(x, A), A), B) * self.scaling  # (..., |idx|)
+        gs = self.groups()
+        axs = common.dropout_linear(x, self.dropout, *[A for A, _, _ in gs])  # one dropout of x for both groups
+        for (A, B, idx), ax in zip(gs, axs):
+            y = F.linear(ax, B) * self.scaling  # (..., |idx|)
             out = common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
         return out
 

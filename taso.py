@@ -79,8 +79,7 @@ class TASOLinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)                                                     # W x, (..., out)
-        xc = self.dropout(common.gather_cols(x, self.cols))                    # x[..., C], (..., |C|)
-        ax = F.linear(common.adapter_input(xc, self.taso_A), self.taso_A)      # (..., r)
+        ax, = common.dropout_linear(common.gather_cols(x, self.cols), self.dropout, self.taso_A)  # A_C x[..., C], (..., r)
         y = F.linear(ax, self.taso_B) * self.scaling                           # (..., |R|)
         return common.scatter_rows(out, self.rows, y.to(out.dtype))            # T5
 

@@ -1,5 +1,5 @@
 """train.py: schedule, optimizer rebuild, a LoRA run under bf16 + checkpointing, kill-and-resume,
-adapter round trip, merge, clear errors for bad input, and the two real offline checkpoints."""
+adapter round trip, merge, and the two real offline checkpoints."""
 import argparse
 import importlib.util
 import json
@@ -153,28 +153,6 @@ def test_merge_saves_model_with_same_outputs(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4)
         assert not torch.allclose(model(input_ids=x).logits, train.build_tiny("tiny-llama")(input_ids=x).logits)
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["--method", "lorax"], "unknown method 'lorax'"),
-    (["--targets", "q_projj"], "no linear layer matches targets"),
-    (["--r", "1000"], "pass --r between 1 and"),
-    (["--batch_size", "3"], "multiple of --micro_batch_size"),
-    (["--num_beams", "0"], "--num_beams must be 1"),
-])
-def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, match):
-    with pytest.raises((ValueError, SystemExit)) as e:
-        train.main(TINY_RUN + ["--max_steps", "1", "--output_dir", str(tmp_path), *argv])
-    msg = str(e.value) if e.type is ValueError else capsys.readouterr().err.strip().splitlines()[-1]
-    assert match in msg and "\n" not in msg
-
-
-def test_dataset_without_needed_columns(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"question": "q", "reply": "a"}] * 4))
-    with pytest.raises(ValueError, match="instruction") as e:
-        train.main(TINY_RUN + ["--data", str(bad), "--max_steps", "1", "--output_dir", str(tmp_path)])
-    assert "question" in str(e.value)  # names the columns it found
 
 
 def test_classification_run_on_local_tsv(tmp_path):
