@@ -150,11 +150,15 @@ def check_args(args):
          "make it one (accumulation runs batch_size / micro_batch_size micro-batches)")
     need(args.num_beams >= 1, f"--num_beams must be 1 (greedy) or more, got {args.num_beams}",
          "e.g. --num_beams 4")
-    need(not args.eval_commonsense or os.path.exists(args.eval_commonsense),
-         f"--eval_commonsense {args.eval_commonsense}: no such file or folder",
-         "pass a folder of <task>/test.json files (LLM-Adapters' dataset/)")
-    need(not args.adapter or os.path.isdir(args.adapter), f"--adapter {args.adapter}: no such folder",
-         "pass the --output_dir of a finished run")
+
+
+def check_paths(args):
+    """Folders the run reads only at its end (or without --data's checks), refused before it starts."""
+    if args.eval_commonsense and not os.path.exists(args.eval_commonsense):
+        raise UserError(f"--eval_commonsense {args.eval_commonsense}: no such file or folder; pass a folder "
+                        "of <task>/test.json files (LLM-Adapters' dataset/)")
+    if args.adapter and not os.path.isdir(args.adapter):
+        raise UserError(f"--adapter {args.adapter}: no such folder; pass the --output_dir of a finished run")
 
 
 # ----------------------------------------------------------------------------------- models
@@ -478,6 +482,7 @@ def load_trainable(model, tensors):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_paths(args)
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
