@@ -120,7 +120,7 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         used = 0
         with torch.enable_grad():
-            for _, batch in zip(range(n_batches), batches):
+            for _, batch in zip(range(common.shard_len(n_batches)), batches):  # torchrun: this process's share
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise ValueError(f"TASO's importance pass got loss {float(loss)} on calibration batch "
@@ -134,9 +134,12 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             p.requires_grad_(f)
         for m, t in modes.items():
             m.training = t
+    used = int(common.all_reduce(torch.tensor(used)))  # torchrun: batches of all processes
     if used == 0:
         raise ValueError("TASO's importance pass got no batches; give the run a non-empty train set "
                          "or pass --taso_metric w (no pass)")
+    for b in bufs.values():  # torchrun: Σ_b over all processes' batches before the |·| of T1
+        common.all_reduce(b)
     return {n: b.abs_() for n, b in bufs.items()}, used
 
 
@@ -224,6 +227,7 @@ class TASO(common.Method):
             for n in self.names:
                 R, C = core_regions(scores.pop(n), self.p, self.topk, self.select, gen)
                 self.rows[n], self.cols[n] = R.cpu(), C.cpu()
+            common.check_same((self.rows, self.cols), "taso core rows and columns")
         for n in self.names:
             common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
                                                        self.r, self.alpha, self.dropout))
