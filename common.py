@@ -8,6 +8,7 @@ B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out 
 import hashlib
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -182,6 +183,23 @@ def prepare(model):
     for n, p in model.named_parameters():
         p.requires_grad_(is_head(n))
     return model
+
+
+@contextmanager
+def scoring_mode(model):
+    """eval() for an importance pass (no dropout: the importance of the pretrained model, not of a random
+    sub-network), with gradient checkpointing kept where layers use it (HF checkpoints only in training
+    mode); every module's training flag is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True
+    try:
+        yield model
+    finally:
+        for m, t in modes.items():
+            m.training = t
 
 
 # ------------------------------------------------------------------------------- bookkeeping

@@ -33,7 +33,10 @@ Deviations and readings (each also beside its line):
     A pruned module's branch is skipped in forward from the step it is pruned (bit-identical to
     adding B A x = 0), so its tensors get no gradient and AdamW leaves them (and their moments)
     alone; they are also zeroed again after every optimizer step.
-  - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.7·10 = 7.000000000000001 keeps 7, not 8.
+  - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.07·100 = 7.000000000000001 keeps 7, not 8.
+  - The EMAs of Eq 8–9 start at their first value (the paper gives no R̄⁰, Ū⁰): a module scored once
+    has R̄ = R, U = 0, so Ū = 0 and R̂ = 0, the least redundant possible, and is kept until it is
+    scored again (with --g2r2_score_every K, at its next scoring).
 """
 import math
 
@@ -121,12 +124,12 @@ def redundancy(s_sum, numel):
     return numel / s_sum if s_sum > 0 and math.isfinite(s_sum) else None
 
 
-def smooth(r_bar, u_bar, r, beta1, beta2):
+def smooth(R_bar, U_bar, R, beta1, beta2):
     """Eq 8–10: R̄ ← β1 R̄ + (1−β1) R;  U = |R − R̄|;  Ū ← β2 Ū + (1−β2) U;  R̂ = R̄·Ū.
-    Averages start at their first value (common.ema)."""
-    r_bar = common.ema(r_bar, r, beta1)             # Eq 8
-    u_bar = common.ema(u_bar, (r - r_bar).abs(), beta2)  # Eq 9
-    return r_bar, u_bar, r_bar * u_bar              # Eq 10
+    Averages start at their first value (common.ema), so after one scoring R̄ = R, Ū = 0 and R̂ = 0."""
+    R_bar = common.ema(R_bar, R, beta1)             # Eq 8
+    U_bar = common.ema(U_bar, (R - R_bar).abs(), beta2)  # Eq 9
+    return R_bar, U_bar, R_bar * U_bar              # Eq 10
 
 
 # ------------------------------------------------------------------ schedule and selection
@@ -147,9 +150,9 @@ def n_keep(p, M):
     return min(M, math.ceil(p * M - 1e-9))
 
 
-def select(r_hat, live, k):
+def select(R_hat, live, k):
     """The k live modules of lowest R̂ (ascending, ties by index; None = never scored = last)."""
-    key = lambda i: (math.inf if r_hat[i] is None else r_hat[i], i)
+    key = lambda i: (math.inf if R_hat[i] is None else R_hat[i], i)
     return set(sorted(live, key=key)[:k])
 
 
@@ -215,15 +218,15 @@ class G2R2(common.Method):
         M = len(self.names)
         self.numel = [layer.base.weight.numel() for layer in self.layers]  # d·k of Eq 7
         self.adapter_params = [layer.lora_A.numel() + layer.lora_B.numel() for layer in self.layers]
-        self.r_bar, self.u_bar, self.r_hat = [None] * M, [None] * M, [None] * M
+        self.R_bar, self.U_bar, self.R_hat = [None] * M, [None] * M, [None] * M
         self.pruned_at = {}  # module index -> optimizer step after which it was zeroed
         self.refined, self.next_step = False, 0
         if state is not None:
             if state["names"] != self.names:
                 raise ValueError("checkpoint adapts other modules than this model/--targets; same --model?")
             f = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
-            self.r_bar, self.u_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
-            self.r_hat = [None if a is None or b is None else a * b for a, b in zip(self.r_bar, self.u_bar)]
+            self.R_bar, self.U_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
+            self.R_hat = [None if a is None or b is None else a * b for a, b in zip(self.R_bar, self.U_bar)]
             self.pruned_at = {int(i): s for i, s in state["pruned_at"].items()}
             self.next_step = state["next_step"]
             for i in self.pruned_at:
@@ -271,10 +274,10 @@ class G2R2(common.Method):
                     R[i] = None if ra is None or rb is None else ra * rb
                 else:
                     R[i] = redundancy(v[0], self.numel[i])  # Eq 7
-        for i, r in R.items():
-            if r is not None:
-                self.r_bar[i], self.u_bar[i], self.r_hat[i] = smooth(
-                    self.r_bar[i], self.u_bar[i], torch.tensor(r, dtype=torch.float64), self.beta1, self.beta2)
+        for i, R_i in R.items():
+            if R_i is not None:
+                self.R_bar[i], self.U_bar[i], self.R_hat[i] = smooth(
+                    self.R_bar[i], self.U_bar[i], torch.tensor(R_i, dtype=torch.float64), self.beta1, self.beta2)
 
     def after_step(self, step):
         self.stage = self.stage_of(step)  # the stage this step belonged to (progress bar, stage times)
@@ -283,12 +286,13 @@ class G2R2(common.Method):
         if self.T_w <= step < self.T_w + self.T_p and not self.refined:
             live = [i for i in range(len(self.names)) if i not in self.pruned_at]
             p = retention(step + 1, self.T_w, self.T_p, self.p0, self.pf)  # Eq 12, after step t
-            keep = select([None if h is None else float(h) for h in self.r_hat], live, n_keep(p, len(self.names)))
+            keep = select([None if h is None else float(h) for h in self.R_hat], live,
+                          n_keep(p, len(self.names)))  # Eq 11: the lowest p^t % by R̂ keep training
             for i in live:
                 if i not in keep:
                     self.pruned_at[i] = step
                     self.prune(i)
-            for i in self.pruned_at:  # [A, B] ← [0, 0] after the optimizer step (§3.3.2)
+            for i in self.pruned_at:  # Eq 11: [A, B] ← [0, 0] outside the lowest p^t %, after the step (§3.3.2)
                 self.zero(i)
             common.check_same(self.pruned_at, "g2r2 pruned modules")
             if step + 1 == self.T_w + self.T_p:
@@ -356,7 +360,7 @@ class G2R2(common.Method):
     # -- bookkeeping
     def state_dict(self):
         f = lambda v: None if v is None else v.item()
-        return {"names": self.names, "r_bar": [f(v) for v in self.r_bar], "u_bar": [f(v) for v in self.u_bar],
+        return {"names": self.names, "r_bar": [f(v) for v in self.R_bar], "u_bar": [f(v) for v in self.U_bar],
                 "pruned_at": dict(self.pruned_at), "refined": self.refined, "next_step": self.next_step,
                 "stage": self.stage}
 
@@ -377,7 +381,7 @@ class G2R2(common.Method):
                 "pruned_at_step": {self.names[i]: s for i, s in sorted(self.pruned_at.items())},
                 "adapter_params_start": sum(self.adapter_params),
                 "adapter_params_end": sum(self.adapter_params[i] for i in kept),
-                "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.r_hat)}}
+                "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.R_hat)}}
 
     def plot(self, out_dir):
         """Layers × module-type grid: the step at which each module was pruned (retained: blank)."""

@@ -68,62 +68,6 @@ def add_args(p):
                    help="stage 2 starts from B[M], A of stage 1 on the dominant rows and keeps the heads")
 
 
-# ------------------------------------------------------------------------ stage 2: the adapter layer
-
-class PiLoRALinear(nn.Module):
-    """A frozen `base` (m × n) plus two compact LoRAs (Eq 10): rank r on the dominant rows idx_d
-    (B_d: |M| × r, A_d: r × n) and rank r′ on the others idx_s (B_s: (m−|M|) × r′, A_s: r′ × n)."""
-
-    def __init__(self, base: nn.Linear, dominant, r, r_supp, alpha, dropout=0.0, generator=None):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        m, n, dev = base.out_features, base.in_features, base.weight.device
-        mask = torch.zeros(m, dtype=torch.bool)
-        mask[torch.as_tensor(dominant, dtype=torch.long).cpu()] = True  # M
-        # ascending rows: compact row k(i) − 1 of B holds row i, k(i) = Σ_{j≤i} M_j (Eq 9)
-        self.register_buffer("idx_d", mask.nonzero().flatten().to(dev), persistent=False)
-        self.register_buffer("idx_s", (~mask).nonzero().flatten().to(dev), persistent=False)
-        self.r, self.r_supp, self.scaling = r, r_supp, alpha / r  # one s = α / r for both groups
-        self.lora_A_d, self.lora_B_d = new_adapter(len(self.idx_d), r, n, dev, generator)
-        self.lora_A_s, self.lora_B_s = new_adapter(len(self.idx_s), r_supp, n, dev, generator)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def groups(self):
-        """(A, B, rows) of each group that has an adapter."""
-        return [(A, B, idx) for A, B, idx in ((self.lora_A_d, self.lora_B_d, self.idx_d),
-                                              (self.lora_A_s, self.lora_B_s, self.idx_s)) if A is not None]
-
-    def forward(self, x):
-        out = self.base(x)  # (..., m)
-        x = self.dropout(x)
-        for A, B, idx in self.groups():
-            y = F.linear(F.linear(common.adapter_input(x, A), A), B) * self.scaling  # (..., |idx|)
-            out = common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
-        return out
-
-    def merge(self) -> nn.Linear:
-        """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11), in fp32; rows without an adapter stay W₀."""
-        gs = self.groups()
-        rows = torch.cat([idx for _, _, idx in gs]) if gs else self.idx_d[:0]
-        delta = (torch.cat([self.scaling * (B.detach().float() @ A.detach().float()) for A, B, _ in gs]) if gs
-                 else self.base.weight.new_zeros(0, self.base.in_features, dtype=torch.float32))
-        return common.merged_linear(self.base, delta, rows=rows)
-
-
-def new_adapter(rows, rank, n, device, generator=None):
-    """(A, B) with LoRA's init (A Kaiming-uniform a=√5, B zeros), or (None, None) when empty."""
-    if rows == 0 or rank == 0:
-        return None, None
-    A = torch.empty(rank, n, dtype=torch.float32)
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-    return nn.Parameter(A.to(device)), nn.Parameter(torch.zeros(rows, rank, device=device))
-
-
-def param_count(m, n, k, r, r_supp):
-    """Trainable parameters of one PiLoRA matrix with |M| = k: k·r + r·n + (m−k)·r′ + r′·n."""
-    return (k * r + r * n if k else 0) + ((m - k) * r_supp + r_supp * n if m - k else 0)
-
-
 # -------------------------------------------------------------- stage 1: importance scores (§3.2)
 
 def reconstructed_grad(A, B, GA, GB):
@@ -177,6 +121,62 @@ def select_rows(H, S, tau, how="hits", generator=None):
     else:
         raise ValueError(f"--pilora_partition must be one of {', '.join(PARTITIONS)}, got {how!r}")
     return rows.sort().values
+
+
+# ------------------------------------------------------------- stage 2: the adapter layer (Eq 9–11)
+
+class PiLoRALinear(nn.Module):
+    """A frozen `base` (m × n) plus two compact LoRAs (Eq 10): rank r on the dominant rows idx_d
+    (B_d: |M| × r, A_d: r × n) and rank r′ on the others idx_s (B_s: (m−|M|) × r′, A_s: r′ × n)."""
+
+    def __init__(self, base: nn.Linear, dominant, r, r_supp, alpha, dropout=0.0, generator=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        m, n, dev = base.out_features, base.in_features, base.weight.device
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[torch.as_tensor(dominant, dtype=torch.long).cpu()] = True  # M
+        # ascending rows: compact row k(i) − 1 of B holds row i, k(i) = Σ_{j≤i} M_j (Eq 9)
+        self.register_buffer("idx_d", mask.nonzero().flatten().to(dev), persistent=False)
+        self.register_buffer("idx_s", (~mask).nonzero().flatten().to(dev), persistent=False)
+        self.r, self.r_supp, self.scaling = r, r_supp, alpha / r  # one s = α / r for both groups
+        self.lora_A_d, self.lora_B_d = new_adapter(len(self.idx_d), r, n, dev, generator)
+        self.lora_A_s, self.lora_B_s = new_adapter(len(self.idx_s), r_supp, n, dev, generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def groups(self):
+        """(A, B, rows) of each group that has an adapter."""
+        return [(A, B, idx) for A, B, idx in ((self.lora_A_d, self.lora_B_d, self.idx_d),
+                                              (self.lora_A_s, self.lora_B_s, self.idx_s)) if A is not None]
+
+    def forward(self, x):
+        out = self.base(x)  # (..., m)
+        x = self.dropout(x)
+        for A, B, idx in self.groups():
+            y = F.linear(F.linear(common.adapter_input(x, A), A), B) * self.scaling  # (..., |idx|)
+            out = common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
+        return out
+
+    def merge(self) -> nn.Linear:
+        """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11), in fp32; rows without an adapter stay W₀."""
+        gs = self.groups()
+        rows = torch.cat([idx for _, _, idx in gs]) if gs else self.idx_d[:0]
+        delta = (torch.cat([self.scaling * (B.detach().float() @ A.detach().float()) for A, B, _ in gs]) if gs
+                 else self.base.weight.new_zeros(0, self.base.in_features, dtype=torch.float32))
+        return common.merged_linear(self.base, delta, rows=rows)
+
+
+def new_adapter(rows, rank, n, device, generator=None):
+    """(A, B) with LoRA's init (A Kaiming-uniform a=√5, B zeros), or (None, None) when empty."""
+    if rows == 0 or rank == 0:
+        return None, None
+    A = torch.empty(rank, n, dtype=torch.float32)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    return nn.Parameter(A.to(device)), nn.Parameter(torch.zeros(rows, rank, device=device))
+
+
+def param_count(m, n, k, r, r_supp):
+    """Trainable parameters of one PiLoRA matrix with |M| = k: k·r + r·n + (m−k)·r′ + r′·n."""
+    return (k * r + r * n if k else 0) + ((m - k) * r_supp + r_supp * n if m - k else 0)
 
 
 # ------------------------------------------------------------------------------- the method object

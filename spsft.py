@@ -20,9 +20,14 @@ Deviations and readings:
 - Scores use the weight row only; biases are neither scored nor tuned (W_f is r × d_in, §3.1).
 - Eq 6 writes η_i^t = |wᵀ∇_w L(D^t)| (|·| of the sum over j); we use App. A's final per-element form
   Σ_j |w_j ∂L(D^t)/∂w_j| for both Taylor variants, so QM-Taylor differs from Taylor only by the class split.
-- "mean over x" is the mean of the calibration batches' losses (Taylor) and the mean loss over the
-  class-t examples (QM-Taylor, each class-t sub-batch weighted by its size); classes absent from the
-  calibration batches are left out of the quantiles.
+- "mean over x" is the mean over calibration examples: each batch's loss weighted by its number of
+  examples (Taylor; a short last batch counts for what it holds) and the mean loss over the class-t
+  examples (QM-Taylor, each class-t sub-batch weighted by its size); classes absent from the
+  calibration batches are left out of the quantiles. For causal LMs a batch's loss is its token mean.
+- Both Taylor passes score with dropout off (eval mode, gradient checkpointing kept): the importance
+  of the pretrained model, not of one random sub-network.
+- `--spsft_ratio`: the paper gives no rounding ("approximately 5 %", §4.1); r = ratio·d_out rounded
+  to the nearest whole row, halves up (2.5 → 3), at least 1.
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
   last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's
   gradients, which is why §5.3 uses ℓ2 for LLMs. With `--spsft_calib_batches 1` nothing is kept.
@@ -32,11 +37,13 @@ Deviations and readings:
 - The trainer's shared `--r`, `--alpha`, `--dropout` are LoRA's and are ignored: rows come from
   `--spsft_rows` / `--spsft_ratio`, and the paper's Llama settings pair SPSFT r with LoRA r/2 (Table 8).
 """
+import math
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 
@@ -96,10 +103,11 @@ def quantiles_mean(eta_t):
     return torch.quantile(eta_t, q, dim=0).mean(dim=0)
 
 
-def taylor_pass(model, weights, terms):
+def taylor_pass(model, weights, terms, desc="spsft taylor"):
     """Row scores taylor_rows(g, W) for every W in `weights` {name: Parameter}, where g is the gradient
-    of Σ_k c_k · loss(batch_k) over `terms` [(batch, c)]. Each gradient is folded into an fp32 sum as
-    it is produced and the model's .grad is freed; the last term's hook reduces the sum to rows."""
+    of Σ_k c_k · loss(batch_k) over `terms` [(batch, c)], with dropout off (common.scoring_mode). Each
+    gradient is folded into an fp32 sum as it is produced and the model's .grad is freed; the last
+    term's hook reduces the sum to rows."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in flags:
         p.requires_grad_(False)
@@ -119,8 +127,8 @@ def taylor_pass(model, weights, terms):
 
     handles = [w.requires_grad_(True).register_post_accumulate_grad_hook(hook_for(n)) for n, w in weights.items()]
     try:
-        with torch.enable_grad():
-            for k, (batch, c) in enumerate(terms):
+        with torch.enable_grad(), common.scoring_mode(model):
+            for k, (batch, c) in enumerate(tqdm(terms, desc=desc, unit="batch", leave=False)):
                 last[0] = k == len(terms) - 1 and common.world()[1] == 1  # torchrun: sum over processes first
                 (model(**batch).loss * c).backward()
     finally:
@@ -150,6 +158,10 @@ def class_labels(batches, model):
     return [b["labels"] for b in batches]
 
 
+def num_examples(batch):
+    return next(v for v in batch.values() if torch.is_tensor(v) and v.dim() > 0).shape[0]
+
+
 def sub_batch(batch, mask):
     n = len(mask)
     return {k: v[mask] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v for k, v in batch.items()}
@@ -162,8 +174,10 @@ def row_importance(model, weights, batches, kind):
     n_batches = int(common.all_reduce(torch.tensor(len(batches))))  # torchrun: each process has its share
     if not n_batches:
         raise ValueError(f"--spsft_importance {kind} needs calibration batches; got none (or use l2)")
-    if kind == "taylor":
-        return taylor_pass(model, weights, [(b, 1.0 / n_batches) for b in batches])  # mean over batches
+    if kind == "taylor":  # mean over x: each batch's mean loss weighted by its share of the examples
+        sizes = [num_examples(b) for b in batches]
+        total = int(common.all_reduce(torch.tensor(sum(sizes))))  # torchrun: the examples of all processes
+        return taylor_pass(model, weights, [(b, k / total) for b, k in zip(batches, sizes)])
     labels = class_labels(batches, model)
     local = torch.cat([y[y >= 0].cpu() for y in labels]).unique().tolist() if labels else []
     classes = sorted(set().union(*common.all_gather(local)))  # torchrun: the classes of every process
@@ -171,7 +185,7 @@ def row_importance(model, weights, batches, kind):
     for t in classes:  # Eq 6: η_i^t from L(D^t, F), the mean loss over the class-t examples
         n_t = int(common.all_reduce(torch.tensor(sum(int((y == t).sum()) for y in labels))))
         terms = [(sub_batch(b, y == t), int((y == t).sum()) / n_t) for b, y in zip(batches, labels) if (y == t).any()]
-        for n, s in taylor_pass(model, weights, terms).items():
+        for n, s in taylor_pass(model, weights, terms, f"spsft qm_taylor class {t}").items():
             eta_t[n].append(s)
     return {n: quantiles_mean(torch.stack(v)) for n, v in eta_t.items()}  # Eq 7
 
@@ -179,9 +193,10 @@ def row_importance(model, weights, batches, kind):
 # ----------------------------------------------------------------------------- selection (§3.1)
 
 def rows_for(d_out, d_in, rows=128, ratio=None):
-    """r for one matrix: `ratio` of its d_out·d_in parameters as whole rows (≥ 1), else `rows` (≤ d_out)."""
+    """r for one matrix: `ratio` of its d_out·d_in parameters as whole rows of d_in each, i.e. ratio·d_out
+    rounded to the nearest row with halves up (2.5 → 3; ≥ 1), else `rows` (≤ d_out)."""
     if ratio is not None:
-        return min(d_out, max(1, round(ratio * d_out * d_in / d_in)))
+        return min(d_out, max(1, math.floor(round(ratio * d_out, 9) + 0.5)))  # round(·, 9): float noise
     return min(d_out, rows)
 
 

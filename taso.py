@@ -19,7 +19,8 @@ with the defaults r = 8, p = 1/r that is out + in, the budget of dense LoRA with
 
 Our readings and deviations (each is a flag):
 - N = 64 batches (or the whole iterator if shorter); gradients summed, |·| taken after the sum; no
-  optimizer step. The pass holds one weight-sized buffer per target and frees each `.grad` as soon as
+  optimizer step. The pass holds one weight-sized fp32 buffer per target (also for a bf16 model: the
+  sum of 64 bf16 terms in bf16 moves the chosen rows and columns) and frees each `.grad` as soon as
   it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
   random sub-network) while gradient checkpointing stays on.
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
@@ -37,6 +38,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 
@@ -91,11 +93,10 @@ class TASOLinear(nn.Module):
 
 def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
     """T1 over at most `n_batches` batches: ({name: |W ⊙ Σ_b G_b|} (or |Σ_b G_b| for metric "g")
-    in W's dtype, batches used). One buffer per weight; each .grad is folded in and freed as soon as
-    it is accumulated, so full-size gradients never all exist at once. No optimizer step; every
-    requires_grad flag and training mode is restored afterwards."""
+    in fp32, or W's dtype if wider; batches used). One such buffer per weight; each .grad is folded in and
+    freed as soon as it is accumulated, so full-size gradients never all exist at once. No optimizer
+    step; dropout off (common.scoring_mode); every requires_grad flag and training mode is restored."""
     flags = {p: p.requires_grad for p in model.parameters()}
-    modes = {m: m.training for m in model.modules()}
     bufs, hooks = {}, []
 
     def fold(name):
@@ -108,19 +109,18 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
         return hook
 
     model.requires_grad_(False)
-    model.eval()  # no dropout; keep gradient checkpointing where the layers use it
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False):
-            m.training = True
     try:
         for name, w in weights.items():
-            bufs[name] = torch.zeros_like(w)
+            bufs[name] = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))  # ≥ fp32
             w.grad = None
             w.requires_grad_(True)
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         used = 0
-        with torch.enable_grad():
-            for _, batch in zip(range(common.shard_len(n_batches)), batches):  # torchrun: this process's share
+        with torch.enable_grad(), common.scoring_mode(model):
+            n_batches = common.shard_len(n_batches)  # torchrun: this process's share
+            bar = tqdm(zip(range(n_batches), batches), total=n_batches, unit="batch", leave=False,
+                       desc=f"taso importance |{'W⊙G' if metric == 'wg' else 'G'}| (≤ {n_batches} batches)")
+            for _, batch in bar:
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise ValueError(f"TASO's importance pass got loss {float(loss)} on calibration batch "
@@ -132,8 +132,6 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
-        for m, t in modes.items():
-            m.training = t
     used = int(common.all_reduce(torch.tensor(used)))  # torchrun: batches of all processes
     if used == 0:
         raise ValueError("TASO's importance pass got no batches; give the run a non-empty train set "
@@ -267,7 +265,9 @@ class TASO(common.Method):
                 "core_rows_cols": {n: [len(m.rows), len(m.cols)] for n, m in mods.items()},
                 "taso_params": sum(m.taso_A.numel() + m.taso_B.numel() for m in mods.values()),
                 "lora_r1_params": dense, "lora_r8_params": 8 * dense,
-                "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used}
+                "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used,
+                "importance_buffer_bytes": sum(m.base.weight.numel() * torch.promote_types(
+                    m.base.weight.dtype, torch.float32).itemsize for m in mods.values()) * (self.metric in ("wg", "g"))}
 
     def plot(self, out_dir):
         """The importance map of the first target with its core rows (red) and columns (cyan)."""

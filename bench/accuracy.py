@@ -143,7 +143,7 @@ def run_key(argv):
 
 # ----------------------------------------------------------------------------------- one run
 
-KEEP = ("method", "steps", "trainable_params_start", "trainable_params_end", "head_params", "step_time_s",
+KEEP = ("method", "steps", "losses", "trainable_params_start", "trainable_params_end", "head_params", "step_time_s",
         "stage_times_s", "peak_memory_bytes", "metrics", "dtype", "device")
 
 
@@ -264,34 +264,40 @@ def fmt_eta(s):
     return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def plan(args):
+    """(task, fills, [(row, seed, train.py argv)]): seed by seed, the rows in --rows order."""
     import train
-    argv_shown = sys.argv[1:] if argv is None else argv
     base = base_argv(args)
     # the task decides the per-row fills (G²R²'s weight decay, SPSFT's importance); resolve reads configs only
     _, task, _ = train.resolve(train.parse_args(base))
     fill = sweep_fill(args, task, target_shapes(args.model, task))
-    plan = [(name, seed, base + row_argv(name, fill) + ["--seed", str(seed)])
-            for seed in args.seeds for name in args.rows]
+    return task, fill, [(name, seed, base + row_argv(name, fill) + ["--seed", str(seed)])
+                        for seed in args.seeds for name in args.rows]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import train
+    argv_shown = sys.argv[1:] if argv is None else argv
+    task, fill, runs = plan(args)
     rows = {name: {"flags": row_argv(name, fill), "runs": []} for name in args.rows}
     t0, ran = time.time(), 0
-    for i, (name, seed, argv_run) in enumerate(plan, 1):
+    for i, (name, seed, argv_run) in enumerate(runs, 1):
         t = time.time()
         res, cached = run_one(argv_run, args.runs_dir, args.save_every)
         rows[name]["runs"].append(res | {"seed": seed, "cached": cached})
         ran += not cached
-        left = len(plan) - i
+        left = len(runs) - i
         eta = (time.time() - t0) / max(ran, 1) * left if ran else 0.0
         after = flat(res["metrics"].get("after", {}))
         pm = primary_metric(after)
-        print(f"[{i}/{len(plan)}] {name} seed {seed}: {pm} {after.get(pm, float('nan')):.4f} "
+        print(f"[{i}/{len(runs)}] {name} seed {seed}: {pm} {after.get(pm, float('nan')):.4f} "
               f"({'cached' if cached else f'{time.time() - t:.0f} s'}); sweep ETA {fmt_eta(eta)}", flush=True)
     summarize(rows)
     names = set().union(*(r["stats"]["after"] for r in rows.values()))
     out = {"command": "python bench/accuracy.py " + shlex.join(argv_shown), "model": args.model,
            "data": args.data, "task": task, "seeds": args.seeds, "reference": REFERENCE,
-           "primary_metric": primary_metric(names), "base_argv": base, "fills": fill,
+           "primary_metric": primary_metric(names), "base_argv": base_argv(args), "fills": fill,
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
            "machine": machine(), "wall_s": round(time.time() - t0, 1), "rows": rows}
     path = args.json or os.path.join(ROOT, "bench", "results", f"accuracy-{slug(args.model)}-{slug(args.data)}.json")

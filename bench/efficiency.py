@@ -348,7 +348,8 @@ def method_fields(method, kind):
     s = method.summary()
     keep = ("importance_time_s", "calib_batches", "adapted_modules", "modules", "retained_modules", "adapter_params_start",
             "adapter_params_end", "dominant_fraction", "param_ratio", "lora_params", "pilora_params",
-            "taso_params", "lora_r1_params", "spsft_params", "lora_params_matched", "r_supp", "scorings")
+            "taso_params", "lora_r1_params", "spsft_params", "lora_params_matched", "r_supp", "scorings",
+            "importance_buffer_bytes")
     out = {k: s[k] for k in keep if k in s}
     if "retained_modules" in out:
         out["retained_modules"] = len(out["retained_modules"])

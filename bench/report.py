@@ -1,6 +1,7 @@
-"""Turn bench/results/*.json (from bench/efficiency.py) into BENCHMARKS.md, and a PNG chart per main run.
+"""Turn bench/results/*.json into BENCHMARKS.md (bench/efficiency.py) and RESULTS.md (bench/accuracy.py),
+with PNG charts.
 
-    python bench/report.py                               # every JSON in bench/results -> BENCHMARKS.md
+    python bench/report.py                               # every JSON in bench/results -> BENCHMARKS.md, RESULTS.md
     python bench/report.py run1.json run2.json --out /tmp/B.md --png_dir /tmp
 
 Rows of several JSONs are merged per device (the newest measurement of a row / model / seq_len /
@@ -192,13 +193,14 @@ def importance_table(rows, model, seq, epoch_examples):
         f = epoch_fraction(r, epoch_examples)
         body.append([f"`{name}`", mode_name(ckpt), r["calib_batches"], f"{r['importance_time_s']:.2f}",
                      f"{1e3 * r['importance_time_s'] / r['calib_batches']:.0f}", ms(r["step_time_median_s"]),
-                     "–" if f is None else f"{100 * f:.3f} %"])
+                     "–" if f is None else f"{100 * f:.3f} %",
+                     "–" if r.get("importance_buffer_bytes") is None else f"{r['importance_buffer_bytes'] / 2 ** 20:.1f}"])
     if not body:
         return ""
     return "\n".join([f"Importance passes (one epoch = {epoch_examples:,} examples at this micro-batch, timed "
                       "with the method's own median step):", ""] +
                      table(["row", "mode", "calibration batches", "pass s", "ms / batch", "train step ms",
-                            "pass / epoch"], body))
+                            "pass / epoch", "fp32 sum buffers MiB"], body))
 
 
 def structure_lines(rows, model, seq):
@@ -296,6 +298,113 @@ def plot(rows, model, seq, path):
     return path
 
 
+# ------------------------------------------------------------------------ accuracy (RESULTS.md)
+
+def pm(ms_pair, digits=3):
+    """mean ± std (or the mean alone for one seed)."""
+    m, s = ms_pair if ms_pair else (None, None)
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def count(n):
+    return "–" if n is None else f"{n:,.0f}"
+
+
+def accuracy_table(run):
+    """One markdown table of an accuracy JSON: rows × (primary before / after, other metrics after,
+    verdict vs the reference, parameters, ratios, step time ratio, wall)."""
+    rows, ref, pmet = run["rows"], run["reference"], run["primary_metric"]
+    others = sorted({m for r in rows.values() for m in r["stats"]["after"] if m != pmet})
+    head = ["row", f"{pmet} before", f"{pmet} after", f"vs {ref}"] + [f"{m} after" for m in others] + \
+           ["trainable start → end", f"× {ref} (end)", f"adapter × {ref}", f"step time × {ref}", "steps", "wall / run"]
+    body = []
+    for name, r in rows.items():
+        st, v = r["stats"], r.get("verdict", {}).get(pmet)
+        body.append([f"`{name}`", pm(st["before"].get(pmet)), pm(st["after"].get(pmet)),
+                     "(reference)" if name == ref else (v or "– (1 seed)")]
+                    + [pm(st["after"].get(m)) for m in others]
+                    + [f"{count(st.get('trainable_params_start'))} → {count(st.get('trainable_params_end'))}",
+                       fx(st.get("trainable_params_end_ratio")), fx(st.get("adapter_params_end_ratio")),
+                       fx(st.get("step_time_ratio")), count(st.get("steps")),
+                       "–" if st.get("wall_s") is None else f"{st['wall_s']:.0f} s"])
+    return table(head, body)
+
+
+def accuracy_plot(run, path):
+    """Bars of the primary metric after training, mean ± std over seeds, a line at the mean before."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows, pmet = run["rows"], run["primary_metric"]
+    names = list(rows)
+    after = [rows[n]["stats"]["after"].get(pmet) or (None, None) for n in names]
+    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 3.6))
+    ax.bar(range(len(names)), [a[0] or 0 for a in after], yerr=[a[1] or 0 for a in after], capsize=4,
+           color=["#555" if n == run["reference"] else "#4c72b0" for n in names])
+    before = [rows[n]["stats"]["before"].get(pmet, (None, None))[0] for n in names]
+    before = [b for b in before if b is not None]
+    if before:
+        ax.axhline(sum(before) / len(before), ls="--", color="#c44", lw=1, label="before training")
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"{pmet} after (mean ± std, {len(run['seeds'])} seed{'s' * (len(run['seeds']) > 1)})")
+    ax.set_title(f"{run['model']} on {os.path.basename(os.path.normpath(run['data']))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
+    """RESULTS.md: one section per (model, data) with its command, setting, table and chart."""
+    lines = ["# RESULTS: the four methods and LoRA, head to head", "",
+             "Generated by `python bench/report.py` from the JSONs `bench/accuracy.py` writes to `bench/results/` "
+             "(committed beside it). Each row is one method with its paper's own settings (the rules are in "
+             "`bench/accuracy.py`'s docstring), trained through `train.main` with the same data order, shared "
+             "learning rate and evaluation as every other row. Cells are mean ± std (sample std) over the seeds; "
+             "a difference to the reference smaller than the larger of the two stds is a **tie**. `× ref` columns "
+             "are ratios to the reference row (`adapter ×` leaves out the classifier / pooler head, trained fully "
+             "by every row); step time ratios pair each seed with the reference's run of the same seed.", ""]
+    for run in sorted(runs, key=lambda r: (r["model"], r["data"])):
+        task = os.path.basename(os.path.normpath(run["data"]))
+        m = run["machine"]
+        lines += [f"## {run['model']} · {task}", "", "```bash", run["command"], "```", "",
+                  f"Seeds {' '.join(map(str, run['seeds']))}; train.py flags shared by every row: "
+                  f"`{' '.join(run['base_argv'])}`; per-row fills {json.dumps(run['fills'])}. "
+                  f"Measured {run['date']} on {m['device']} ({m['cpu_count']} cores, torch "
+                  f"{run['versions']['torch']}, transformers {run['versions']['transformers']}); sweep wall "
+                  f"{run['wall_s'] / 60:.0f} min (cached runs count 0).", ""]
+        lines += accuracy_table(run) + [""]
+        if png_dir:
+            name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + task).lower())}.png"
+            if accuracy_plot(run, os.path.join(png_dir, name)):
+                lines += [f"![{run['primary_metric']} per row, {run['model']} on {task}]"
+                          f"({os.path.relpath(os.path.join(png_dir, name), md_dir)})", ""]
+    lines += ["## Reading", "", BEGIN, notes.strip("\n"), END, ""]
+    return "\n".join(lines)
+
+
+def kind(path):
+    """Which script wrote a result JSON: bench/efficiency.py ("suite") or bench/accuracy.py ("primary_metric")."""
+    with open(path) as f:
+        d = json.load(f)
+    return "efficiency" if isinstance(d, dict) and "suite" in d else \
+        "accuracy" if isinstance(d, dict) and "primary_metric" in d else None
+
+
+def kept_notes(path):
+    if os.path.exists(path):
+        text = open(path).read()
+        if BEGIN in text and END in text:
+            return text.split(BEGIN, 1)[1].split(END, 1)[0]
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def render(groups, png_dir=None, notes="", md_dir=ROOT):
@@ -380,20 +489,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="*", help="result JSONs (default: bench/results/*.json)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    p.add_argument("--results", default=os.path.join(ROOT, "RESULTS.md"), help="the accuracy report")
     p.add_argument("--png_dir", default=os.path.join(ROOT, "bench"), help="where the charts go ('' for none)")
     a = p.parse_args(argv)
     paths = a.paths or sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
+    kinds = {p: kind(p) for p in paths}
+    acc = [p for p in paths if kinds[p] == "accuracy"]
+    eff = [p for p in paths if kinds[p] == "efficiency"]
     if not paths:
-        raise SystemExit("no result JSONs; run bench/efficiency.py first")
-    notes = ""
-    if os.path.exists(a.out):
-        text = open(a.out).read()
-        if BEGIN in text and END in text:
-            notes = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    md = render(load(paths), a.png_dir or None, notes, os.path.dirname(os.path.abspath(a.out)))
-    with open(a.out, "w") as f:
-        f.write(md)
-    print(f"wrote {a.out}")
+        raise SystemExit("no result JSONs; run bench/efficiency.py or bench/accuracy.py first")
+    md = ""
+    if eff:
+        md = render(load(eff), a.png_dir or None, kept_notes(a.out), os.path.dirname(os.path.abspath(a.out)))
+        with open(a.out, "w") as f:
+            f.write(md)
+        print(f"wrote {a.out}")
+    if acc:
+        runs = [json.load(open(p)) for p in acc]
+        text = accuracy_render(runs, a.png_dir or None, kept_notes(a.results),
+                               os.path.dirname(os.path.abspath(a.results)))
+        with open(a.results, "w") as f:
+            f.write(text)
+        print(f"wrote {a.results}")
     return md
 
 

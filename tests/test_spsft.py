@@ -1,6 +1,7 @@
 """SPSFT (spsft.py) against brute force: dense M W_f forward, full-autograd Taylor scores, explicit
 per-class Quantiles-Mean, sorted selection, saved tensors vs LoRA, merge, and bf16 + checkpointing
 runs that resume exactly."""
+import math
 import os
 import sys
 
@@ -129,6 +130,62 @@ def test_taylor_scores_equal_formula_on_full_autograd_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
+def bert_batches(sizes, seed=3, labels=3):
+    g = torch.Generator().manual_seed(seed)
+    return [dict(input_ids=torch.randint(0, 260, (k, 9), generator=g), labels=torch.randint(0, labels, (k,), generator=g))
+            for k in sizes]
+
+
+def loop_taylor(model, weights, batch):
+    """η_i = Σ_j |g_ij w_ij| by a loop over one dense autograd gradient of model(**batch).loss."""
+    for w in weights.values():
+        w.requires_grad_(True)
+    grads = torch.autograd.grad(model(**batch).loss, list(weights.values()))
+    for w in weights.values():
+        w.requires_grad_(False)
+    return {n: torch.tensor([sum(abs(a * b) for a, b in zip(gi, wi)) for gi, wi in zip(g.tolist(), w.tolist())],
+                            dtype=torch.float64) for (n, w), g in zip(weights.items(), grads)}
+
+
+def test_taylor_mean_over_x_is_per_example_with_a_short_last_batch():
+    """Batches of 4, 4, 2 examples score like one batch of all 10: the mean over examples, not over batches."""
+    model = build_tiny("tiny-bert", num_labels=3).double().eval()
+    weights = target_weights(model, ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.output.dense"])
+    batches = bert_batches([4, 4, 2])
+    whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    ref = loop_taylor(model, weights, whole)
+    common.prepare(model)
+    eta = spsft.row_importance(model, weights, batches, "taylor")
+    for n in weights:
+        torch.testing.assert_close(eta[n].double(), ref[n], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["taylor", "qm_taylor"])
+def test_taylor_passes_score_with_dropout_off_and_restore_training_mode(kind):
+    """tiny-bert has dropout 0.1: in train mode two passes must agree with each other and with eval mode."""
+    model = build_tiny("tiny-bert", num_labels=3).double()
+    assert model.config.hidden_dropout_prob > 0
+    common.prepare(model)
+    weights = target_weights(model)
+    batches = bert_batches([6, 6])
+    model.eval()
+    want = spsft.row_importance(model, weights, batches, kind)
+    model.train()
+    for _ in range(2):
+        got = spsft.row_importance(model, weights, batches, kind)
+        assert all(torch.equal(got[n], want[n]) for n in weights)
+    assert all(m.training for m in model.modules())  # train mode restored everywhere
+
+
+def test_taylor_passes_show_a_progress_bar(capsys):
+    model = common.prepare(build_tiny("tiny-bert", num_labels=3))
+    weights = target_weights(model)
+    spsft.row_importance(model, weights, bert_batches([2, 2, 2]), "taylor")
+    spsft.row_importance(model, weights, bert_batches([2, 2], labels=2), "qm_taylor")
+    err = capsys.readouterr().err
+    assert "spsft taylor" in err and "spsft qm_taylor class 1" in err
+
+
 def test_qm_taylor_equals_explicit_per_class_loop_and_quantiles():
     model = build_tiny("tiny-vit", num_labels=4).double()
     labels = [[0, 1, 3, 1, 0], [3, 3, 1, 0]]  # class 2 absent: left out of the quantiles
@@ -189,6 +246,17 @@ def test_top_rows_matches_sorting_and_breaks_ties_by_lower_index():
     ties = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5, 3.0])
     assert spsft.top_rows(ties, 4).tolist() == [1, 2, 3, 7]  # the three 3.0s, then the first 2.0
     assert spsft.top_rows(torch.zeros(10), 3).tolist() == [0, 1, 2]
+
+
+def test_ratio_rounds_to_the_nearest_row_halves_up():
+    """r = ⌊ratio·d_out + ½⌋ (≥ 1), by exact fractions: 2.5 → 3 and 4.5 → 5, not Python's round-half-even."""
+    from fractions import Fraction
+    assert spsft.rows_for(50, 7, ratio=0.05) == 3 and spsft.rows_for(90, 7, ratio=0.05) == 5
+    for ratio in ("0.05", "0.025", "0.1", "0.15", "0.25", "0.35", "0.45", "0.5", "0.125"):
+        for d_out in list(range(1, 120)) + [4096, 11008]:
+            q = Fraction(ratio) * d_out
+            want = max(1, math.floor(q + Fraction(1, 2)))
+            assert spsft.rows_for(d_out, 3, ratio=float(ratio)) == want, (ratio, d_out)
 
 
 def test_ratio_to_rows_on_non_square_matrices():

@@ -77,6 +77,33 @@ def test_importance_matches_naive_float64_and_is_memory_lean():
         torch.testing.assert_close(g2[n], (per_batch[0][i] + per_batch[1][i]).abs(), rtol=1e-9, atol=1e-14)
 
 
+def test_importance_of_a_bf16_model_is_summed_in_fp32():
+    """Weights and gradients in bf16 (a bf16 run on GPU): |W ⊙ Σ_b G_b| against the same bf16
+    gradients summed in float64; a bf16 buffer would be off by ~1e-2 relative."""
+    model = train.build_tiny("tiny-llama").to(torch.bfloat16)
+    names = common.find_targets(model)[:4]
+    ws = [model.get_submodule(n).weight for n in names]
+    bs = lm_batches(12, seed=5)
+    for w in ws:
+        w.requires_grad_(True)
+    per_batch = [torch.autograd.grad(model(**b).loss, ws) for b in bs]  # bf16, batch by batch
+    common.prepare(model)
+    wg, used = taso.gradient_importance(model, dict(zip(names, ws)), iter(bs), metric="wg")
+    assert used == 12
+    for i, n in enumerate(names):
+        ref = (ws[i].detach().double() * sum(g[i].double() for g in per_batch)).abs()
+        assert wg[n].dtype == torch.float32
+        torch.testing.assert_close(wg[n].double(), ref, rtol=1e-5, atol=1e-12)
+
+
+def test_importance_pass_shows_a_progress_bar(capsys):
+    model = train.build_tiny("tiny-llama")
+    weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)[:2]}
+    taso.gradient_importance(model, weights, iter(lm_batches(3)), n_batches=5)
+    err = capsys.readouterr().err
+    assert "taso importance |W⊙G| (≤ 5 batches)" in err
+
+
 def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
     model = ckpt(train.build_tiny("tiny-bert", num_labels=2))  # hidden dropout 0.1, a trainable head
     common.prepare(model)
@@ -261,6 +288,7 @@ def test_param_count_summary_and_lr_groups():
     dense = sum(mod.base.in_features + mod.base.out_features for mod in mods.values())
     assert s["taso_params"] == sum(per.values()) == s["lora_r1_params"] == dense
     assert s["lora_r8_params"] == 8 * dense and s["core_rows_cols"][n] == [len(mod.rows), len(mod.cols)]
+    assert s["importance_buffer_bytes"] == 0  # |W| needs no pass
     m4 = taso.TASO(r=4, taso_density=0.3, taso_metric="random")
     m4.attach(train.build_tiny("tiny-llama"), iter([]))
     for n, mod in common.adapters(m4.model, taso.TASOLinear).items():
@@ -418,6 +446,8 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     assert sum(full["losses"][-4:]) / 4 < full["losses"][0]
     assert full["calib_batches"] == 4 and full["importance_time_s"] > 0
     assert full["taso_params"] == full["lora_r1_params"] == full["trainable_params_start"]
+    tiny = train.build_tiny("tiny-llama")  # the pass's fp32 sums: 4 bytes per target weight entry
+    assert full["importance_buffer_bytes"] == 4 * sum(tiny.get_submodule(n).weight.numel() for n in common.find_targets(tiny))
     train.main(argv + ["--output_dir", str(tmp_path / "b"), "--stop_after", "4"])
     resumed = train.main(argv + ["--output_dir", str(tmp_path / "b"), "--resume"])
     assert resumed["losses"] == full["losses"]
