@@ -430,8 +430,6 @@ def main(argv=None):
     args = parse_args(argv)
     accum = args.batch_size // args.micro_batch_size
     rank, world = init_distributed(accum)  # torchrun: WORLD_SIZE > 1
-    if args.eval_only and rank > 0:
-        return None  # evaluation runs on rank 0
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -463,7 +461,9 @@ def main(argv=None):
     if args.eval_only:
         if args.adapter:
             load_adapter(model, method, args.adapter)
-        metrics = run_eval(args, model, proc, task, eval_set, info, ctx, device)
+        metrics = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+        if rank > 0:
+            return None  # rank 0 evaluated and writes
         summary = {"method": args.method, "model": args.model, "total_params": total_params,
                    "metrics": {"eval": metrics}}
         evaluate.print_table(metrics, "eval")

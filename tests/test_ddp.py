@@ -1,6 +1,6 @@
 """train.py under torchrun: 2 CPU processes (gloo) against one process with the same global batch and
 seed, for every method: per-step losses, trainable-parameter count and the method's decisions; G²R²
-and PiLoRA resumed mid-stage under DDP; a process group that cannot start. All DDP runs share one
+and PiLoRA resumed mid-stage under DDP; --eval_only; a process group that cannot start. All DDP runs share one
 torchrun launch (a driver calls train.main for each), which saves the start-up of every launch."""
 import json
 import os
@@ -70,6 +70,7 @@ def runs(tmp_path_factory):
         if name in STOPS:
             stop = argv(name, root / "ddp" / f"{name}_resumed", data)
             calls += [stop + ["--save_every", str(STOPS[name]), "--stop_after", str(STOPS[name])], stop + ["--resume"]]
+    calls.append(argv("lora", root / "ddp" / "lora_eval", data) + ["--eval_only", "--adapter", str(root / "ddp" / "lora")])
     (root / "calls.json").write_text(json.dumps(calls))
     (root / "driver.py").write_text(DRIVER.format(repo=REPO))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -122,6 +123,12 @@ def test_two_processes_equal_one(runs, name):
         assert all(torch.equal(a["rows"][n], b["rows"][n]) and torch.equal(a["cols"][n], b["cols"][n]) for n in b["rows"])
     elif name.startswith("spsft"):
         assert all(torch.equal(a["idx"][n], b["idx"][n]) for n in b["idx"])
+
+
+def test_eval_only_under_ddp_evaluates_on_rank0(runs):
+    ddp, _ = runs["lora"]
+    timeless = lambda m: {k: v for k, v in m.items() if k != "eval_time_s"}
+    assert timeless(summary(ddp.parent / "lora_eval")["metrics"]["eval"]) == timeless(summary(ddp)["metrics"]["after"])
 
 
 @pytest.mark.parametrize("name", list(STOPS))
