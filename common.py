@@ -28,6 +28,11 @@ DEFAULT_TARGETS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "deberta-v2
 HEAD_NAMES = ("classifier", "score", "pooler.dense")
 
 
+class UserError(ValueError):
+    """Bad input (a flag, file, folder, model, checkpoint): train.py prints `error: <message>` and
+    exits 2. The message is one line, what is wrong then `; ` and the fix."""
+
+
 # ----------------------------------------------------------------------------- the LoRA layer
 
 class LoRALinear(nn.Module):
@@ -44,13 +49,14 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def lora_delta(self, x):
-        """s·B A x, (..., out). Same dtype as x; no explicit fp32 copy of x under autocast."""
-        ax = F.linear(adapter_input(x, self.lora_A), self.lora_A)  # (..., r)
+    def lora_delta(self, x, dropout=True):
+        """s·B A dropout(x), (..., out). Same dtype as x; no explicit fp32 copy of x under autocast, no kept
+        dropped copy (dropout_linear). dropout=False: x is already dropped."""
+        ax, = dropout_linear(x, self.dropout if dropout else None, self.lora_A)  # (..., r)
         return (F.linear(ax, self.lora_B) * self.scaling).to(x.dtype)  # (..., out)
 
     def forward(self, x):
-        return self.base(x) + self.lora_delta(self.dropout(x))
+        return self.base(x) + self.lora_delta(x)
 
     def delta_weight(self):
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in), fp32
@@ -67,15 +73,70 @@ def adapter_input(x, weight):
     return x.to(weight.dtype)
 
 
+def dropout_linear(x, dropout, *weights):
+    """(F.linear(d, w) for w in weights) with d = dropout(x), one mask for all: what nn.Dropout followed by the
+    adapter's first projection computes (the same draws from the same RNG state, CPU-exact), without the
+    memory. Autograd keeps x (shared by every adapter reading it, and by nothing when x is the base layer's
+    input: a frozen matmul saves only its weight), the weights and the RNG state — not d and not the mask,
+    which backward draws again. `dropout`: an nn.Dropout (active while training), nn.Identity or None."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if p == 0 or not weights:
+        return tuple(F.linear(adapter_input(x, w), w) for w in weights)
+    return _DropoutLinear.apply(x, p, *weights)
+
+
+def _dropout_scale(x, p):
+    """The mask / (1 − p) that nn.Dropout multiplies x by (CPU: bernoulli_ on a tensor like x, then the divide)."""
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+
+
+def _generator(device):
+    return torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
+        device.index if device.index is not None else torch.cuda.current_device()]
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """dropout_linear's autograd: saves x, the weights and the generator state; backward redraws the mask."""
+
+    @staticmethod
+    def forward(ctx, x, p, *weights):
+        ctx.p, ctx.state = p, _generator(x.device).get_state()
+        xd = x * _dropout_scale(x, p)
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(adapter_input(xd, w), w) for w in weights)  # under the caller's autocast
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        gen = _generator(x.device)
+        now = gen.get_state()
+        gen.set_state(ctx.state)
+        scale = _dropout_scale(x, ctx.p)  # the forward's mask again
+        gen.set_state(now)
+        xd = x * scale
+        gx, gws = None, []
+        for g, w, need in zip(grads, weights, ctx.needs_input_grad[2:]):
+            if g is None:
+                gws.append(None)
+                continue
+            gws.append(g.reshape(-1, g.shape[-1]).T @ xd.to(g.dtype).reshape(-1, x.shape[-1]) if need else None)
+            if ctx.needs_input_grad[0]:
+                gi = g @ w.to(g.dtype)  # (..., in)
+                gx = gi if gx is None else gx + gi
+        if gx is not None:
+            gx = gx.to(x.dtype) * scale
+        return (gx, None, *gws)
+
+
 def check_rank(base: nn.Linear, r: int):
     if not 1 <= r <= min(base.in_features, base.out_features):
-        raise ValueError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "
-                         f"pass --r between 1 and {min(base.in_features, base.out_features)}")
+        raise UserError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "
+                        f"pass --r between 1 and {min(base.in_features, base.out_features)}")
 
 
 def check_fraction(name: str, value: float):
     if not 0 < value <= 1:
-        raise ValueError(f"--{name} must be in (0, 1], got {value}")
+        raise UserError(f"--{name} must be in (0, 1], got {value}")
 
 
 # ----------------------------------------------------------------- compact blocks: scatter, merge
@@ -148,14 +209,14 @@ def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
     if targets is None:
         kind = getattr(getattr(model, "config", None), "model_type", None)
         if kind not in defaults:
-            raise ValueError(f"no default targets for model type {kind!r}; pass --targets "
-                             f"(this model's linear layers end in: {', '.join(suffixes(model))})")
+            raise UserError(f"no default targets for model type {kind!r}; pass --targets "
+                            f"(this model's linear layers end in: {', '.join(suffixes(model))})")
         targets = defaults[kind]
     names = [n for n in linear_names(model)
              if any(n == t or n.endswith("." + t) for t in targets) and not is_head(n)]
     if not names:
-        raise ValueError(f"no linear layer matches targets {list(targets)}; pass --targets with "
-                         f"some of this model's linear-layer suffixes: {', '.join(suffixes(model))}")
+        raise UserError(f"no linear layer matches targets {list(targets)}; pass --targets with "
+                        f"some of this model's linear-layer suffixes: {', '.join(suffixes(model))}")
     return names
 
 

@@ -91,11 +91,10 @@ class G2R2Linear(common.LoRALinear):
     def forward(self, x):
         if self.pruned:
             return self.base(x)
-        xd = self.dropout(x)
-        y = self.lora_delta(xd)
-        if self.sink is not None and torch.is_grad_enabled():
-            y = _Capture.apply(y, xd, self.sink)
-        return self.base(x) + y
+        if self.sink is None or not torch.is_grad_enabled():
+            return super().forward(x)  # dropout without a kept copy (common.dropout_linear)
+        xd = self.dropout(x)  # the exact capture needs the dropped x itself
+        return self.base(x) + _Capture.apply(self.lora_delta(xd, dropout=False), xd, self.sink)
 
 
 # ---------------------------------------------------------- sensitivity and redundancy (Eq 4–7)

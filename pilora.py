@@ -21,6 +21,7 @@ A_s r′ × n. The mask mapping M ⊗ B (Eq 9) is an index scatter of the compac
 W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
 
 Readings of the paper and deviations:
+- K = 10 is ours: Alg. 1 names the interval K but the paper gives no value.
 - G̃ is Eq 7 without LoRA's scaling s. The model computes s·BA, so the exact first-order change of ΔW
   is s·(B Gᴬ + Gᴮ A); a positive per-matrix constant changes neither the hits (S against its own mean)
   nor the tie order. Gᴬ, Gᴮ are the step's gradients summed over micro-batches, before clipping.
@@ -150,9 +151,10 @@ class PiLoRALinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)  # (..., m)
-        x = self.dropout(x)
-        for A, B, idx in self.groups():
-            y = F.linear(F.linear(common.adapter_input(x, A), A), B) * self.scaling  # (..., |idx|)
+        gs = self.groups()
+        axs = common.dropout_linear(x, self.dropout, *[A for A, _, _ in gs])  # one dropout of x for both groups
+        for (A, B, idx), ax in zip(gs, axs):
+            y = F.linear(ax, B) * self.scaling  # (..., |idx|)
             out = common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
         return out
 

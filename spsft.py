@@ -15,6 +15,8 @@ Paper: ../shared/papers/004_584a2078842cda78.txt. Per target weight W (d_out × 
   Merge         W[idx] += W_f in fp32, cast once: a plain Linear, no extra latency.
 
 Deviations and readings:
+- W_f starts at zero (§3.1, so Ŵ = W at step 0); the authors' code is reported (issue 18) to draw its
+  rows Kaiming-uniform instead.
 - Parameter dependencies (§4.3, App. B: fine-tuning dependent columns of the next layer together) are
   out of scope: the paper's own conclusion (§5.2, Tables 4–5) is not to search for them.
 - Scores use the weight row only; biases are neither scored nor tuned (W_f is r × d_in, §3.1).
@@ -26,7 +28,7 @@ Deviations and readings:
   calibration batches are left out of the quantiles. For causal LMs a batch's loss is its token mean.
 - Both Taylor passes score with dropout off (eval mode, gradient checkpointing kept): the importance
   of the pretrained model, not of one random sub-network.
-- `--spsft_ratio`: the paper gives no rounding ("approximately 5 %", §4.1); r = ratio·d_out rounded
+- `--spsft_ratio`: the paper gives no rounding ("approximately 5 %", §4.2); r = ratio·d_out rounded
   to the nearest whole row, halves up (2.5 → 3), at least 1.
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
   last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's

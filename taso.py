@@ -24,6 +24,8 @@ Our readings and deviations (each is a flag):
   it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
   random sub-network) while gradient checkpointing stays on.
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
+- A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
+  LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
 - ρ = p in T7; `--taso_lr_scale linear` uses ρ^(-1), `none` uses 1.
 - Adapter dropout is applied to x[..., C] after the gather: the same distribution as dropping x
   first, and the mask is |C| wide instead of in wide.
@@ -77,8 +79,7 @@ class TASOLinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)                                                     # W x, (..., out)
-        xc = self.dropout(common.gather_cols(x, self.cols))                    # x[..., C], (..., |C|)
-        ax = F.linear(common.adapter_input(xc, self.taso_A), self.taso_A)      # (..., r)
+        ax, = common.dropout_linear(common.gather_cols(x, self.cols), self.dropout, self.taso_A)  # A_C x[..., C], (..., r)
         y = F.linear(ax, self.taso_B) * self.scaling                           # (..., |R|)
         return common.scatter_rows(out, self.rows, y.to(out.dtype))            # T5
 

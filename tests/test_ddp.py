@@ -143,12 +143,14 @@ def test_resume_mid_stage_under_ddp_equals_uninterrupted(runs, name):
 
 
 def launch_alone(env, *extra):
-    """train.py as one process of a group that cannot start: (return code, stderr)."""
+    """train.py as one process of a group that cannot start: (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | env
     p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--model", "tiny-llama", "--max_steps", "1",
                         "--batch_size", "2", "--micro_batch_size", "1", "--output_dir", "unused", *extra],
                        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
-    return p.returncode, p.stderr.strip()
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and "; " in err, err
+    return err
 
 
 def test_process_group_that_cannot_start_says_so_in_one_line():
@@ -156,10 +158,10 @@ def test_process_group_that_cannot_start_says_so_in_one_line():
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        rc, err = launch_alone(dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                    MASTER_PORT=str(port)))
-    assert rc == 1 and len(err.splitlines()) == 1 and "process group" in err and "address already in use" in err, err
-    rc, err = launch_alone(dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"))  # WORLD_SIZE without a launcher
-    assert rc == 1 and len(err.splitlines()) == 1 and "MASTER_ADDR" in err and "torchrun" in err, err
-    rc, err = launch_alone(dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"), "--batch_size", "3")
-    assert rc == 1 and len(err.splitlines()) == 1 and "multiple of --micro_batch_size × 2" in err, err
+        err = launch_alone(dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port)))
+    assert "process group" in err and "address already in use" in err and "torchrun" in err, err
+    err = launch_alone(dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"))  # WORLD_SIZE without a launcher
+    assert "MASTER_ADDR" in err and "torchrun --nproc_per_node" in err, err
+    err = launch_alone(dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"), "--batch_size", "3")
+    assert "do not divide among 2 processes" in err and "multiple of --micro_batch_size × 2" in err, err

@@ -84,18 +84,20 @@ def test_saved_tensors_spsft_keeps_no_tokens_by_r_tensor_but_equal_param_lora_do
     lora = common.LoRALinear(base, rows * d // (d + d), 16.0, 0.0)  # same trainable params: 16·64 = 8·(64+64)
     assert sp.spsft_W_f.numel() == lora.lora_A.numel() + lora.lora_B.numel()
     for autocast in (False, True):
-        for layer, k in ((sp, rows), (lora, lora.lora_A.shape[0])):
-            saved = []
-            x = torch.randn(3, 37, d)
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    layer(x).sum().backward()
-            act = [t for t in saved if t.numel() == tokens * k and t.shape[-1] == k]  # a tokens × r activation
-            if layer is sp:
-                assert not act, [tuple(t.shape) for t in saved]
-                assert sum(t.numel() for t in saved) == x.numel() + rows  # x and idx, nothing else
-            else:
-                assert act, [tuple(t.shape) for t in saved]
+        for x_grad in (False, True):  # an input that requires grad (any layer but the first) needs W, W_f too
+            for layer, k in ((sp, rows), (lora, lora.lora_A.shape[0])):
+                saved = []
+                x = torch.randn(3, 37, d, requires_grad=x_grad)
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        layer(x).sum().backward()
+                act = [t for t in saved if t.numel() == tokens * k and t.shape[-1] == k]  # a tokens × r activation
+                if layer is sp:
+                    assert not act, [tuple(t.shape) for t in saved]
+                    weights = d * d + rows * d if x_grad else 0  # W and W_f for ∂ℒ/∂x
+                    assert sum(t.numel() for t in saved) == x.numel() + rows + weights  # x, idx, nothing else
+                else:
+                    assert act, [tuple(t.shape) for t in saved]
 
 
 # ----------------------------------------------------------------------------- importance, §3.2 / App. A
@@ -177,7 +179,10 @@ def test_taylor_passes_score_with_dropout_off_and_restore_training_mode(kind):
     assert all(m.training for m in model.modules())  # train mode restored everywhere
 
 
-def test_taylor_passes_show_a_progress_bar(capsys):
+def test_taylor_passes_show_a_progress_bar(capsys, monkeypatch):
+    import functools
+    import tqdm
+    monkeypatch.setattr(spsft, "tqdm", functools.partial(tqdm.tqdm, disable=False))  # TQDM_DISABLE may be set
     model = common.prepare(build_tiny("tiny-bert", num_labels=3))
     weights = target_weights(model)
     spsft.row_importance(model, weights, bert_batches([2, 2, 2]), "taylor")
