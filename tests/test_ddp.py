@@ -89,7 +89,7 @@ def summary(d):
 
 
 def state(d):
-    return torch.load(d / "method_state.pt", weights_only=False)
+    return torch.load(d / "method_state.pt", weights_only=True)
 
 
 def same_run(a, b, tol=1e-5):
