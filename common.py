@@ -366,8 +366,8 @@ class Method:
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
     `schedule_start` is the step at which the current learning-rate schedule (warmup) began;
     `stage` is shown in the progress bar; `unused_params` says that some trainable tensors may get no
-    gradient in a step (DDP then looks for them: find_unused_parameters). Constructors take keyword arguments named as the CLI flags
-    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
+    gradient in a step (under torchrun DDP then looks for them: find_unused_parameters). Constructors
+    take keyword arguments named as the CLI flags (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
     the number of optimizer steps the run takes given the trainer's count (--max_steps, else --epochs
     epochs); a method with steps of its own (PiLoRA's stage 1) adds them there.
     """

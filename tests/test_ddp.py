@@ -142,6 +142,18 @@ def test_resume_mid_stage_under_ddp_equals_uninterrupted(runs, name):
         assert all(torch.equal(a["dominant"][n], b["dominant"][n]) for n in b["dominant"])
 
 
+@pytest.mark.parametrize("n", [0, 1, 5, 8])
+def test_shards_deal_every_batch_once(monkeypatch, n):
+    """Batch k goes to process k mod world size: the shares of 3 processes add up to n and differ by ≤ 1."""
+    import common
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(common, "world", lambda rank=rank: (rank, 3))
+        shares.append(common.shard_len(n))
+    assert sum(shares) == n and max(shares) - min(shares) <= 1 and shares == sorted(shares, reverse=True)
+    assert shares == [sum(1 for k in range(n) if k % 3 == r) for r in range(3)]  # dealt out one by one
+
+
 def launch_alone(env, *extra):
     """train.py as one process of a group that cannot start: (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | env
