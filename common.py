@@ -6,6 +6,7 @@ LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Ka
 B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
 """
 import collections
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import shutil
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -303,6 +305,56 @@ def adapters(model, cls):
     return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
 
 
+# ------------------------------------------------- data parallel (torchrun + DDP, see train.py)
+# Under torchrun every process holds a share of each step's (and each scoring pass's) batches: batch k
+# goes to process k mod world size. DDP sums the gradients (it does not average them), so a quantity a
+# method computes from its own batches is a partial sum and all_reduce() makes it the one-process value.
+
+def world():
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_len(n):
+    """How many of n batches dealt out in turn (batch k to process k mod world size) this process gets."""
+    rank, size = world()
+    return len(range(rank, n, size))
+
+
+def all_reduce(t):
+    """t summed over the processes, in place (a no-op in one process); returns t."""
+    if world()[1] == 1:
+        return t
+    x = t.to("cuda") if dist.get_backend() == "nccl" else t  # NCCL reduces GPU tensors only
+    dist.all_reduce(x)
+    if x is not t:
+        t.copy_(x)
+    return t
+
+
+def all_gather(obj):
+    """[obj of process 0, obj of process 1, ...] for a picklable obj; [obj] in one process."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_same(decision, what):
+    """Assert that a decision (tensors, lists, dicts of them) is identical on every process: methods
+    call it where they fix rows, regions or pruned modules. Skipped under python -O and in one process."""
+    if __debug__ and world()[1] > 1:
+        plain = lambda x: (x.tolist() if torch.is_tensor(x) else {k: plain(v) for k, v in x.items()}
+                           if isinstance(x, dict) else [plain(v) for v in x] if isinstance(x, (list, tuple)) else x)
+        digests = all_gather(hashlib.sha256(repr(plain(decision)).encode()).hexdigest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"{what} differ between processes (digests {digests}); the all-reduce "
+                               f"before this decision is missing or the processes ran different code")
+
+
 # ---------------------------------------------------------------------------- method interface
 
 class Method:
@@ -322,8 +374,9 @@ class Method:
 
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
     `schedule_start` is the step at which the current learning-rate schedule (warmup) began;
-    `stage` is shown in the progress bar. Constructors take keyword arguments named as the CLI flags
-    (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
+    `stage` is shown in the progress bar; `unused_params` says that some trainable tensors may get no
+    gradient in a step (under torchrun DDP then looks for them: find_unused_parameters). Constructors
+    take keyword arguments named as the CLI flags (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
     the number of optimizer steps the run takes given the trainer's count (--max_steps, else --epochs
     epochs); a method with steps of its own (PiLoRA's stage 1) adds them there.
     """
@@ -331,6 +384,7 @@ class Method:
     lr_scale = 1.0
     schedule_start = 0
     stage = "train"
+    unused_params = False
 
     def run_steps(self, steps):
         return steps

@@ -126,6 +126,7 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         used = 0
         with torch.enable_grad(), common.scoring_mode(model):
+            n_batches = common.shard_len(n_batches)  # torchrun: this process's share
             bar = tqdm(zip(range(n_batches), batches), total=n_batches, unit="batch", leave=False,
                        desc=f"taso importance |{'W⊙G' if metric == 'wg' else 'G'}| (≤ {n_batches} batches)")
             for _, batch in bar:
@@ -140,9 +141,12 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
+    used = int(common.all_reduce(torch.tensor(used)))  # torchrun: batches of all processes
     if used == 0:
         raise ValueError("TASO's importance pass got no batches; give the run a non-empty train set "
                          "or pass --taso_metric w (no pass)")
+    for b in bufs.values():  # torchrun: Σ_b over all processes' batches before the |·| of T1
+        common.all_reduce(b)
     return {n: b.abs_() for n, b in bufs.items()}, used
 
 
@@ -230,6 +234,7 @@ class TASO(common.Method):
             for n in self.names:
                 R, C = core_regions(scores.pop(n), self.p, self.topk, self.select, gen)
                 self.rows[n], self.cols[n] = R.cpu(), C.cpu()
+            common.check_same((self.rows, self.cols), "taso core rows and columns")
         for n in self.names:
             common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
                                                        self.r, self.alpha, self.dropout))

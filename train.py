@@ -6,6 +6,7 @@
     python train.py --method pilora --model google/vit-base-patch16-224-in21k --data ./cifar10 --task image
     python train.py --method taso --model tiny-llama --max_steps 20            # smoke run, random init
     python train.py --model out/demo/merged --eval_only --eval_commonsense ../shared/data/commonsense
+    torchrun --nproc_per_node 8 train.py --method g2r2 --model meta-llama/Llama-2-7b-hf --data alpaca.json ...
 
 One plain loop (nanoGPT shape): micro-batches accumulate into an optimizer step; the method object
 gets the same hooks whatever the method (common.Method): attach, after_backward, after_step,
@@ -13,9 +14,11 @@ state_dict, export. Outputs in --output_dir: summary.json, adapter.safetensors +
 ckpt.pt (atomic, for --resume), with --merge a merged save_pretrained model and, with --export peft,
 peft/ (adapter_config.json + adapter_model.safetensors: peft.PeftModel.from_pretrained loads it). Bad
 input (flags, files, models, checkpoints) stops with one line `error: <what is wrong>; <the fix>` and
-exit status 2.
+exit status 2. Under torchrun (WORLD_SIZE > 1) each process runs its share of every step's micro-batches
+in DistributedDataParallel; rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
+import atexit
 import importlib.util
 import itertools
 import json
@@ -27,10 +30,13 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -154,13 +160,17 @@ def check_args(args):
          "make it one (accumulation runs batch_size / micro_batch_size micro-batches)")
     need(args.num_beams >= 1, f"--num_beams must be 1 (greedy) or more, got {args.num_beams}",
          "e.g. --num_beams 4")
-    need(not args.eval_commonsense or os.path.exists(args.eval_commonsense),
-         f"--eval_commonsense {args.eval_commonsense}: no such file or folder",
-         "pass a folder of <task>/test.json files (LLM-Adapters' dataset/)")
-    need(not args.adapter or os.path.isdir(args.adapter), f"--adapter {args.adapter}: no such folder",
-         "pass the --output_dir of a finished run")
     need(not (args.export and args.eval_only) or args.adapter, "--export with --eval_only has no adapter to export",
          "pass --adapter RUN_DIR (the run whose adapter to export)")
+
+
+def check_paths(args):
+    """Folders the run reads only at its end (or without --data's checks), refused before it starts."""
+    if args.eval_commonsense and not os.path.exists(args.eval_commonsense):
+        raise UserError(f"--eval_commonsense {args.eval_commonsense}: no such file or folder; pass a folder "
+                        "of <task>/test.json files (LLM-Adapters' dataset/)")
+    if args.adapter and not os.path.isdir(args.adapter):
+        raise UserError(f"--adapter {args.adapter}: no such folder; pass the --output_dir of a finished run")
 
 
 # ----------------------------------------------------------------------------------- models
@@ -480,10 +490,83 @@ def load_trainable(model, tensors):
                         "data (number of labels) they were trained with") from None
 
 
+# ------------------------------------------------------------------ several processes (torchrun)
+
+WAIT = None  # a gloo group without a practical timeout: the other processes wait in it while rank 0 evaluates
+
+
+def init_distributed(args):
+    """(rank, world size). With WORLD_SIZE > 1 (torchrun) start the process group: NCCL with one GPU per
+    process (LOCAL_RANK), gloo on CPU. The micro-batches of every step are dealt out to the processes
+    (micro-batch k to rank k mod world size), so they must divide evenly."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = args.batch_size // args.micro_batch_size
+    if world > 1 and accum % world:
+        raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} = {accum} "
+                        f"micro-batches per step do not divide among {world} processes; make --batch_size a "
+                        f"multiple of --micro_batch_size × {world}")
+    if world == 1 or dist.is_initialized():
+        return common.world()
+    global WAIT
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, device_id=torch.device("cuda", torch.cuda.current_device())
+                                if backend == "nccl" else None)
+        dist.barrier()  # every process is there and the backend works
+        WAIT = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    except Exception as e:  # ValueError (environment), DistError / RuntimeError (store, backend, GPU)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+        raise UserError(f"the {backend} process group of WORLD_SIZE={world} did not start ({env}: {reason}); "
+                        f"launch with torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE to run "
+                        f"one process") from None
+    atexit.register(dist.destroy_process_group)
+    return common.world()
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 while the other processes wait for it, however long; None on those."""
+    rank, world = common.world()
+    out = fn(*args) if rank == 0 else None
+    if world > 1:
+        dist.barrier(group=WAIT)
+    return out
+
+
+def sum_hook(state, bucket):
+    """DDP communication hook: a gradient bucket summed over the processes (DDP's default averages)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def wrap(model, method):
+    """The module the loop runs: `model` itself in one process, else a DistributedDataParallel of it over
+    the tensors that train now (built again when they change). Gradients are summed, not averaged: each
+    process's loss is its share of the step's loss, so the sum is the one-process gradient.
+    method.unused_params (G²R²: a module pruned mid-stage gets no gradient) turns on DDP's search for
+    tensors without a gradient (find_unused_parameters: one more pass over the autograd graph)."""
+    if common.world()[1] == 1:
+        return model
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
+              find_unused_parameters=method.unused_params)
+    ddp.register_comm_hook(None, sum_hook)
+    return ddp
+
+
+def no_sync(net, skip):
+    """DDP's no_sync() for the forward of every micro-batch but a process's last (its backward then
+    reduces the accumulated gradients once); nothing in one process."""
+    return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
+
+
 # ------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
+    check_paths(args)
+    accum = args.batch_size // args.micro_batch_size
+    rank, world = init_distributed(args)  # torchrun: WORLD_SIZE > 1
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -492,7 +575,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.output_dir, "ckpt.pt")
 
     # data first: a classification head needs the number of labels
-    path, task, proc = resolve(args)
+    path, task, proc = on_rank0(resolve, args) or resolve(args)  # rank 0 first: it fills the caches
     examples, eval_set, info = load_data(args, task, proc)
     if args.max_samples:
         examples = examples[:args.max_samples]
@@ -507,7 +590,6 @@ def main(argv=None):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
-    accum = args.batch_size // args.micro_batch_size
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     with method_errors():
@@ -519,9 +601,11 @@ def main(argv=None):
     if args.eval_only:
         if args.adapter:
             load_adapter(model, method, args.adapter, expect=run_id)
+        metrics = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+        if rank > 0:
+            return None  # rank 0 evaluated and writes
         if args.export:
             common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
-        metrics = run_eval(args, model, proc, task, eval_set, info, ctx, device)
         summary = {"method": args.method, "model": args.model, "total_params": total_params,
                    "metrics": {"eval": metrics}}
         evaluate.print_table(metrics, "eval")
@@ -534,12 +618,12 @@ def main(argv=None):
         check_ckpt(ckpt, ckpt_path, args)
     if args.resume and ckpt is None:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    metrics = {"before": ckpt["metrics_before"] if ckpt else run_eval(args, model, proc, task, eval_set, info, ctx, device)}
+    metrics = {"before": ckpt["metrics_before"] if ckpt else on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)}
     model.train()
     t0 = time.time()
     with ctx:
         # scoring passes (TASO, SPSFT-Taylor) see at most one epoch of training batches
-        calib = itertools.islice(batches.stream(), batches.per_epoch)
+        calib = itertools.islice(batches.stream(), rank, batches.per_epoch, world)  # this process's share
         with method_errors():
             method.attach(model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
@@ -552,34 +636,40 @@ def main(argv=None):
         load_trainable(model, ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])
         start, losses, stage_times = ckpt["step"], ckpt["losses"], ckpt["stage_times"]
-        torch.set_rng_state(ckpt["rng"])
+        rngs = ckpt.get("rng_ranks", [])
+        torch.set_rng_state(rngs[rank] if len(rngs) == world else ckpt["rng"])
     else:
         stage_times["attach"] = attach_time
 
     def checkpoint(step):
-        save_atomic({"step": step, "trainable": common.trainable_state_dict(model), "optimizer": opt.state_dict(),
-                     "method": method.state_dict(), "losses": losses, "stage_times": stage_times,
-                     "rng": torch.get_rng_state(), "metrics_before": metrics["before"],
-                     "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
+        rngs = common.all_gather(torch.get_rng_state())  # every process's dropout stream
+        if rank == 0:
+            save_atomic({"step": step, "trainable": common.trainable_state_dict(model), "optimizer": opt.state_dict(),
+                         "method": method.state_dict(), "losses": losses, "stage_times": stage_times,
+                         "rng": torch.get_rng_state(), "rng_ranks": rngs, "metrics_before": metrics["before"],
+                         "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
 
-    bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True)
+    net = wrap(model, method)
+    bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t = time.time()
         lr = get_lr(step - method.schedule_start, total - method.schedule_start, args)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        micro = [batches(step * accum + k) for k in range(accum)]
-        if task == "causal":  # loss normalised by the target tokens of the whole accumulation window
-            n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
+        micro = [batches(step * accum + k) for k in range(rank, accum, world)]  # this process's share
+        if task == "causal":  # loss normalised by the target tokens of the whole step (all processes)
+            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_items = max(1, int(common.all_reduce(torch.tensor(n_items))))
         loss_sum = 0.0
-        for b in micro:
-            with ctx:
+        for j, b in enumerate(micro):
+            with ctx, no_sync(net, j < len(micro) - 1):
                 if task == "causal":
-                    loss = model(**b, num_items_in_batch=torch.tensor(n_items, device=device)).loss
+                    loss = net(**b, num_items_in_batch=torch.tensor(n_items, device=device)).loss
                 else:
-                    loss = model(**b).loss / accum
+                    loss = net(**b).loss / accum
             loss.backward()
             loss_sum += float(loss.detach())
+        loss_sum = float(common.all_reduce(torch.tensor(loss_sum, dtype=torch.float64)))  # all processes
         if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
             bar.close()
             kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N)"
@@ -591,6 +681,8 @@ def main(argv=None):
         opt.step()
         if method.after_step(step):
             opt = build_optimizer(model, method, args, old=opt)
+            net = None  # the old DDP (and its gradient hooks) goes before the new one is built
+            net = wrap(model, method)
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum)
         dt = time.time() - t
@@ -599,9 +691,10 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", stage=method.stage)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done < total:
-            m = run_eval(args, model, proc, task, eval_set, info, ctx, device)
-            metrics.setdefault("during", []).append({"step": done, **m})
-            tqdm.write(f"step {done}: {json.dumps(m)}")
+            m = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+            if rank == 0:
+                metrics.setdefault("during", []).append({"step": done, **m})
+                tqdm.write(f"step {done}: {json.dumps(m)}")
             model.train()
         if (args.save_every and done % args.save_every == 0) or done == total:
             checkpoint(done)
@@ -611,7 +704,9 @@ def main(argv=None):
             return {"stopped_at": done, "losses": losses}
     bar.close()
 
-    metrics["after"] = run_eval(args, model, proc, task, eval_set, info, ctx, device)
+    metrics["after"] = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+    if rank > 0:
+        return None  # rank 0 writes the adapter, summary, plots and merged model
     save_adapter(model, method, args.output_dir, meta=run_id)
     summary = {
         "method": args.method, "model": args.model, "task": task, "data": args.data,
@@ -620,7 +715,8 @@ def main(argv=None):
         "head_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and common.is_head(n)),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
-        "device": device, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt, **method.summary(),
+        "device": device, "world_size": world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
+        **method.summary(),
     }
     method.plot(args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers

@@ -167,7 +167,8 @@ def test_paper_and_product_scorers_against_hand_computation(score):
     model(torch.randn(6, 5)).pow(2).sum().backward()
     meth.after_backward(0)
     for i, L in enumerate(meth.layers):
-        A, B, gA, gB, s = L.lora_A.tolist(), L.lora_B.tolist(), L.lora_A.grad.tolist(), L.lora_B.grad.tolist(), L.scaling
+        A, B, s = L.lora_A.tolist(), L.lora_B.tolist(), L.scaling
+        gA, gB = L.lora_A.grad.tolist(), L.lora_B.grad.tolist()
         r, out, inn = len(A), len(B), len(A[0])
         if score == "paper":
             total = 0.0

@@ -134,8 +134,8 @@ def test_taylor_scores_equal_formula_on_full_autograd_gradients():
 
 def bert_batches(sizes, seed=3, labels=3):
     g = torch.Generator().manual_seed(seed)
-    return [dict(input_ids=torch.randint(0, 260, (k, 9), generator=g), labels=torch.randint(0, labels, (k,), generator=g))
-            for k in sizes]
+    return [dict(input_ids=torch.randint(0, 260, (k, 9), generator=g),
+                 labels=torch.randint(0, labels, (k,), generator=g)) for k in sizes]
 
 
 def loop_taylor(model, weights, batch):
@@ -254,7 +254,7 @@ def test_top_rows_matches_sorting_and_breaks_ties_by_lower_index():
 
 
 def test_ratio_rounds_to_the_nearest_row_halves_up():
-    """r = ⌊ratio·d_out + ½⌋ (≥ 1), by exact fractions: 2.5 → 3 and 4.5 → 5, not Python's round-half-even."""
+    """r = ⌊ratio·d_out + ½⌋ (≥ 1) by exact fractions: 2.5 → 3, 4.5 → 5 (not Python's round-half-even)."""
     from fractions import Fraction
     assert spsft.rows_for(50, 7, ratio=0.05) == 3 and spsft.rows_for(90, 7, ratio=0.05) == 5
     for ratio in ("0.05", "0.025", "0.1", "0.15", "0.25", "0.35", "0.45", "0.5", "0.125"):

@@ -116,7 +116,8 @@ def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
     weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)}
     calls = [0]
-    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    query = model.bert.encoder.layer[0].attention.self.query
+    query.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     s1, _ = taso.gradient_importance(model, weights, iter([b, b]), metric="wg")
     assert calls[0] == 2 * 2  # two batches, each forward recomputed in backward: checkpointing really ran
     s2, _ = taso.gradient_importance(model, weights, iter([b, b]), metric="wg")
@@ -453,7 +454,8 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     assert full["calib_batches"] == 4 and full["importance_time_s"] > 0
     assert full["taso_params"] == full["lora_r1_params"] == full["trainable_params_start"]
     tiny = train.build_tiny("tiny-llama")  # the pass's fp32 sums: 4 bytes per target weight entry
-    assert full["importance_buffer_bytes"] == 4 * sum(tiny.get_submodule(n).weight.numel() for n in common.find_targets(tiny))
+    entries = sum(tiny.get_submodule(n).weight.numel() for n in common.find_targets(tiny))
+    assert full["importance_buffer_bytes"] == 4 * entries
     train.main(argv + ["--output_dir", str(tmp_path / "b"), "--stop_after", "4"])
     resumed = train.main(argv + ["--output_dir", str(tmp_path / "b"), "--resume"])
     assert resumed["losses"] == full["losses"]

@@ -203,6 +203,7 @@ def test_readme_paper_commands_parse():
     import re
     import shlex
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    readme = readme[readme.index("Each paper below gets"):readme.index("**LoRA (`--method lora`)**")]
     cmds = [line.strip() for blk in re.findall(r"```bash\n(.*?)```", readme, re.S)
             for line in blk.replace("\\\n", " ").splitlines() if line.strip().startswith("python train.py")]
     methods = {train.parse_args(shlex.split(c, comments=True)[2:]).method for c in cmds}
