@@ -15,6 +15,7 @@ model's image processor when an example is read.
 `builtin_task()` generates the default job's data: pick the larger of two numbers (see its docstring).
 """
 import csv
+import itertools
 import json
 import os
 import random
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from common import UserError
 
 IGNORE = -100  # label of a token that is not trained (the prompt, padding)
 
@@ -61,32 +64,76 @@ def read_records(path) -> list:
     if p.is_dir():
         files = sorted(p.glob("*/train.json"))
         if not files:
-            raise ValueError(f"{path} is a folder without <task>/train.json files; pass a .json or .jsonl file")
+            raise UserError(f"{path} is a folder without <task>/train.json files; pass a .json or .jsonl file")
         return [r for f in files for r in read_records(f)]
+    check_local(path, DATA_EXTS)
     if p.suffix == ".jsonl":
         with p.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if p.suffix == ".json":
-        with p.open(encoding="utf-8") as f:
-            records = json.load(f)
+            records = [json_value(line, path, i + 1) for i, line in enumerate(f) if line.strip()]
+    elif p.suffix == ".json":
+        records = json_value(p.read_text(encoding="utf-8"), path)
         if not isinstance(records, list):
-            raise ValueError(f"{path} must hold a JSON list of records, got a {type(records).__name__}")
-        return records
-    if p.exists():
-        raise ValueError(f"instruction data must be a .json or .jsonl file, got {path}")
+            raise UserError(f"{path} holds a JSON {type(records).__name__}, not a list of records; "
+                            "write [{\"instruction\": ..., \"output\": ...}, ...] or use .jsonl")
+    elif p.exists():
+        raise UserError(f"instruction data must be a .json or .jsonl file, got {path}; convert it, or pass "
+                        "--model with a classification model for csv / tsv tables")
+    else:
+        return hub(path, split="train").to_list()
+    if not records:
+        raise UserError(f"{path} holds no records; give it at least one {{instruction, output}} record")
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise UserError(f"{path}: record {bad} is a JSON {type(records[bad]).__name__}, not an object; "
+                        "each record must be {\"instruction\": ..., \"input\": ..., \"output\": ...}")
+    return records
+
+
+def json_value(text, path, line=None):
+    """json.loads, or a UserError saying where the file stops being JSON."""
+    if not text.strip():
+        raise UserError(f"{path} is empty; give it a JSON list of {{instruction, input, output}} records")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {line}" if line else f"line {e.lineno} column {e.colno}"
+        raise UserError(f"{path} is not valid JSON at {where} ({e.msg}); fix the file "
+                        "(.json: one list of records, .jsonl: one record a line)") from None
+
+
+def check_local(source, exts):
+    """A UserError when `source` names a local file (a path or a data-file name) that is not there."""
+    s = str(source)
+    if not os.path.exists(s) and (s.startswith((".", "/", "~")) or s.endswith(exts)):
+        raise UserError(f"{s}: no such file or folder; check the path (it is relative to {os.getcwd()})")
+
+
+def hub(name, *args, **kw):
+    """datasets.load_dataset(name, ...) of a hub dataset, or a UserError when it cannot be loaded."""
     from datasets import load_dataset
-    return load_dataset(str(path), split="train").to_list()
+    from datasets.exceptions import DatasetsError
+    try:
+        return load_dataset(str(name), *args, **kw)
+    except (OSError, DatasetsError) as e:  # not found, offline, gated
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--data {name}: not a local path, and the hub dataset could not be loaded "
+                        f"({reason}); pass a local file or folder, or check the name and the network") from None
 
 
 def tokenize_instructions(records, tokenizer, max_len) -> list:
     """[{"input_ids", "labels"}]: prompt + response + eos, labels -100 on the prompt, both cut to
     max_len from the end (the prompt's start is kept; a prompt that fills max_len trains nothing)."""
     if max_len < 1:
-        raise ValueError(f"--max_len must be at least 1, got {max_len}")
-    for r in records:
+        raise UserError(f"--max_len must be at least 1, got {max_len}")
+    for i, r in enumerate(records):
         if "instruction" not in r or "output" not in r:
-            raise ValueError("instruction data needs the columns instruction and output (input is "
-                             f"optional); found columns: {', '.join(map(str, r)) or 'none'}")
+            raise UserError("instruction data needs the columns instruction and output (input is "
+                            f"optional); found columns: {', '.join(map(str, r)) or 'none'}")
+        bad = next((k for k in ("instruction", "input", "output")
+                    if r.get(k) is not None and not isinstance(r[k], str)), None)
+        if bad:
+            raise UserError(f"record {i}'s {bad} is not a string (a JSON {type(r[bad]).__name__}); "
+                            "write every instruction, input and output as a JSON string")
     prompts = tokenizer([prompt(r["instruction"], r.get("input") or "") for r in records])["input_ids"]
     responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     out = []
@@ -135,6 +182,7 @@ LABEL_COLUMNS = ["label", "labels", "score", "gold_label", "Quality", "is_duplic
 COLA_COLUMNS = ["source", "label", "original-label", "sentence"]  # CoLA's TSVs have no header
 SPLITS = {"dev": "validation", "valid": "validation", "val": "validation"}
 DATA_EXTS = (".tsv", ".csv", ".json", ".jsonl")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def load_classification(source, split, tokenizer, max_len):
@@ -142,17 +190,17 @@ def load_classification(source, split, tokenizer, max_len):
     (a file is one split: `split` is not used). Sentence pairs are encoded as tokenizer(a, b);
     labels are ints, or floats for regression."""
     path = Path(source)
+    check_local(source, DATA_EXTS)
     if path.exists():
         task = glue_task(path if path.is_dir() else path.parent)
         file = split_file(path, split, task) if path.is_dir() else path
         ds, names = read_table(file, task), GLUE.get(task)
     else:
-        from datasets import load_dataset
         name, _, config = str(source).partition(":")  # "name:config", or "glue/<task>"
         if name.rpartition("/")[0] in ("glue", "nyu-mll/glue"):
             name, _, config = name.rpartition("/")
         task = config if name in ("glue", "nyu-mll/glue") and config in GLUE else None
-        ds = load_dataset(name, config or None, split=hub_split(split, task))
+        ds = hub(name, config or None, split=hub_split(split, task))
         feature = next((ds.features[c] for c in LABEL_COLUMNS if c in ds.features), None)
         names = getattr(feature, "names", None)  # a ClassLabel's names
     texts, label_col = find_columns(ds.column_names, source)
@@ -166,8 +214,8 @@ def load_classification(source, split, tokenizer, max_len):
             names = sorted({str(v) for v in raw})  # string labels of a generic file
         labels = [to_class(v, names, source) for v in raw]
         if any(y < 0 for y in labels):
-            raise ValueError(f"split {split!r} of {source} has no labels (GLUE test splits are "
-                             "unlabelled); use train or validation")
+            raise UserError(f"split {split!r} of {source} has no labels (GLUE test splits are "
+                            "unlabelled); use train or validation")
     columns = [[str(t) for t in ds[c]] for c in texts]
     enc = tokenizer(*columns, truncation=True, max_length=max_len)["input_ids"]
     examples = [{"input_ids": ids, "labels": y} for ids, y in zip(enc, labels)]
@@ -196,21 +244,32 @@ def split_file(folder, split, task):
             if (folder / (stem + ext)).is_file():
                 return folder / (stem + ext)
     found = sorted(f.name for f in folder.iterdir() if f.suffix in DATA_EXTS)
-    raise ValueError(f"no {split} split in {folder}: expected {stems[0]}.tsv/.csv/.json/.jsonl, "
-                     f"found {', '.join(found) or 'no data files'}")
+    raise UserError(f"no {split} split in {folder} (found {', '.join(found) or 'no data files'}); add "
+                    f"{stems[0]}.tsv, .csv, .json or .jsonl")
 
 
 def read_table(file, task=None):
     """A local csv / tsv / json(l) file as a datasets.Dataset, every cell read as written."""
     from datasets import load_dataset
-    if file.suffix in (".json", ".jsonl"):
-        return load_dataset("json", data_files=str(file), split="train")
-    kw = {"delimiter": "\t" if file.suffix == ".tsv" else ",", "keep_default_na": False}
+    from datasets.exceptions import DatasetGenerationError
+    headerless = task == "cola" and file.stem != "test"
+    with open(file, encoding="utf-8", errors="replace") as f:
+        first = list(itertools.islice(filter(str.strip, f), 2))  # the first two non-blank lines
+    if len(first) < (1 if headerless or file.suffix in (".json", ".jsonl") else 2):
+        raise UserError(f"{file} holds no examples (only blank lines or a header); give it at least one")
+    kw = {}
+    if file.suffix in (".tsv", ".csv"):
+        kw = {"delimiter": "\t" if file.suffix == ".tsv" else ",", "keep_default_na": False}
     if file.suffix == ".tsv":
         kw["quoting"] = csv.QUOTE_NONE  # GLUE's TSVs hold unbalanced quotes inside sentences
-    if task == "cola" and file.stem != "test":
+    if headerless:
         kw.update(header=None, column_names=COLA_COLUMNS)
-    return load_dataset("csv", data_files=str(file), split="train", **kw)
+    kind = "json" if file.suffix in (".json", ".jsonl") else "csv"
+    try:
+        return load_dataset(kind, data_files=str(file), split="train", **kw)
+    except DatasetGenerationError as e:  # the parser's own error is its cause
+        cause = " ".join(str(e.__cause__ or e).split())[:200]
+        raise UserError(f"{file} could not be read as {file.suffix[1:]} ({cause}); fix the file") from None
 
 
 def hub_split(split, task):
@@ -219,20 +278,20 @@ def hub_split(split, task):
 
 
 def find_columns(columns, source):
-    """(text columns, label column) of a table, or a ValueError naming what was found and expected."""
+    """(text columns, label column) of a table, or a UserError naming what was found and expected."""
     texts = next((t for t in TEXT_COLUMNS if all(c in columns for c in t)), None)
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     if texts is None or label is None:
         expected = " | ".join("+".join(t) for t in TEXT_COLUMNS)
-        raise ValueError(f"{source}: found columns {', '.join(map(str, columns))}; expected text "
-                         f"columns ({expected}) and a label column ({' | '.join(LABEL_COLUMNS)})")
+        raise UserError(f"{source}: found columns {', '.join(map(str, columns))}; expected text "
+                        f"columns ({expected}) and a label column ({' | '.join(LABEL_COLUMNS)})")
     return list(texts), label
 
 
 def to_class(v, names, source):
     if isinstance(v, str) and not v.lstrip("-").isdigit():
         if names is None or v not in names:
-            raise ValueError(f"{source}: unknown label {v!r}; expected one of {names}")
+            raise UserError(f"{source}: unknown label {v!r}; expected one of {names}")
         return names.index(v)
     return int(v)
 
@@ -252,8 +311,11 @@ class ImageExamples(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.ds[range(len(self))[i]]
-        image = row[self.image_col].convert("RGB")
+        try:
+            row = self.ds[range(len(self))[i]]
+            image = row[self.image_col].convert("RGB")
+        except OSError as e:  # PIL cannot read the file (not an image, truncated)
+            raise UserError(f"example {i} is not a readable image ({e}); remove or replace that file") from None
         x = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": x.float(), "labels": int(row[self.label_col])}
 
@@ -262,19 +324,23 @@ def load_images(source, split, processor):
     """(examples, info) from an imagefolder directory (<dir>/<split>/<class>/*.png, or <dir>/<class>/
     when there are no split folders: all of it is "train") or a hub image-classification dataset."""
     from datasets import ClassLabel, Image, load_dataset
+    check_local(source, DATA_EXTS)
     if os.path.isdir(source):
+        if not any(f.suffix.lower() in IMAGE_EXTS for f in Path(source).rglob("*")):
+            raise UserError(f"{source} holds no images ({', '.join(IMAGE_EXTS)}); pass a folder laid out "
+                            "as <split>/<class>/<image> or <class>/<image>")
         dsd = load_dataset("imagefolder", data_dir=str(source))
     else:
-        dsd = load_dataset(str(source))
+        dsd = hub(source)
     split = SPLITS.get(split, split)
     if split not in dsd:
-        raise ValueError(f"no {split} split in {source}; found splits: {', '.join(dsd)}")
+        raise UserError(f"no {split} split in {source}; found splits: {', '.join(dsd)}")
     ds = dsd[split]
     image_col = next((c for c, f in ds.features.items() if isinstance(f, Image)), None)
     label_col = next((c for c, f in ds.features.items() if isinstance(f, ClassLabel)), None)
     if image_col is None or label_col is None:
-        raise ValueError(f"{source}: found columns {', '.join(ds.column_names)}; expected an image "
-                         "column and a class-label column")
+        raise UserError(f"{source}: found columns {', '.join(ds.column_names)}; expected an image "
+                        "column and a class-label column")
     names = ds.features[label_col].names
     return (ImageExamples(ds, image_col, label_col, processor),
             {"task": "image", "num_labels": len(names), "label_names": names, "regression": False})

@@ -17,7 +17,6 @@ Deviations from LLM-Adapters' commonsense_evaluate.py, each on purpose:
   of the task's pattern.
 """
 import copy
-import json
 import math
 import re
 from contextlib import contextmanager
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from common import UserError
 
 # ------------------------------------------------------------------------------------ metrics
 
@@ -155,8 +156,8 @@ RESPONSE = "the correct answer is {}"  # the training output format of commonsen
 def _task_key(task):
     t = ALIASES.get(str(task).lower(), str(task).lower())
     if t not in PATTERNS:
-        raise ValueError(f"unknown commonsense task {task!r}; name the file or folder after one of: "
-                         f"{', '.join(PATTERNS)} (case-insensitive)")
+        raise UserError(f"unknown commonsense task {task!r}; name the file or folder after one of: "
+                        f"{', '.join(PATTERNS)} (case-insensitive)")
     return t
 
 
@@ -199,7 +200,7 @@ def _padding(tokenizer, side):
     """Temporarily pad on `side`, with EOS as pad token when the tokenizer has none."""
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     if old_pad is None and tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        raise UserError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     tokenizer.pad_token, tokenizer.padding_side = old_pad or tokenizer.eos_token, side
     try:
         yield tokenizer
@@ -286,15 +287,15 @@ def _commonsense_files(source):
     if src.is_file():
         return [(src.parent.name if src.stem == "test" else src.stem, src)]
     if not src.is_dir():
-        raise ValueError(f"--eval_commonsense {source}: no such file or directory")
+        raise UserError(f"--eval_commonsense {source}: no such file or directory; check the path")
     if (src / "test.json").is_file():
         return [(src.name, src / "test.json")]
     found = [(d.name, d / "test.json") for d in src.iterdir() if (d / "test.json").is_file()]
     found = sorted([(t, f) for t, f in found + [(f.stem, f) for f in src.glob("*.json")]
                     if ALIASES.get(t.lower(), t.lower()) in PATTERNS], key=lambda t: t[0].lower())
     if not found:
-        raise ValueError(f"no test sets in {source}: expected <task>/test.json or <task>.json files, "
-                         f"task one of {', '.join(PATTERNS)}")
+        raise UserError(f"no test sets in {source}; give it <task>/test.json or <task>.json files, "
+                        f"task one of {', '.join(PATTERNS)}")
     return found
 
 
@@ -304,7 +305,7 @@ def _commonsense_files(source):
 def evaluate_commonsense(model, tokenizer, source, mode="generate", batch_size=8, max_new_tokens=32,
                          limit=None, num_beams=1):
     """Accuracy per commonsense task and their average: {task: acc, "average", "n": {task: n}, "mode"}."""
-    from data import prompt
+    from data import json_value, prompt
     if mode not in ("generate", "loglik"):
         raise ValueError(f"--eval_mode must be generate or loglik, got {mode!r}")
     files = _commonsense_files(source)
@@ -313,7 +314,7 @@ def evaluate_commonsense(model, tokenizer, source, mode="generate", batch_size=8
     out, n = {}, {}
     with _eval_mode(model):
         for task, path in files:
-            records = json.loads(Path(path).read_text())[:limit]
+            records = json_value(Path(path).read_text(), path)[:limit]
             prompts = [prompt(r["instruction"], r.get("input", "")) for r in records]
             if mode == "generate":
                 texts = _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, f"{task} (generate)")
@@ -383,7 +384,7 @@ def evaluate_images(model, batches, num_labels):
             hit += torch.bincount(y[p == y], minlength=num_labels)
     per_class = [h / c for h, c in zip(hit.tolist(), count.tolist()) if c > 0]
     if not per_class:
-        raise ValueError("evaluate_images got no labelled examples")
+        raise UserError("the image evaluation split has no labelled examples; give it <class>/<image> folders")
     stats = {"accuracy": hit.sum().item() / count.sum().item()}
     for name, q in [("min", 0), ("q1", 0.25), ("median", 0.5), ("q3", 0.75), ("max", 1)]:
         stats[f"class_acc_{name}"] = _quantile(per_class, q)

@@ -96,6 +96,10 @@ class G2R2Linear(common.LoRALinear):
         xd = self.dropout(x)  # the exact capture needs the dropped x itself
         return self.base(x) + _Capture.apply(self.lora_delta(xd, dropout=False), xd, self.sink)
 
+    def lora_factors(self):
+        """A pruned module carries no update: absent from the PEFT export (None)."""
+        return None if self.pruned else super().lora_factors()
+
 
 # ---------------------------------------------------------- sensitivity and redundancy (Eq 4–7)
 
@@ -165,6 +169,7 @@ def stage_length(value, total, flag):
 
 class G2R2(common.Method):
     """Warmup (score), progressive pruning (score, zero), refinement (pruned modules removed)."""
+    unused_params = True  # a pruned module skips its branch until refinement removes it
 
     def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, total_steps=None,
                  steps_per_epoch=None, g2r2_warmup=0.1, g2r2_prune=0.1, g2r2_p0=1.0, g2r2_pf=0.2,
@@ -192,8 +197,9 @@ class G2R2(common.Method):
         self.targets = targets.split(",") if isinstance(targets, str) else targets
         self.p0, self.pf, self.beta1, self.beta2 = g2r2_p0, g2r2_pf, g2r2_beta1, g2r2_beta2
         self.score, self.score_every = g2r2_score, g2r2_score_every
-        # micro-batches per optimizer step: how many backward passes `exact` sums before the abs
+        # micro-batches per optimizer step (and process, under torchrun): backward passes `exact` sums before the abs
         self.micro_batches = batch_size // micro_batch_size if batch_size and micro_batch_size else 1
+        self.micro_batches = max(1, self.micro_batches // common.world()[1])
 
     # -- stages
     def stage_of(self, t):
@@ -240,8 +246,8 @@ class G2R2(common.Method):
         live = [i for i in range(len(self.names)) if i not in self.pruned_at]
         sums = {}  # module -> ΣS (one value) or (ΣS_A, ΣS_B) for product, on the model's device
         if self.score == "exact":
-            for i in live:
-                if self.grad[i] is not None:  # fewer micro-batches ran than expected: reduce now
+            for i in live:  # fewer micro-batches ran than expected, or torchrun: reduce now
+                if self.grad[i] is not None or common.world()[1] > 1:
                     self.reduce(i)
             sums = {i: s.reshape(1) for i, s in self.s_sum.items()}
         elif self.score in ("paper", "product"):
@@ -291,6 +297,7 @@ class G2R2(common.Method):
                     self.prune(i)
             for i in self.pruned_at:  # Eq 11: [A, B] ← [0, 0] outside the lowest p^t %, after the step (§3.3.2)
                 self.zero(i)
+            common.check_same(self.pruned_at, "g2r2 pruned modules")
             if step + 1 == self.T_w + self.T_p:
                 self.refine()
                 changed = True
@@ -316,11 +323,16 @@ class G2R2(common.Method):
         G = exact_grad(delta_out, x, self.layers[i].lora_A.dtype)
         self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
         self.seen[i] += 1
-        if self.seen[i] == self.micro_batches:
+        if self.seen[i] == self.micro_batches and common.world()[1] == 1:  # torchrun: after_backward reduces
             self.reduce(i)
 
     def reduce(self, i):
-        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer."""
+        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer. Under torchrun
+        the gradient is first summed over the processes (zeros from a process that saw none)."""
+        if common.world()[1] > 1:
+            G = self.grad[i] if self.grad[i] is not None else self.layers[i].base.weight.new_zeros(
+                self.layers[i].base.weight.shape, dtype=self.layers[i].lora_A.dtype)
+            self.grad[i] = common.all_reduce(G)
         with torch.no_grad():
             self.s_sum[i] = sensitivity(self.grad[i], self.layers[i].delta_weight()).sum()
         self.grad[i] = None

@@ -21,6 +21,7 @@ A_s r′ × n. The mask mapping M ⊗ B (Eq 9) is an index scatter of the compac
 W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
 
 Readings of the paper and deviations:
+- K = 10 is ours: Alg. 1 names the interval K but the paper gives no value.
 - G̃ is Eq 7 without LoRA's scaling s. The model computes s·BA, so the exact first-order change of ΔW
   is s·(B Gᴬ + Gᴮ A); a positive per-matrix constant changes neither the hits (S against its own mean)
   nor the tie order. Gᴬ, Gᴮ are the step's gradients summed over micro-batches, before clipping.
@@ -165,6 +166,21 @@ class PiLoRALinear(nn.Module):
                  else self.base.weight.new_zeros(0, self.base.in_features, dtype=torch.float32))
         return common.merged_linear(self.base, delta, rows=rows)
 
+    def lora_factors(self):
+        """Eq 10 as one rank-(r + r′) LoRA for PEFT: A = [A_d; A_s], B = [M ⊗ B_d, M̄ ⊗ B_s] (B_d in rows M,
+        columns :r; B_s in rows M̄, columns r:; zero elsewhere); s = α / r kept, so α_PEFT = s·(r + r′).
+        None when neither group has an adapter (the module carries no update)."""
+        gs = self.groups()
+        if not gs:
+            return None
+        A = torch.cat([A.detach().float() for A, _, _ in gs])  # (r + r′, n)
+        B = A.new_zeros(self.base.out_features, A.shape[0])    # (m, r + r′)
+        k = 0
+        for A_g, B_g, idx in gs:
+            B[idx, k:k + len(A_g)] = B_g.detach().float()
+            k += len(A_g)
+        return A, B, self.scaling * len(A)
+
 
 def new_adapter(rows, rank, n, device, generator=None):
     """(A, B) with LoRA's init (A Kaiming-uniform a=√5, B zeros), or (None, None) when empty."""
@@ -286,6 +302,7 @@ class PiLoRA(common.Method):
         for n in self.names:
             old = self.model.get_submodule(n)
             self.dominant[n] = select_rows(self.hits[n], self.scores[n], self.tau, self.partition, g)
+            common.check_same(self.dominant[n], f"pilora dominant rows of {n}")  # torchrun: from DDP's summed grads
             new = PiLoRALinear(old.base, self.dominant[n], self.r, self.r_supp, self.alpha, self.dropout, g)
             if self.warm_start and new.lora_A_d is not None:
                 new.lora_A_d.copy_(old.lora_A)

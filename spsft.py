@@ -15,6 +15,8 @@ Paper: ../shared/papers/004_584a2078842cda78.txt. Per target weight W (d_out × 
   Merge         W[idx] += W_f in fp32, cast once: a plain Linear, no extra latency.
 
 Deviations and readings:
+- W_f starts at zero (§3.1, so Ŵ = W at step 0); the authors' code is reported (issue 18) to draw its
+  rows Kaiming-uniform instead.
 - Parameter dependencies (§4.3, App. B: fine-tuning dependent columns of the next layer together) are
   out of scope: the paper's own conclusion (§5.2, Tables 4–5) is not to search for them.
 - Scores use the weight row only; biases are neither scored nor tuned (W_f is r × d_in, §3.1).
@@ -26,7 +28,7 @@ Deviations and readings:
   calibration batches are left out of the quantiles. For causal LMs a batch's loss is its token mean.
 - Both Taylor passes score with dropout off (eval mode, gradient checkpointing kept): the importance
   of the pretrained model, not of one random sub-network.
-- `--spsft_ratio`: the paper gives no rounding ("approximately 5 %", §4.1); r = ratio·d_out rounded
+- `--spsft_ratio`: the paper gives no rounding ("approximately 5 %", §4.2); r = ratio·d_out rounded
   to the nearest whole row, halves up (2.5 → 3), at least 1.
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
   last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's
@@ -84,6 +86,14 @@ class SPSFTLinear(nn.Module):
     def merge(self) -> nn.Linear:
         return common.merged_linear(self.base, self.spsft_W_f, rows=self.idx)          # W + M W_f
 
+    def lora_factors(self):
+        """M W_f as a rank-|rows| LoRA for PEFT: B = the one-hot selection M (d_out × r), A = W_f,
+        α = r (scaling 1)."""
+        k = len(self.idx)
+        B = self.spsft_W_f.new_zeros(self.base.out_features, k)
+        B[self.idx, torch.arange(k, device=B.device)] = 1.0  # M_{i_j j} = 1 (§3.1)
+        return self.spsft_W_f.detach().float(), B, float(k)
+
 
 # ----------------------------------------------------------------------------- importance (§3.2)
 
@@ -129,7 +139,7 @@ def taylor_pass(model, weights, terms, desc="spsft taylor"):
     try:
         with torch.enable_grad(), common.scoring_mode(model):
             for k, (batch, c) in enumerate(tqdm(terms, desc=desc, unit="batch", leave=False)):
-                last[0] = k == len(terms) - 1
+                last[0] = k == len(terms) - 1 and common.world()[1] == 1  # torchrun: sum over processes first
                 (model(**batch).loss * c).backward()
     finally:
         for h in handles:
@@ -138,9 +148,10 @@ def taylor_pass(model, weights, terms, desc="spsft taylor"):
             p.requires_grad_(f)
         for w in weights.values():
             w.grad = None
-    for name, w in weights.items():  # a weight the last term did not reach
+    for name, w in weights.items():  # a weight the last term did not reach; under torchrun every weight
         if name not in scores:
-            scores[name] = taylor_rows(gsum.pop(name), w) if name in gsum else torch.zeros(w.shape[0], device=w.device)
+            g = gsum.pop(name) if name in gsum else torch.zeros(w.shape, device=w.device)
+            scores[name] = taylor_rows(common.all_reduce(g), w)  # Σ over processes before the |·|
     return scores
 
 
@@ -170,16 +181,19 @@ def row_importance(model, weights, batches, kind):
     """{name: η (d_out,)} for every weight, by `kind` in IMPORTANCE, on the calibration `batches` (a list)."""
     if kind == "l2":
         return {n: l2_rows(w) for n, w in weights.items()}
-    if not batches:
+    n_batches = int(common.all_reduce(torch.tensor(len(batches))))  # torchrun: each process has its share
+    if not n_batches:
         raise ValueError(f"--spsft_importance {kind} needs calibration batches; got none (or use l2)")
     if kind == "taylor":  # mean over x: each batch's mean loss weighted by its share of the examples
         sizes = [num_examples(b) for b in batches]
-        return taylor_pass(model, weights, [(b, k / sum(sizes)) for b, k in zip(batches, sizes)])
+        total = int(common.all_reduce(torch.tensor(sum(sizes))))  # torchrun: the examples of all processes
+        return taylor_pass(model, weights, [(b, k / total) for b, k in zip(batches, sizes)])
     labels = class_labels(batches, model)
-    classes = torch.unique(torch.cat([y[y >= 0].cpu() for y in labels])).tolist()
+    local = torch.cat([y[y >= 0].cpu() for y in labels]).unique().tolist() if labels else []
+    classes = sorted(set().union(*common.all_gather(local)))  # torchrun: the classes of every process
     eta_t = {n: [] for n in weights}
     for t in classes:  # Eq 6: η_i^t from L(D^t, F), the mean loss over the class-t examples
-        n_t = sum(int((y == t).sum()) for y in labels)
+        n_t = int(common.all_reduce(torch.tensor(sum(int((y == t).sum()) for y in labels))))
         terms = [(sub_batch(b, y == t), int((y == t).sum()) / n_t) for b, y in zip(batches, labels) if (y == t).any()]
         for n, s in taylor_pass(model, weights, terms, f"spsft qm_taylor class {t}").items():
             eta_t[n].append(s)
@@ -239,10 +253,11 @@ class SPSFT(common.Method):
             self.importance_time_s = state["importance_time_s"]
         else:
             weights = {n: model.get_submodule(n).weight for n in names}
-            calib = [] if self.importance == "l2" else [b for _, b in zip(range(self.calib_batches), batches)]
+            calib = [] if self.importance == "l2" else [b for _, b in zip(range(common.shard_len(self.calib_batches)), batches)]
             t0 = time.perf_counter()
             eta = row_importance(model, weights, calib, self.importance)
             idx = {n: top_rows(eta[n], rows_for(*w.shape, rows=self.rows, ratio=self.ratio)) for n, w in weights.items()}
+            common.check_same(idx, "spsft rows")
             self.importance_time_s = time.perf_counter() - t0  # scoring + selection (top_rows syncs a GPU)
         for n in names:
             common.replace_module(model, n, SPSFTLinear(model.get_submodule(n), idx[n]))

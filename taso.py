@@ -24,6 +24,8 @@ Our readings and deviations (each is a flag):
   it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
   random sub-network) while gradient checkpointing stays on.
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
+- A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
+  LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
 - ρ = p in T7; `--taso_lr_scale linear` uses ρ^(-1), `none` uses 1.
 - Adapter dropout is applied to x[..., C] after the gather: the same distribution as dropping x
   first, and the mask is |C| wide instead of in wide.
@@ -87,6 +89,14 @@ class TASOLinear(nn.Module):
     def merge(self) -> nn.Linear:
         return common.merged_linear(self.base, self.delta_block(), rows=self.rows, cols=self.cols)  # T6
 
+    def lora_factors(self):
+        """T5 as a rank-r LoRA for PEFT: B (out × r) zero outside R, A (r × in) zero outside C, α = s·r."""
+        A = self.taso_A.new_zeros(len(self.taso_A), self.base.in_features)
+        B = self.taso_B.new_zeros(self.base.out_features, self.taso_B.shape[1])
+        A[:, self.cols] = self.taso_A.detach().float()
+        B[self.rows] = self.taso_B.detach().float()
+        return A, B, self.scaling * len(A)
+
 
 # ------------------------------------------------------------------------------- importance (§1)
 
@@ -116,6 +126,7 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         used = 0
         with torch.enable_grad(), common.scoring_mode(model):
+            n_batches = common.shard_len(n_batches)  # torchrun: this process's share
             bar = tqdm(zip(range(n_batches), batches), total=n_batches, unit="batch", leave=False,
                        desc=f"taso importance |{'W⊙G' if metric == 'wg' else 'G'}| (≤ {n_batches} batches)")
             for _, batch in bar:
@@ -130,9 +141,12 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
+    used = int(common.all_reduce(torch.tensor(used)))  # torchrun: batches of all processes
     if used == 0:
         raise ValueError("TASO's importance pass got no batches; give the run a non-empty train set "
                          "or pass --taso_metric w (no pass)")
+    for b in bufs.values():  # torchrun: Σ_b over all processes' batches before the |·| of T1
+        common.all_reduce(b)
     return {n: b.abs_() for n, b in bufs.items()}, used
 
 
@@ -220,6 +234,7 @@ class TASO(common.Method):
             for n in self.names:
                 R, C = core_regions(scores.pop(n), self.p, self.topk, self.select, gen)
                 self.rows[n], self.cols[n] = R.cpu(), C.cpu()
+            common.check_same((self.rows, self.cols), "taso core rows and columns")
         for n in self.names:
             common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
                                                        self.r, self.alpha, self.dropout))

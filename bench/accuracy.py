@@ -44,7 +44,6 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # one progress line per run instead of a bar per step
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -308,4 +307,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one progress line per run instead of a bar per step
     main()

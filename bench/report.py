@@ -194,7 +194,8 @@ def importance_table(rows, model, seq, epoch_examples):
         body.append([f"`{name}`", mode_name(ckpt), r["calib_batches"], f"{r['importance_time_s']:.2f}",
                      f"{1e3 * r['importance_time_s'] / r['calib_batches']:.0f}", ms(r["step_time_median_s"]),
                      "–" if f is None else f"{100 * f:.3f} %",
-                     "–" if r.get("importance_buffer_bytes") is None else f"{r['importance_buffer_bytes'] / 2 ** 20:.1f}"])
+                     "–" if r.get("importance_buffer_bytes") is None
+                     else f"{r['importance_buffer_bytes'] / 2 ** 20:.1f}"])
     if not body:
         return ""
     return "\n".join([f"Importance passes (one epoch = {epoch_examples:,} examples at this micro-batch, timed "

@@ -151,6 +151,41 @@ def test_paper_grad_against_loops_with_guard():
     assert torch.all(zero == 0)
 
 
+@pytest.mark.parametrize("score", ["paper", "product"])
+def test_paper_and_product_scorers_against_hand_computation(score):
+    """One scored step through the method: R̄ (= R at the first value) against loops over the layer's
+    A, B and their gradients. paper: R = d·k / Σ|Ĝ ⊙ ΔW| with Ĝ_ji = Σ_m gA_mi / (s·B_jm) (Eq 5–7);
+    product: R(A)·R(B) = (|A| / Σ|gA ⊙ A|)·(|B| / Σ|gB ⊙ B|)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    meth = g2r2.G2R2(r=2, alpha=3.0, dropout=0.0, targets=["0", "2"], total_steps=10, g2r2_warmup=3,
+                     g2r2_prune=2, g2r2_score=score)
+    meth.attach(model)
+    with torch.no_grad():
+        for L in meth.layers:
+            L.lora_B.normal_()
+    model(torch.randn(6, 5)).pow(2).sum().backward()
+    meth.after_backward(0)
+    for i, L in enumerate(meth.layers):
+        A, B, s = L.lora_A.tolist(), L.lora_B.tolist(), L.scaling
+        gA, gB = L.lora_A.grad.tolist(), L.lora_B.grad.tolist()
+        r, out, inn = len(A), len(B), len(A[0])
+        if score == "paper":
+            total = 0.0
+            for j in range(out):
+                for c in range(inn):
+                    G = sum(gA[m][c] / (s * B[j][m]) for m in range(r))
+                    dW = s * sum(B[j][m] * A[m][c] for m in range(r))
+                    total += abs(G * dW)
+            want = out * inn / total
+        else:
+            SA = sum(abs(gA[m][c] * A[m][c]) for m in range(r) for c in range(inn))
+            SB = sum(abs(gB[j][m] * B[j][m]) for j in range(out) for m in range(r))
+            want = (r * inn / SA) * (out * r / SB)
+        assert meth.R_bar[i].item() == pytest.approx(want, rel=1e-5)
+        assert meth.U_bar[i].item() == 0.0 and meth.R_hat[i].item() == 0.0  # first value: Ū = 0
+
+
 # ------------------------------------------------------------------- Eq 5, 7 and Eq 8–10
 
 def test_sensitivity_and_redundancy_double_loop():
@@ -255,8 +290,37 @@ def test_three_stages_tiny_llama_and_resume_mid_pruning():
     ab = {n: (L.lora_A, L.lora_B) for n, L in zip(meth.names, meth.layers)}
     opt = build_optimizer(model)
     snap = {}
+    # oracle of which modules are pruned: R = d·k / ΣS of each step (ΣS checked against autograd in
+    # test_exact_grad_...), smoothed by hand (Eq 8–10), the highest R̂ pruned down to ⌈p·M⌉ (Eq 11–12)
+    sums, hand, live_before = {}, {}, [list(range(M))]
+    numel = [L.base.weight.numel() for L in meth.layers]  # d·k of Eq 7
+    orig_after_backward = meth.after_backward
+
+    def after_backward(step):
+        orig_after_backward(step)
+        sums[step] = {i: float(v) for i, v in meth.s_sum.items()}
+    meth.after_backward = after_backward
+
+    def check_pruned(step):
+        for i, v in sums.get(step, {}).items():
+            if v > 0:
+                R = numel[i] / v
+                Rb, Ub = hand.get(i, (None, None))
+                Rb = R if Rb is None else 0.85 * Rb + 0.15 * R
+                Ub = abs(R - Rb) if Ub is None else 0.95 * Ub + 0.05 * abs(R - Rb)
+                hand[i] = (Rb, Ub)
+        if T_w <= step < T_w + T_p:
+            p = pf + (1 - pf) * (1 - (step + 1 - T_w) / T_p) ** 3
+            k = min(M, math.ceil(round(p * M, 9)))
+            R_hat = {i: hand[i][0] * hand[i][1] if i in hand else math.inf for i in live_before[0]}
+            want = sorted(live_before[0], key=lambda i: (R_hat[i], i))[:k]
+            assert meth.retained() == sorted(want), step
+            gone = set(live_before[0]) - set(want)
+            assert all(R_hat[i] >= R_hat[j] for i in gone for j in want)  # the most redundant went
+        live_before[0] = meth.retained()
 
     def check(step, opt):
+        check_pruned(step)
         live = meth.retained()
         assert len(live) == g2r2.n_keep(g2r2.retention(step + 1, T_w, T_p, 1.0, pf), M)
         for i in meth.pruned_at:  # pruned: A and B exactly zero (weight decay, Adam moments)
@@ -277,6 +341,7 @@ def test_three_stages_tiny_llama_and_resume_mid_pruning():
             assert trainable == sum(L.lora_A.numel() + L.lora_B.numel() for L in meth.layers if L is not None)
     losses, opt = run(model, meth, opt, 0, T, check=check)
     assert all(math.isfinite(x) for x in losses)
+    assert len(hand) == M and any(meth.pruned_at.values())  # every module was scored; pruning happened
     assert len(meth.retained()) == math.ceil(pf * M) and meth.stage == "refine"
     s = meth.summary()
     assert s["adapter_params_end"] == common.count_params(model)[0] < s["adapter_params_start"]
@@ -423,7 +488,7 @@ def test_train_main_three_stages_and_resume(tmp_path):
     assert full["modules"] == 10 and len(full["retained_modules"]) == 2
     assert full["trainable_params_end"] == full["adapter_params_end"] < full["trainable_params_start"]
     assert all(math.isfinite(x) for x in full["losses"])
-    ck = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    ck = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     assert len(ck["optimizer"]["state"]) == 2 * 2  # A and B of the two retained modules only
     part = tmp_path / "part"
     train.main(argv + ["--output_dir", str(part), "--stop_after", "5"])  # step 5 is mid-pruning

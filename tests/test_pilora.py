@@ -400,6 +400,41 @@ def test_train_main_runs_one_epoch_of_stage1_then_the_epochs_of_stage2(tmp_path)
     assert (s["steps"], s["phase_steps"]) == (6, 4)
 
 
+def test_stage2_starts_from_theta0_outputs_and_head_values():
+    """Alg. 1 line 15: right after the switch the model computes what the pretrained model computes
+    (fresh B = 0) and its heads hold their values from before stage 1, though stage 1 moved both."""
+    import copy
+    torch.manual_seed(0)
+    model = build_tiny("tiny-bert", num_labels=3)
+    model.config.use_cache = False
+    theta0 = copy.deepcopy(model).eval()
+    method = pilora.PiLoRA(r=4, pilora_phase=2, pilora_interval=1, dropout=0.0, total_steps=2)
+    method.attach(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 260, (4, 10), generator=g)
+    for step in range(2):
+        model(input_ids=x, labels=torch.tensor([0, 1, 2, 1])).loss.backward()
+        method.after_backward(step)
+        opt.step()
+        if step == 0:
+            model.eval()
+            with torch.no_grad():
+                moved = model(input_ids=x).logits
+            model.train()
+        switched = method.after_step(step)
+        opt.zero_grad(set_to_none=True)
+    assert switched and method.stage == "stage2"
+    model.eval()
+    with torch.no_grad():
+        want, got = theta0(input_ids=x).logits, model(input_ids=x).logits
+    assert not torch.allclose(moved, want, atol=1e-3)  # stage 1 did change the function
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    ref = dict(theta0.named_parameters())
+    heads = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert heads and all(torch.equal(dict(model.named_parameters())[n], ref[n]) for n in heads)
+
+
 def test_warm_start_keeps_dominant_rows_of_the_stage1_update():
     model = build_tiny("tiny-llama")
     method = pilora.PiLoRA(r=4, pilora_phase=1, total_steps=3, pilora_warm_start=True)

@@ -84,18 +84,20 @@ def test_saved_tensors_spsft_keeps_no_tokens_by_r_tensor_but_equal_param_lora_do
     lora = common.LoRALinear(base, rows * d // (d + d), 16.0, 0.0)  # same trainable params: 16·64 = 8·(64+64)
     assert sp.spsft_W_f.numel() == lora.lora_A.numel() + lora.lora_B.numel()
     for autocast in (False, True):
-        for layer, k in ((sp, rows), (lora, lora.lora_A.shape[0])):
-            saved = []
-            x = torch.randn(3, 37, d)
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    layer(x).sum().backward()
-            act = [t for t in saved if t.numel() == tokens * k and t.shape[-1] == k]  # a tokens × r activation
-            if layer is sp:
-                assert not act, [tuple(t.shape) for t in saved]
-                assert sum(t.numel() for t in saved) == x.numel() + rows  # x and idx, nothing else
-            else:
-                assert act, [tuple(t.shape) for t in saved]
+        for x_grad in (False, True):  # an input that requires grad (any layer but the first) needs W, W_f too
+            for layer, k in ((sp, rows), (lora, lora.lora_A.shape[0])):
+                saved = []
+                x = torch.randn(3, 37, d, requires_grad=x_grad)
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        layer(x).sum().backward()
+                act = [t for t in saved if t.numel() == tokens * k and t.shape[-1] == k]  # a tokens × r activation
+                if layer is sp:
+                    assert not act, [tuple(t.shape) for t in saved]
+                    weights = d * d + rows * d if x_grad else 0  # W and W_f for ∂ℒ/∂x
+                    assert sum(t.numel() for t in saved) == x.numel() + rows + weights  # x, idx, nothing else
+                else:
+                    assert act, [tuple(t.shape) for t in saved]
 
 
 # ----------------------------------------------------------------------------- importance, §3.2 / App. A
@@ -132,8 +134,8 @@ def test_taylor_scores_equal_formula_on_full_autograd_gradients():
 
 def bert_batches(sizes, seed=3, labels=3):
     g = torch.Generator().manual_seed(seed)
-    return [dict(input_ids=torch.randint(0, 260, (k, 9), generator=g), labels=torch.randint(0, labels, (k,), generator=g))
-            for k in sizes]
+    return [dict(input_ids=torch.randint(0, 260, (k, 9), generator=g),
+                 labels=torch.randint(0, labels, (k,), generator=g)) for k in sizes]
 
 
 def loop_taylor(model, weights, batch):
@@ -177,7 +179,10 @@ def test_taylor_passes_score_with_dropout_off_and_restore_training_mode(kind):
     assert all(m.training for m in model.modules())  # train mode restored everywhere
 
 
-def test_taylor_passes_show_a_progress_bar(capsys):
+def test_taylor_passes_show_a_progress_bar(capsys, monkeypatch):
+    import functools
+    import tqdm
+    monkeypatch.setattr(spsft, "tqdm", functools.partial(tqdm.tqdm, disable=False))  # TQDM_DISABLE may be set
     model = common.prepare(build_tiny("tiny-bert", num_labels=3))
     weights = target_weights(model)
     spsft.row_importance(model, weights, bert_batches([2, 2, 2]), "taylor")
@@ -249,7 +254,7 @@ def test_top_rows_matches_sorting_and_breaks_ties_by_lower_index():
 
 
 def test_ratio_rounds_to_the_nearest_row_halves_up():
-    """r = ⌊ratio·d_out + ½⌋ (≥ 1), by exact fractions: 2.5 → 3 and 4.5 → 5, not Python's round-half-even."""
+    """r = ⌊ratio·d_out + ½⌋ (≥ 1) by exact fractions: 2.5 → 3, 4.5 → 5 (not Python's round-half-even)."""
     from fractions import Fraction
     assert spsft.rows_for(50, 7, ratio=0.05) == 3 and spsft.rows_for(90, 7, ratio=0.05) == 5
     for ratio in ("0.05", "0.025", "0.1", "0.15", "0.25", "0.35", "0.45", "0.5", "0.125"):

@@ -96,7 +96,10 @@ def test_importance_of_a_bf16_model_is_summed_in_fp32():
         torch.testing.assert_close(wg[n].double(), ref, rtol=1e-5, atol=1e-12)
 
 
-def test_importance_pass_shows_a_progress_bar(capsys):
+def test_importance_pass_shows_a_progress_bar(capsys, monkeypatch):
+    import functools
+    import tqdm
+    monkeypatch.setattr(taso, "tqdm", functools.partial(tqdm.tqdm, disable=False))  # TQDM_DISABLE may be set
     model = train.build_tiny("tiny-llama")
     weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)[:2]}
     taso.gradient_importance(model, weights, iter(lm_batches(3)), n_batches=5)
@@ -112,7 +115,11 @@ def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
     ids = torch.randint(0, 260, (4, 10), generator=g)
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
     weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)}
+    calls = [0]
+    query = model.bert.encoder.layer[0].attention.self.query
+    query.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     s1, _ = taso.gradient_importance(model, weights, iter([b, b]), metric="wg")
+    assert calls[0] == 2 * 2  # two batches, each forward recomputed in backward: checkpointing really ran
     s2, _ = taso.gradient_importance(model, weights, iter([b, b]), metric="wg")
     for n in weights:  # dropout off: the same batches give the same scores
         assert torch.equal(s1[n], s2[n]) and s1[n].abs().sum() > 0
@@ -447,7 +454,8 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     assert full["calib_batches"] == 4 and full["importance_time_s"] > 0
     assert full["taso_params"] == full["lora_r1_params"] == full["trainable_params_start"]
     tiny = train.build_tiny("tiny-llama")  # the pass's fp32 sums: 4 bytes per target weight entry
-    assert full["importance_buffer_bytes"] == 4 * sum(tiny.get_submodule(n).weight.numel() for n in common.find_targets(tiny))
+    entries = sum(tiny.get_submodule(n).weight.numel() for n in common.find_targets(tiny))
+    assert full["importance_buffer_bytes"] == 4 * entries
     train.main(argv + ["--output_dir", str(tmp_path / "b"), "--stop_after", "4"])
     resumed = train.main(argv + ["--output_dir", str(tmp_path / "b"), "--resume"])
     assert resumed["losses"] == full["losses"]

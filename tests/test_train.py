@@ -1,5 +1,5 @@
 """train.py: schedule, optimizer rebuild, a LoRA run under bf16 + checkpointing, kill-and-resume,
-adapter round trip, merge, clear errors for bad input, and the two real offline checkpoints."""
+adapter round trip, merge, and the two real offline checkpoints."""
 import argparse
 import importlib.util
 import json
@@ -30,6 +30,52 @@ def test_get_lr_warmup_and_decay():
     assert train.get_lr(4, 20, a) == pytest.approx(1.0) and train.get_lr(12, 20, a) == pytest.approx(0.5)
     a.warmup = 0.25  # fraction of the steps
     assert train.get_lr(0, 20, a) == pytest.approx(1 / 6)
+
+
+def record_lrs(monkeypatch):
+    """[{parameter name: lr}] of every optimizer step train.main takes, read off AdamW at step()."""
+    seen, names = [], {}
+    build = train.build_optimizer
+
+    def spy_build(model, *a, **k):
+        names.update({id(p): n for n, p in model.named_parameters()})
+        return build(model, *a, **k)
+    step = torch.optim.AdamW.step
+
+    def spy_step(self, *a, **k):
+        seen.append({names[id(p)]: g["lr"] for g in self.param_groups for p in g["params"]})
+        return step(self, *a, **k)
+    monkeypatch.setattr(train, "build_optimizer", spy_build)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    return seen
+
+
+def test_lr_each_parameter_gets_from_the_trainer(tmp_path, monkeypatch):
+    """TASO (T7): taso_* tensors at lr·p^(-1/2) = lr·√8, the head at lr; PiLoRA: the schedule restarts
+    with its warmup at stage 2. Values by hand for --warmup 1: lr·(it+1)/2 at it = 0, then linear decay
+    lr·(1 − (it − 1)/(n − 1)) over the n steps of the schedule."""
+    seen = record_lrs(monkeypatch)
+    d = tmp_path / "SST-2"
+    d.mkdir()
+    rows = ["sentence\tlabel"] + [f"{'good nice' if i % 2 else 'bad awful'} film {i}\t{i % 2}" for i in range(16)]
+    (d / "train.tsv").write_text("\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    train.main(["--method", "taso", "--model", "tiny-bert", "--data", str(d), "--max_steps", "2", "--batch_size", "4",
+                "--micro_batch_size", "4", "--lr", "1e-3", "--schedule", "constant", "--warmup", "0",
+                "--taso_calib_batches", "1", "--output_dir", str(tmp_path / "taso")])
+    assert len(seen) == 2
+    for lrs in seen:
+        taso_lrs = {lr for n, lr in lrs.items() if n.rpartition(".")[2].startswith("taso_")}
+        head_lrs = {lr for n, lr in lrs.items() if n.startswith(("classifier", "bert.pooler"))}
+        assert sorted(taso_lrs) == [pytest.approx(1e-3 * 8 ** 0.5)] and head_lrs == {1e-3}
+        assert len(lrs) == len([n for n in lrs if n.rpartition(".")[2].startswith("taso_")]) + 4  # 2 heads × (W, b)
+    seen.clear()
+    train.main(TINY_RUN + ["--method", "pilora", "--max_steps", "6", "--pilora_phase", "3", "--warmup", "1",
+                           "--output_dir", str(tmp_path / "pilora")])
+    want = [0.5e-3, 1e-3, 1e-3 * (1 - 1 / 5), 0.5e-3, 1e-3, 1e-3 * (1 - 1 / 2)]  # stage 1: n = 6; stage 2: n = 3
+    assert [sorted(set(lrs.values())) for lrs in seen] == [[pytest.approx(w, rel=1e-12)] for w in want]
+    assert all(n.rpartition(".")[2] in ("lora_A", "lora_B") for n in seen[0])
+    assert all(n.rpartition(".")[2] in ("lora_A_d", "lora_B_d", "lora_A_s", "lora_B_s") for n in seen[3])
 
 
 def test_optimizer_groups_and_rebuild_keeps_only_survivors():
@@ -109,28 +155,6 @@ def test_merge_saves_model_with_same_outputs(tmp_path):
         assert not torch.allclose(model(input_ids=x).logits, train.build_tiny("tiny-llama")(input_ids=x).logits)
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--method", "lorax"], "unknown method 'lorax'"),
-    (["--targets", "q_projj"], "no linear layer matches targets"),
-    (["--r", "1000"], "pass --r between 1 and"),
-    (["--batch_size", "3"], "multiple of --micro_batch_size"),
-    (["--num_beams", "0"], "--num_beams must be 1"),
-])
-def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, match):
-    with pytest.raises((ValueError, SystemExit)) as e:
-        train.main(TINY_RUN + ["--max_steps", "1", "--output_dir", str(tmp_path), *argv])
-    msg = str(e.value) if e.type is ValueError else capsys.readouterr().err.strip().splitlines()[-1]
-    assert match in msg and "\n" not in msg
-
-
-def test_dataset_without_needed_columns(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"question": "q", "reply": "a"}] * 4))
-    with pytest.raises(ValueError, match="instruction") as e:
-        train.main(TINY_RUN + ["--data", str(bad), "--max_steps", "1", "--output_dir", str(tmp_path)])
-    assert "question" in str(e.value)  # names the columns it found
-
-
 def test_classification_run_on_local_tsv(tmp_path):
     d = tmp_path / "SST-2"
     d.mkdir()
@@ -172,3 +196,15 @@ def test_real_checkpoints_forward():
         e = enc(**tok(["a cat sits", "a kitten sits", "stock prices fell"], return_tensors="pt", padding=True))
     v = torch.nn.functional.normalize(e.last_hidden_state[:, 0], dim=-1)
     assert v[0] @ v[1] > v[0] @ v[2]  # trained embeddings: similar sentences are closer
+
+
+def test_readme_paper_commands_parse():
+    """The papers' settings in the README are commands train.py accepts (flags only; nothing is run)."""
+    import re
+    import shlex
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    readme = readme[readme.index("Each paper below gets"):readme.index("**LoRA (`--method lora`)**")]
+    cmds = [line.strip() for blk in re.findall(r"```bash\n(.*?)```", readme, re.S)
+            for line in blk.replace("\\\n", " ").splitlines() if line.strip().startswith("python train.py")]
+    methods = {train.parse_args(shlex.split(c, comments=True)[2:]).method for c in cmds}
+    assert {"g2r2", "pilora", "taso", "spsft"} <= methods and len(cmds) >= 9

@@ -1,0 +1,117 @@
+"""common.MethodCallback inside transformers.Trainer, against train.py on tiny-llama with the same data
+order, seed and (constant) learning rate: the same loss at every step for every method; G²R² ends with
+the same retained modules and parameter count and Trainer's optimizer holds no tensor of a pruned module;
+PiLoRA switches stage at the same step with the same dominant rows and its schedule restarts there;
+TASO / SPSFT / LoRA train only their own tensors (TASO's at lr · lr_scale)."""
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+STEPS, LR = 8, 1e-3
+ARGV = ["--model", "tiny-llama", "--max_samples", "32", "--batch_size", "4", "--micro_batch_size", "2",
+        "--max_steps", str(STEPS), "--schedule", "constant", "--warmup", "0", "--dropout", "0",
+        "--lr", str(LR), "--eval_limit", "2", "--clip", "0.5"]
+EXTRA = {"lora": [], "g2r2": ["--g2r2_warmup", "2", "--g2r2_prune", "3"],
+         "pilora": ["--pilora_phase", "4", "--pilora_interval", "1"],
+         "taso": ["--taso_calib_batches", "4"], "spsft": ["--spsft_rows", "8"]}
+
+
+def trainer_run(tmp, name, schedule="constant", warmup=0):
+    """method `name` attached as train.py attaches it, then trained by Trainer + MethodCallback on
+    train.py's micro-batch order (one epoch = STEPS steps of 2 × 2 examples)."""
+    args = train.parse_args(ARGV + ["--method", name, *EXTRA[name]])
+    _, task, proc = train.resolve(args)
+    examples = train.load_data(args, task, proc)[0][:args.max_samples]
+    batches = train.Batches(examples, args.micro_batch_size, proc.pad_token_id, args.seed, "cpu")
+    model = train.build_tiny("tiny-llama", seed=args.seed)
+    model.config.use_cache = False
+    method = train.METHODS[name](**vars(args), total_steps=STEPS, steps_per_epoch=STEPS)
+    method.attach(model, itertools.islice(batches.stream(), batches.per_epoch))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+        learning_rate=LR, lr_scheduler_type=schedule, warmup_steps=warmup, max_grad_norm=args.clip,
+        weight_decay=0.0, optim="adamw_torch", train_sampling_strategy="sequential", logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=[examples[j] for j in order],
+                                   data_collator=lambda f: data.collate(f, proc.pad_token_id),
+                                   callbacks=[common.MethodCallback(method)])
+    return trainer, model, method
+
+
+def optimizer_tensors(trainer):
+    return [p for g in trainer.optimizer.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("name", list(EXTRA))
+def test_trainer_matches_train_py(tmp_path, name):
+    ref = train.main(ARGV + ["--method", name, *EXTRA[name], "--output_dir", str(tmp_path / "ref")])
+    trainer, model, method = trainer_run(tmp_path / "hf", name)
+    adapters0 = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == pytest.approx(ref["losses"], abs=1e-5)  # steps move the loss by ~1e-2
+    held = optimizer_tensors(trainer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in held} == {id(p) for p in trainable} and len(held) == len(trainable)
+    assert common.count_params(model)[0] == ref["trainable_params_end"]
+    state = trainer.optimizer.optimizer.state if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.state
+    assert all(id(p) in {id(q) for q in held} for p in state)  # no state left of a dropped tensor
+    assert trainer.args.max_grad_norm == 0.5  # restored after the run
+    if name == "g2r2":
+        assert method.refined and method.summary()["retained_modules"] == ref["retained_modules"]
+        pruned = [n for n in adapters0 if n.rpartition(".")[0] not in ref["retained_modules"]]
+        assert pruned and not {id(adapters0[n]) for n in pruned} & {id(p) for p in held}
+    elif name == "pilora":
+        assert method.stage == "stage2" and method.schedule_start == ref["phase_steps"] == 4
+        assert method.summary()["dominant_rows"] == ref["dominant_rows"]
+        assert not {id(p) for p in adapters0.values()} & {id(p) for p in held}  # stage-1 tensors gone
+    else:
+        base = train.build_tiny("tiny-llama").state_dict()
+        for n, t in model.state_dict().items():
+            if method.prefix not in n:  # only the method's own tensors moved
+                assert torch.equal(t, base[n.replace(".base.", ".")]), n
+        assert all(method.prefix in n for n, p in model.named_parameters() if p.requires_grad)
+        for g in trainer.optimizer.param_groups:
+            if g["params"]:
+                assert g["lr"] == pytest.approx(LR * method.lr_scale) and g["lr_scale"] == method.lr_scale
+
+
+def test_hooks_see_unclipped_gradients_and_the_step_clipped_ones(tmp_path):
+    """train.py's order: after_backward, then clip, then step (Trainer alone clips first)."""
+    trainer, model, method = trainer_run(tmp_path, "lora")
+    seen, stepped = [], []
+    norm = lambda: float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in method.model.parameters()
+                                                                  if p.grad is not None])))
+    method.after_backward = lambda step: seen.append((step, norm()))
+    method.after_step = lambda step: stepped.append(norm())  # None: the trainable set stays
+    trainer.train()
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert [s for s, _ in seen] == list(range(STEPS))  # step = state.global_step, 0-based as in train.py
+    assert [n for _, n in seen] == pytest.approx(logged, rel=1e-5) and min(logged) > 0.5  # all clipped
+    assert stepped == pytest.approx([0.5] * STEPS, rel=1e-4)
+
+
+def test_pilora_restarts_trainers_schedule_at_stage_2(tmp_path):
+    trainer, model, method = trainer_run(tmp_path, "pilora", schedule="linear", warmup=2)
+    lrs = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            lrs.append([g["lr"] for g in optimizer.param_groups if g["params"]])
+
+    trainer.add_callback(Record())
+    trainer.train()
+    linear = lambda t, n, w: t / w if t < w else max(0.0, (n - t) / (n - w))  # Trainer's linear warmup + decay
+    expect = [LR * linear(t, STEPS, 2) for t in range(4)] + [LR * linear(t, 4, 2) for t in range(4)]
+    assert [g[0] for g in lrs] == pytest.approx(expect) and all(len(set(g)) == 1 for g in lrs)
