@@ -378,8 +378,9 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
                   f"Seeds {' '.join(map(str, run['seeds']))}; train.py flags shared by every row: "
                   f"`{' '.join(run['base_argv'])}`; per-row fills {json.dumps(run['fills'])}. "
                   f"Measured {run['date']} on {m['device']} ({m['cpu_count']} cores, torch "
-                  f"{run['versions']['torch']}, transformers {run['versions']['transformers']}); sweep wall "
-                  f"{run['wall_s'] / 60:.0f} min (cached runs count 0).", ""]
+                  f"{run['versions']['torch']}, transformers {run['versions']['transformers']}); the runs' wall "
+                  f"time in all {sum(r.get('wall_s') or 0 for row in run['rows'].values() for r in row['runs']) / 60:.0f} "
+                  f"min (each run's own, cached or not).", ""]
         lines += accuracy_table(run) + [""]
         if png_dir:
             name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + task).lower())}.png"
