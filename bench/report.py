@@ -572,6 +572,23 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
         lines += table(["row", "mode", "before", "+ dropout_linear", "+ causal_loss (now)", "now / before"], body)
         lines += [""]
 
+    for other in dict.fromkeys(k[1] for k in now if k[1] != model):  # e.g. llama-3-8b-shape (128k vocabulary)
+        keys = [k for k in now if k[1] == other and "error" not in now[k]]
+        lines += [f"### Other shapes: {other}, aux GiB (counted)", ""]
+        body = []
+        for n in dict.fromkeys(k[0] for k in keys):
+            rs = {(k[2], k[3]): now[k] for k in keys if k[0] == n}
+            base = {(k[2], k[3]): now[k] for k in keys if k[0] == "peft-lora-r64"}
+            body.append([f"`{n}`", f"{next(iter(rs.values()))['trainable_params']:,}"]
+                        + [f"{gib(r['aux_bytes'])} ({fx(ratio(r['aux_bytes'], (base.get(sc) or {}).get('aux_bytes')))} PEFT r64)"
+                           for sc, r in sorted(rs.items())])
+        cols = [f"seq {q} {'ckpt' if c else 'no ckpt'}" for q, c in sorted({(k[2], k[3]) for k in keys})]
+        lines += table(["row", "trainable params"] + cols, body)
+        lines += ["", "The trainable counts of `peft-lora-r64` and `spsft-r128` at Llama-3-8B shape equal the SPSFT "
+                  "paper's Table 6 (167.8 M and 159.4 M): a check of the shape. aux can be negative: the no-grad "
+                  "forward that defines **model** computes the full 128k-vocabulary logits, which our training step "
+                  "(`train.causal_loss`, chunked) never holds at once.", ""]
+
     val = runs.get("validation", {})
     if val:
         vm = next(iter(val))[1]
