@@ -79,6 +79,12 @@ class _Capture(torch.autograd.Function):
         return grad, None, None
 
 
+def in_backward():
+    """True inside a backward pass (where non-reentrant checkpointing recomputes forwards); the test
+    torch.utils.checkpoint itself uses."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class G2R2Linear(common.LoRALinear):
     """LoRA h = W₀x + s·B A x (Eq 3) that can be pruned (branch skipped) and, while `sink` is set,
     reports (δ_out, x_in) of each backward pass for the exact ∂ℒ/∂ΔW."""
@@ -87,12 +93,15 @@ class G2R2Linear(common.LoRALinear):
         super().__init__(base, r, alpha, dropout)
         self.pruned = False
         self.sink = None
+        self.calls = 0  # uses of this layer in this step's forwards (DeBERTa-v3 applies query/key_proj twice)
 
     def forward(self, x):
         if self.pruned:
             return self.base(x)
         if self.sink is None or not torch.is_grad_enabled():
             return super().forward(x)  # dropout without a kept copy (common.dropout_linear)
+        if not in_backward():  # a checkpoint's recompute runs inside backward and brings no new use
+            self.calls += 1
         xd = self.dropout(x)  # the exact capture needs the dropped x itself
         return self.base(x) + _Capture.apply(self.lora_delta(xd, dropout=False), xd, self.sink)
 
@@ -212,6 +221,7 @@ class G2R2(common.Method):
     def attach(self, model, batches=(), state=None):
         common.prepare(model)
         self.model = model
+        model.register_forward_pre_hook(self.count_forward)
         self.names = common.find_targets(model, self.targets, defaults=TARGETS)
         self.layers = []
         for n in self.names:
@@ -311,19 +321,30 @@ class G2R2(common.Method):
         self.grad = [None] * len(self.names)   # exact: per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 only)
         self.seen = [0] * len(self.names)      # exact: backward passes seen this step
         self.s_sum = {}                        # exact: module -> ΣS of this step
+        self.forwards = 0                      # exact: model forwards (micro-batches) run this step
         for i, L in enumerate(self.layers):
             if L is not None:
                 L.sink = (lambda g, x, i=i: self.capture(i, g, x)) if on and not L.pruned else None
+                L.calls = 0
+
+    def count_forward(self, module, args):
+        """Forward pre-hook of the model: one call per micro-batch of the step (not evaluation, not a
+        checkpoint's recompute)."""
+        if torch.is_grad_enabled() and not in_backward():
+            self.forwards += 1
+            if self.score == "exact" and self.forwards > self.micro_batches and any(
+                    L is not None and L.sink is not None for L in self.layers):
+                raise RuntimeError(f"g2r2 exact scoring: more than {self.micro_batches} forward passes in one "
+                                   "optimizer step; pass batch_size and micro_batch_size")
 
     def capture(self, i, delta_out, x):
-        """Backward of module i: add this micro-batch's Σ δ_out ⊗ x_in; reduce at the last one."""
-        if self.seen[i] >= self.micro_batches:
-            raise RuntimeError(f"g2r2 exact scoring: more than {self.micro_batches} backward passes through "
-                               f"{self.names[i]} in one optimizer step; pass batch_size and micro_batch_size")
+        """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
+        every use of the module in them has come back (else after_backward reduces)."""
         G = exact_grad(delta_out, x, self.layers[i].lora_A.dtype)
         self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
         self.seen[i] += 1
-        if self.seen[i] == self.micro_batches and common.world()[1] == 1:  # torchrun: after_backward reduces
+        done = self.forwards == self.micro_batches and self.seen[i] == self.layers[i].calls
+        if done and common.world()[1] == 1:  # torchrun: after_backward reduces
             self.reduce(i)
 
     def reduce(self, i):

@@ -84,6 +84,42 @@ def test_exact_grad_equals_autograd_of_explicit_delta(ckpt, micro):
     assert all(g is None for g in meth.grad)  # buffers freed
 
 
+class SharedProj(nn.Module):
+    """One Linear applied twice per forward, as DeBERTa-v3 applies query_proj / key_proj to the hidden states
+    and again to the relative position embeddings (share_att_key); the second use optionally checkpointed."""
+
+    def __init__(self, ckpt=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.ckpt = nn.Linear(6, 5).double(), ckpt
+
+    def forward(self, x, y):
+        second = (torch.utils.checkpoint.checkpoint(self.proj, y, use_reentrant=False) if self.ckpt
+                  else self.proj(y))
+        return (self.proj(x) ** 2).sum() + (second * torch.linspace(-1, 1, 5, dtype=x.dtype)).sum()
+
+
+@pytest.mark.parametrize("ckpt,micro", [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_exact_grad_of_a_module_used_twice_per_forward(ckpt, micro):
+    model = SharedProj(ckpt)
+    meth = g2r2.G2R2(r=2, dropout=0.0, targets=["proj"], total_steps=10, g2r2_warmup=2, g2r2_prune=2,
+                     batch_size=micro, micro_batch_size=1)
+    meth.attach(model)
+    model.double()
+    with torch.no_grad():
+        meth.layers[0].lora_B.normal_(0, 0.3)
+    ref = copy.deepcopy(model)
+    ref.proj = DenseDelta(ref.proj.base, meth.layers[0].delta_weight())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(micro):
+        x, y = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+        model(x, y).backward()
+        ref(x, y).backward()
+    meth.after_backward(0)
+    S = (ref.proj.D.grad * ref.proj.D).abs().sum()  # Eq 5 on the gradient summed over both uses, brute force
+    assert torch.allclose(meth.s_sum[0], S, rtol=1e-9)
+
+
 def test_exact_refuses_more_backward_passes_than_micro_batches():
     model = tiny_llama()
     meth = g2r2.G2R2(dropout=0.0, total_steps=10, g2r2_warmup=2, g2r2_prune=2)  # 1 micro-batch
