@@ -583,11 +583,16 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
                         + [f"{gib(r['aux_bytes'])} ({fx(ratio(r['aux_bytes'], (base.get(sc) or {}).get('aux_bytes')))} PEFT r64)"
                            for sc, r in sorted(rs.items())])
         cols = [f"seq {q} {'ckpt' if c else 'no ckpt'}" for q, c in sorted({(k[2], k[3]) for k in keys})]
-        lines += table(["row", "trainable params"] + cols, body)
-        lines += ["", "The trainable counts of `peft-lora-r64` and `spsft-r128` at Llama-3-8B shape equal the SPSFT "
-                  "paper's Table 6 (167.8 M and 159.4 M): a check of the shape. aux can be negative: the no-grad "
-                  "forward that defines **model** computes the full 128k-vocabulary logits, which our training step "
-                  "(`train.causal_loss`, chunked) never holds at once.", ""]
+        lines += table(["row", "trainable params"] + cols, body) + [""]
+        if other.startswith("llama-3"):
+            lines += ["The trainable counts of `peft-lora-r64` and `spsft-r128` equal the SPSFT paper's Table 6 "
+                      "(167.8 M and 159.4 M): a check of the shape. aux can be negative: the no-grad forward that "
+                      "defines **model** computes the full 128k-vocabulary logits, which our training step "
+                      "(`train.causal_loss`, chunked) never holds at once.", ""]
+        if other.startswith("deberta"):
+            lines += ["Our rows' trainable counts include the new pooler + classifier head (592,130 parameters, "
+                      "trained fully); the PEFT rows' counts are the adapters alone. The `*-qkvud` rows name LLaMA "
+                      "modules and do not apply to DeBERTa.", ""]
 
     val = runs.get("validation", {})
     if val:
