@@ -223,6 +223,11 @@ def infer_task(config):
     return "image" if hasattr(config, "image_size") else "cls"
 
 
+def model_path(name):
+    """The local folder of an offline alias (smollm2-135m, minilm-l6), else `name` (hub id or path)."""
+    return {"smollm2-135m": smollm2_path, "minilm-l6": minilm_path}.get(name, lambda: name)()
+
+
 def resolve(args):
     """(path or None for a tiny model, task, tokenizer or image processor); no weights loaded yet."""
     import transformers as tf
@@ -230,7 +235,7 @@ def resolve(args):
         task = args.task or {"tiny-llama": "causal", "tiny-vit": "image"}.get(args.model, "cls")
         proc = tf.ViTImageProcessor(size={"height": 32, "width": 32}) if task == "image" else data.byte_tokenizer()
         return None, task, proc
-    path = {"smollm2-135m": smollm2_path, "minilm-l6": minilm_path}.get(args.model, lambda: args.model)()
+    path = model_path(args.model)
     with model_errors(path):
         task = args.task or infer_task(tf.AutoConfig.from_pretrained(path))
         proc = tf.AutoImageProcessor.from_pretrained(path) if task == "image" else tf.AutoTokenizer.from_pretrained(path)

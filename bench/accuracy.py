@@ -106,8 +106,7 @@ def target_shapes(model_name, task, targets=None):
         with torch.device("meta"):
             model = train.build_tiny(model_name)
     else:
-        path = {"smollm2-135m": train.smollm2_path, "minilm-l6": train.minilm_path}.get(model_name, lambda: model_name)()
-        config = tf.AutoConfig.from_pretrained(path)
+        config = tf.AutoConfig.from_pretrained(train.model_path(model_name))
         with torch.device("meta"):
             model = tf.AutoModel.from_config(config)
     names = common.find_targets(model, targets)
