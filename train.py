@@ -18,7 +18,6 @@ exit status 2. Under torchrun (WORLD_SIZE > 1) each process runs its share of ev
 in DistributedDataParallel; rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
-import atexit
 import importlib.util
 import itertools
 import json
@@ -30,13 +29,10 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -45,6 +41,8 @@ from common import UserError
 import data
 import evaluate
 import g2r2
+import interop
+from interop import no_sync, on_rank0, wrap
 import pilora
 import spsft
 import taso
@@ -521,83 +519,13 @@ def load_trainable(model, tensors):
                         "data (number of labels) they were trained with") from None
 
 
-# ------------------------------------------------------------------ several processes (torchrun)
-
-WAIT = None  # a gloo group without a practical timeout: the other processes wait in it while rank 0 evaluates
-
-
-def init_distributed(args):
-    """(rank, world size). With WORLD_SIZE > 1 (torchrun) start the process group: NCCL with one GPU per
-    process (LOCAL_RANK), gloo on CPU. The micro-batches of every step are dealt out to the processes
-    (micro-batch k to rank k mod world size), so they must divide evenly."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = args.batch_size // args.micro_batch_size
-    if world > 1 and accum % world:
-        raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} = {accum} "
-                        f"micro-batches per step do not divide among {world} processes; make --batch_size a "
-                        f"multiple of --micro_batch_size × {world}")
-    if world == 1 or dist.is_initialized():
-        return common.world()
-    global WAIT
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, device_id=torch.device("cuda", torch.cuda.current_device())
-                                if backend == "nccl" else None)
-        dist.barrier()  # every process is there and the backend works
-        WAIT = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-    except Exception as e:  # ValueError (environment), DistError / RuntimeError (store, backend, GPU)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
-        raise UserError(f"the {backend} process group of WORLD_SIZE={world} did not start ({env}: {reason}); "
-                        f"launch with torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE to run "
-                        f"one process") from None
-    atexit.register(dist.destroy_process_group)
-    return common.world()
-
-
-def on_rank0(fn, *args):
-    """fn(*args) on rank 0 while the other processes wait for it, however long; None on those."""
-    rank, world = common.world()
-    out = fn(*args) if rank == 0 else None
-    if world > 1:
-        dist.barrier(group=WAIT)
-    return out
-
-
-def sum_hook(state, bucket):
-    """DDP communication hook: a gradient bucket summed over the processes (DDP's default averages)."""
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
-
-
-def wrap(model, method):
-    """The module the loop runs: `model` itself in one process, else a DistributedDataParallel of it over
-    the tensors that train now (built again when they change). Gradients are summed, not averaged: each
-    process's loss is its share of the step's loss, so the sum is the one-process gradient.
-    method.unused_params (G²R²: a module pruned mid-stage gets no gradient) turns on DDP's search for
-    tensors without a gradient (find_unused_parameters: one more pass over the autograd graph)."""
-    if common.world()[1] == 1:
-        return model
-    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
-              find_unused_parameters=method.unused_params)
-    ddp.register_comm_hook(None, sum_hook)
-    return ddp
-
-
-def no_sync(net, skip):
-    """DDP's no_sync() for the forward of every micro-batch but a process's last (its backward then
-    reduces the accumulated gradients once); nothing in one process."""
-    return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
-
-
 # ------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
     check_paths(args)
     accum = args.batch_size // args.micro_batch_size
-    rank, world = init_distributed(args)  # torchrun: WORLD_SIZE > 1
+    rank, world = interop.init_distributed(args)  # torchrun: WORLD_SIZE > 1
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -636,7 +564,7 @@ def main(argv=None):
         if rank > 0:
             return None  # rank 0 evaluated and writes
         if args.export:
-            common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
+            interop.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
         summary = {"method": args.method, "model": args.model, "total_params": total_params,
                    "metrics": {"eval": metrics}}
         evaluate.print_table(metrics, "eval")
@@ -751,7 +679,7 @@ def main(argv=None):
     }
     method.plot(args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers
-        common.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
+        interop.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
     if args.merge:
         merged = method.export(model)
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))

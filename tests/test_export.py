@@ -1,4 +1,4 @@
-"""PEFT export (common.peft_state / save_peft, each layer's lora_factors): for every method on a causal, a
+"""PEFT export (interop.peft_state / save_peft, each layer's lora_factors): for every method on a causal, a
 classification (with its head) and an image model, peft.PeftModel.from_pretrained on a fresh base gives
 this repository's logits (fp32, ≤ 1e-5) and its merge_and_unload() gives our merged model; G²R² exports
 only retained modules; PiLoRA's stage 2 is one rank-(r + r′) LoRA with zeros where they belong; train.py's
@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import g2r2  # noqa: E402
+import interop  # noqa: E402
 import pilora  # noqa: E402
 import spsft  # noqa: E402
 import taso  # noqa: E402
@@ -79,7 +80,7 @@ def test_peft_loads_our_model_and_merges_like_ours(tmp_path, family, name):
     model, method, data = drive(family, name)
     x = data[0]
     ours = logits(model, x)
-    out = common.save_peft(model, str(tmp_path / "peft"), family)
+    out = interop.save_peft(model, str(tmp_path / "peft"), family)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     base = train.build_tiny(family).eval()
     untouched = logits(base, x)
@@ -98,7 +99,7 @@ def test_peft_loads_our_model_and_merges_like_ours(tmp_path, family, name):
 
 def test_config_targets_heads_and_ranks():
     model, method, _ = drive("tiny-deberta", "spsft")
-    config, tensors = common.peft_state(model, "tiny-deberta")
+    config, tensors = interop.peft_state(model, "tiny-deberta")
     assert config["task_type"] == "SEQ_CLS" and config["peft_type"] == "LORA"
     assert config["modules_to_save"] == ["pooler.dense", "classifier"]  # the trained heads, whole
     assert torch.equal(tensors["base_model.model.classifier.bias"], model.classifier.bias)
@@ -112,11 +113,11 @@ def test_config_targets_heads_and_ranks():
     B = tensors[f"base_model.model.{n}.lora_B.weight"]
     assert torch.equal(B.sum(0), torch.ones(rows[n])) and torch.equal(B.nonzero()[:, 0], method.idx[n])
     lm, _, _ = drive("tiny-llama", "lora", steps=1)
-    c, _ = common.peft_state(lm)
+    c, _ = interop.peft_state(lm)
     assert c["task_type"] == "CAUSAL_LM" and c["modules_to_save"] is None and not c["rank_pattern"]
     assert (c["r"], c["lora_alpha"]) == (4, 16)
     vit, _, _ = drive("tiny-vit", "lora", steps=1)
-    c, _ = common.peft_state(vit)
+    c, _ = interop.peft_state(vit)
     assert c["task_type"] is None and c["modules_to_save"] == ["classifier"]
 
 
@@ -125,17 +126,17 @@ def test_g2r2_exports_only_retained_modules(tmp_path, steps):
     model, method, data = drive("tiny-llama", "g2r2", steps)
     assert method.refined == (steps == STEPS) and method.pruned_at
     kept = [method.names[i] for i in method.retained()]
-    config, tensors = common.peft_state(model)
+    config, tensors = interop.peft_state(model)
     assert config["target_modules"] == kept
     assert {k.rsplit(".", 2)[0][len("base_model.model."):] for k in tensors} == set(kept)
-    loaded = peft.PeftModel.from_pretrained(train.build_tiny("tiny-llama"), common.save_peft(model, str(tmp_path / "p")))
+    loaded = peft.PeftModel.from_pretrained(train.build_tiny("tiny-llama"), interop.save_peft(model, str(tmp_path / "p")))
     torch.testing.assert_close(logits(loaded.eval(), data[0]), logits(model, data[0]), atol=1e-5, rtol=0)
 
 
 def test_pilora_stage2_is_one_rank_r_plus_r_supp_lora():
     model, method, _ = drive("tiny-llama", "pilora")
     assert method.stage == "stage2" and method.r_supp == 2
-    config, tensors = common.peft_state(model)
+    config, tensors = interop.peft_state(model)
     r, rs = method.r, method.r_supp
     for n in method.names:
         layer = model.get_submodule(n)
@@ -190,4 +191,4 @@ def test_export_with_eval_only_needs_adapter(tmp_path, capsys):
         "error: --export with --eval_only has no adapter to export; pass --adapter RUN_DIR (the run whose "
         "adapter to export)")
     with pytest.raises(common.UserError, match="nothing to export"):
-        common.peft_state(train.build_tiny("tiny-llama"))
+        interop.peft_state(train.build_tiny("tiny-llama"))

@@ -1,4 +1,4 @@
-"""common.MethodCallback inside transformers.Trainer, against train.py on tiny-llama with the same data
+"""interop.MethodCallback inside transformers.Trainer, against train.py on tiny-llama with the same data
 order, seed and (constant) learning rate: the same loss at every step for every method; G²R² ends with
 the same retained modules and parameter count and Trainer's optimizer holds no tensor of a pruned module;
 PiLoRA switches stage at the same step with the same dominant rows and its schedule restarts there;
@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import data  # noqa: E402
+import interop  # noqa: E402
 import train  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -45,7 +46,7 @@ def trainer_run(tmp, name, schedule="constant", warmup=0):
         report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=[examples[j] for j in order],
                                    data_collator=lambda f: data.collate(f, proc.pad_token_id),
-                                   callbacks=[common.MethodCallback(method)])
+                                   callbacks=[interop.MethodCallback(method)])
     return trainer, model, method
 
 
