@@ -444,6 +444,9 @@ def main(argv=None):
               "settings": {k: v for k, v in vars(opts).items() if k not in ("out",)}, "rows": []}
     modes = {"off": [False], "on": [True], "both": [False, True]}[opts.grad_ckpt]
     t0 = time.time()
+    path = opts.out or os.path.join(ROOT, "bench", "results", f"{opts.suite}-{'+'.join(opts.model)}-{device}-"
+                                    f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for model_name in opts.model:
         for seq in opts.seq_len:
             for ckpt in modes:
@@ -457,15 +460,17 @@ def main(argv=None):
                         torch.cuda.empty_cache()
                     result["rows"].append(row)
                     print(format_row(row), flush=True)
-    result["wall_s"] = time.time() - t0
-    path = opts.out or os.path.join(ROOT, "bench", "results", f"{opts.suite}-{'+'.join(opts.model)}-{device}-"
-                                    f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path} ({result['wall_s']:.0f} s)")
+                    result["wall_s"] = time.time() - t0
+                    write_json(result, path)  # after every row: a run cut short keeps what it measured
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
     result["path"] = path
     return result
+
+
+def write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def format_row(row):

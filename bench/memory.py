@@ -26,7 +26,6 @@ Validated against the CPU allocator on real tensors in tests/test_memory.py.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -49,13 +48,17 @@ import train  # noqa: E402
 GIB, MIB = 2 ** 30, 2 ** 20
 SHAPES = dict(efficiency.SHAPES, **{
     "llama-3-8b-shape": dict(efficiency.llama_shape(4096, 32, 128256, 14336, 32), num_key_value_heads=8)})
-# classification shapes (train.py's non-causal branch: the model's own loss, one label per example)
+# classification shapes (train.py's cls and image tasks: the model's own loss, one label per example)
 CLS_SHAPES = {
-    "deberta-v3-base-shape": ("DebertaV2", dict(
+    "deberta-v3-base-shape": ("DebertaV2Config", "DebertaV2ForSequenceClassification", dict(
         vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
         share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
-        type_vocab_size=0, layer_norm_eps=1e-7, num_labels=2))}
+        type_vocab_size=0, layer_norm_eps=1e-7, num_labels=2)),
+    # ViT-B/16 at 224 px: 196 patches + [CLS] = 197 tokens, whatever --seq_len says; 100 classes (CIFAR-100)
+    "vit-b16-shape": ("ViTConfig", "ViTForImageClassification", dict(
+        image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12,
+        num_attention_heads=12, intermediate_size=3072, num_labels=100))}
 
 
 # ------------------------------------------------------------------------------------------ the counter
@@ -161,27 +164,31 @@ def counting(fake=True):
 
 # ------------------------------------------------------------------------------------------- models
 
-def build_model(name, seed=0, dtype=torch.bfloat16):
-    """A causal LM of a shape name (efficiency.SHAPES, llama-h{H}-l{L}[-v{V}], llama-3-8b-shape) or a
-    train.TINY alias, built in `dtype` by the default-dtype route (model.to(dtype) cannot swap fake tensors)."""
+def build_model(name, seed=0, dtype=torch.bfloat16, fake=True):
+    """A model of a shape name (efficiency.SHAPES, llama-h{H}-l{L}[-v{V}], llama-3-8b-shape, CLS_SHAPES) or a
+    train.TINY alias, built in `dtype` by the default-dtype route (model.to(dtype) cannot swap fake tensors).
+    fake: skip weight initialisation: the values never exist, and ViT's trunc_normal_ is a rejection loop
+    that reads them (`while mask.any()`), endless on the counter's placeholder."""
     import re
     import transformers as tf
+    from transformers.initialization import no_init_weights
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    m = re.fullmatch(r"llama-h(\d+)-l(\d+)(?:-v(\d+))?", name)
     try:
-        m = re.fullmatch(r"llama-h(\d+)-l(\d+)(?:-v(\d+))?", name)
-        if name in train.TINY:
-            model = train.build_tiny(name, seed=seed)
-        elif name in CLS_SHAPES:
-            arch, kw = CLS_SHAPES[name]
-            model = getattr(tf, f"{arch}ForSequenceClassification")(getattr(tf, f"{arch}Config")(**kw))
-        elif name in SHAPES or m:
-            kw = SHAPES[name] if name in SHAPES else efficiency.llama_shape(int(m[1]), int(m[2]), int(m[3] or 32000))
-            model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
-        else:
-            raise SystemExit(f"unknown --model {name}; use {', '.join([*SHAPES, *CLS_SHAPES])}, "
-                             f"llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
+        with no_init_weights() if fake else nullcontext():
+            if name in train.TINY:
+                model = train.build_tiny(name, seed=seed)
+            elif name in CLS_SHAPES:
+                cfg_cls, model_cls, kw = CLS_SHAPES[name]
+                model = getattr(tf, model_cls)(getattr(tf, cfg_cls)(**kw))
+            elif name in SHAPES or m:
+                kw = SHAPES[name] if name in SHAPES else efficiency.llama_shape(int(m[1]), int(m[2]), int(m[3] or 32000))
+                model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
+            else:
+                raise SystemExit(f"unknown --model {name}; use {', '.join([*SHAPES, *CLS_SHAPES])}, "
+                                 f"llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
     finally:
         torch.set_default_dtype(old)
     model.config.use_cache = False
@@ -208,9 +215,13 @@ def attach(method, model, batches, ctx, counter):
 
 
 def make_batch(model, mbs, seq):
-    """Random token ids; labels = inputs for a causal LM, one class per example otherwise. (ViT: not yet —
-    tiny-vit stalls on fake tensors, cause not found.)"""
-    ids = torch.randint(0, model.config.vocab_size, (mbs, seq))
+    """Random token ids; labels = inputs for a causal LM, one class per example otherwise. An image model
+    gets fp32 pixel_values (data.py's collate) of its own image size; its sequence length follows from that."""
+    cfg = model.config
+    if cfg.model_type == "vit":
+        pix = torch.randn(mbs, cfg.num_channels, cfg.image_size, cfg.image_size)
+        return {"pixel_values": pix, "labels": torch.zeros(mbs, dtype=torch.long)}
+    ids = torch.randint(0, cfg.vocab_size, (mbs, seq))
     labels = ids.clone() if model.config.model_type == "llama" else torch.zeros(mbs, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
@@ -246,13 +257,15 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
            "micro_batch_size": mbs, "grad_ckpt": ckpt, "dtype": "bf16", "fake": fake}
     t0 = time.time()
     with counting(fake) as c:
-        model = build_model(model_name, seed)
+        model = build_model(model_name, seed, fake=fake)
         if ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         fits = min(min(model.get_submodule(n).weight.shape) for n in common.find_targets(model, targets))
         if r > fits:
             return row | {"error": f"r={r} does not fit this model's smallest target ({fits} features)"}
         batch = make_batch(model, mbs, seq)
+        if model.config.model_type == "vit":  # tokens = patches + [CLS], fixed by the image size
+            row["seq_len"] = (model.config.image_size // model.config.patch_size) ** 2 + 1
         row["base_bytes"] = c.live
         c.weights = set(c.info)
         row["total_params"] = common.count_params(model)[1]

@@ -428,8 +428,9 @@ def memory_runs(paths):
     return out
 
 
-def memory_section(paths, model="llama-7b-shape", seq=2048):
-    """BENCHMARKS.md's "counted at 7B shape (no GPU)" section: targets, aux per row, the cuts, validation."""
+def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
+    """BENCHMARKS.md's "counted at 7B shape (no GPU)" section: targets, aux per row, the cuts, validation
+    (on CPU, and against the GPU's max_memory_allocated where `measured`, the CUDA efficiency rows, has them)."""
     runs = memory_runs(paths)
     now = runs.get("now", {})
     if not now:
@@ -593,21 +594,41 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
             lines += ["Our rows' trainable counts include the new pooler + classifier head (592,130 parameters, "
                       "trained fully); the PEFT rows' counts are the adapters alone. The `*-qkvud` rows name LLaMA "
                       "modules and do not apply to DeBERTa.", ""]
+        if other.startswith("vit"):
+            r0 = next(iter(now[k] for k in keys))
+            lines += [f"ViT-B/16 at 224 px: {r0['seq_len']} tokens (196 patches + [CLS]) per image, micro-batch "
+                      f"{r0['micro_batch_size']} (PiLoRA Table 7's batch), 100 classes. Our rows' trainable counts "
+                      "include the new classifier head (trained fully); the PEFT rows' are the adapters alone. The "
+                      "`*-qkvud` rows name LLaMA modules: on ViT only q, k, v match (no up / down).", ""]
+
+    gpu = [(k, r, now[k]) for k, r in (measured or {}).items() if k in now and "error" not in r
+           and "error" not in now[k]]
+    if gpu:
+        lines += ["### Validation on the GPU: counted vs `torch.cuda.max_memory_allocated`", "",
+                  "The efficiency suite's CUDA rows (bf16, measured) beside this count of the same rows at the same "
+                  "shape. The count leaves out the allocator's rounding, cuBLAS / flash workspaces and the CUDA "
+                  "context's own allocations, so it should read a little low; `counted / measured` says how much.", ""]
+        body = [[f"`{k[0]}`", f"{k[1]}, seq {k[2]}", mode_name(k[3]), gib(c["peak_bytes"]), gib(m["peak_bytes"]),
+                 fx(ratio(c["peak_bytes"], m["peak_bytes"])), gib(c["aux_bytes"]), gib(m["aux_bytes"]),
+                 fx(ratio(c["aux_bytes"], m["aux_bytes"]))] for k, m, c in gpu]
+        lines += table(["row", "shape", "mode", "peak counted GiB", "peak measured GiB", "counted / measured",
+                        "aux counted GiB", "aux measured GiB", "counted / measured"], body) + [""]
 
     val = runs.get("validation", {})
-    if val:
-        vm = next(iter(val))[1]
-        lines += [f"### Validation: counted vs the CPU allocator on real tensors ({vm}, seq {next(iter(val))[2]})", "",
+    for vm, vs in dict.fromkeys((k[1], k[2]) for k in val):
+        lines += [f"### Validation: counted vs the CPU allocator on real tensors ({vm}, seq {vs})", "",
                   "The same row run twice, on fake tensors (counted) and on real ones (CPU, bf16 autocast) where "
                   "`torch.profiler`'s allocator events give the step's peak above its start, as the efficiency "
                   "suite measures CPU memory. tests/test_memory.py asserts −20 % / +3 % (+ 32 KiB) on every "
                   "method with and without checkpointing, and the no-grad forward exactly; the count misses kernel "
                   "scratch (MKL's int32 buffer inside `bernoulli_` while a dropout mask is drawn, CPU SDPA's "
-                  "backward buffers), so it reads low where dropout masks are drawn in backward.", ""]
+                  "backward buffers), so it reads low where dropout masks are drawn in backward."
+                  + (" ViT's patch convolution adds oneDNN's scratch, seen by the allocator only: the forward "
+                     "columns differ by it." if vm.startswith("vit") else ""), ""]
         body = []
         for (n, m, s, c), r in val.items():
             v = r.get("validation")
-            if v:
+            if v and (m, s) == (vm, vs):
                 body.append([f"`{n}`", mode_name(c), f"{v['counted_step_bytes'] / 2 ** 10:,.0f}",
                              f"{v['measured_step_bytes'] / 2 ** 10:,.0f}",
                              f"{100 * (v['counted_step_bytes'] / v['measured_step_bytes'] - 1):+.1f} %",
@@ -617,9 +638,9 @@ def memory_section(paths, model="llama-7b-shape", seq=2048):
     return lines
 
 
-def with_memory(md, paths):
-    """md with memory_section(paths) inserted before its Notes."""
-    lines = memory_section(paths)
+def with_memory(md, paths, groups=None):
+    """md with memory_section(paths) inserted before its Notes; groups: load()'s, for the GPU comparison."""
+    lines = memory_section(paths, measured=(groups or {}).get(("main", "cuda"), {}).get("rows"))
     if not lines or "## Notes\n" not in md:
         return md
     head, tail = md.split("## Notes\n", 1)
@@ -722,7 +743,7 @@ def main(argv=None):
     md = ""
     if eff:
         md = render(load(eff), a.png_dir or None, kept_notes(a.out), os.path.dirname(os.path.abspath(a.out)))
-        md = with_memory(md, [p for p in paths if os.path.basename(p).startswith("memory-")])
+        md = with_memory(md, [p for p in paths if os.path.basename(p).startswith("memory-")], load(eff))
         with open(a.out, "w") as f:
             f.write(md)
         print(f"wrote {a.out}")

@@ -167,6 +167,40 @@ def test_dropout_linear_bf16_autocast_and_checkpoint():
         torch.testing.assert_close(got[2][0], ref[2][0], rtol=1e-2, atol=1e-2)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_linear_backward_reuses_the_forward_mask(device, ckpt):
+    """On any device (CUDA's generator too): backward redraws exactly the forward's mask, even when other
+    draws happen in between. With W = I among the weights the forward output is the dropped x itself, so the
+    mask is read off it and the gradients are checked against the hand formulas: ∂x = (Σ g_i W_i) ⊙ m/(1−p),
+    ∂W_i = g_iᵀ (x ⊙ m/(1−p)) — in float64 on CPU, float32 on CUDA."""
+    from torch.utils.checkpoint import checkpoint
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    p, d = 0.4, 24
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, d, dtype=dtype, generator=gen).to(device).requires_grad_()
+    eye = torch.eye(d, dtype=dtype, device=device).requires_grad_()
+    w = torch.randn(4, d, dtype=dtype, generator=gen).to(device).requires_grad_()
+    drop = torch.nn.Dropout(p)
+    fn = lambda x, eye, w: common.dropout_linear(x, drop, eye, w)  # noqa: E731
+    torch.manual_seed(1)
+    xd, y = checkpoint(fn, x, eye, w, use_reentrant=False) if ckpt else fn(x, eye, w)
+    scale = (xd.detach() != 0).to(dtype) / (1 - p)  # the mask, read off the output (x has no zeros)
+    assert 0 < (scale == 0).sum() < scale.numel()
+    torch.testing.assert_close(xd.detach(), x.detach() * scale)
+    torch.testing.assert_close(y.detach(), xd.detach() @ w.detach().T)
+    torch.rand(1000, device=device)  # other draws between forward and backward
+    g1, g2 = torch.randn(xd.shape, dtype=dtype, generator=gen).to(device), \
+        torch.randn(y.shape, dtype=dtype, generator=gen).to(device)
+    (xd * g1).sum().add((y * g2).sum()).backward()
+    torch.testing.assert_close(x.grad, (g1 @ eye.detach() + g2 @ w.detach()) * scale)
+    torch.testing.assert_close(w.grad, g2.reshape(-1, 4).T @ (x.detach() * scale).reshape(-1, d))
+    torch.testing.assert_close(eye.grad, g1.reshape(-1, d).T @ (x.detach() * scale).reshape(-1, d))
+
+
 def test_dropout_linear_inactive_in_eval():
     x, ws = leaves(rs=(3,))
     drop = torch.nn.Dropout(0.5).eval()
@@ -241,3 +275,38 @@ def test_classification_shape_counts():
                         "lora-r8-qkvud"])
     assert rows[0]["aux_bytes"] > 0 and rows[0]["trainable_params"] > 0
     assert "no linear layer matches" in rows[1]["error"]
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("row", ["lora-r8", "spsft-r128-taylor", "g2r2-warmup", "pilora-s1-K1"])
+def test_image_model_count_matches_real(row, ckpt):
+    """ViT (train.py's image task: pixel_values, the model's own loss) counted as the LLaMA rows are: the fake
+    count equals the counter on real tensors, and the CPU allocator within the same bounds once the patch
+    convolution's oneDNN scratch is allowed for — a kernel workspace no dispatcher-level count sees, measured
+    here as the allocator's no-grad forward minus the counted one."""
+    fake = memory.count_row(row, "tiny-vit", 0, 2, ckpt)
+    real = memory.count_row(row, "tiny-vit", 0, 2, ckpt, fake=False)
+    assert fake["seq_len"] == (32 // 8) ** 2 + 1  # patches + [CLS], from the image size
+    counted, measured = fake["peak_bytes"] - fake["start_bytes"], real["profiled_step_delta"]
+    assert abs(counted - (real["peak_bytes"] - real["start_bytes"])) <= 32 * 1024
+    scratch = real["profiled_model_delta"] - (fake["model_bytes"] - fake["base_bytes"])
+    assert 0 <= scratch <= 256 * 1024
+    assert -0.20 * measured - 32 * 1024 - scratch <= counted - measured <= 0.03 * measured + 32 * 1024
+    assert fake["trainable_params"] == real["trainable_params"] > 0
+    assert abs(fake["start_bytes"] - real["start_bytes"]) <= 1024
+
+
+def test_report_sets_the_count_beside_the_gpu(tmp_path):
+    """bench/report.py: a CUDA efficiency row and a counted row of the same (row, shape, seq, mode) land in
+    one "Validation on the GPU" line with their ratio (hand numbers: 3 GiB counted / 4 GiB measured)."""
+    import report
+    gib = 2 ** 30
+    counted = [{"row": "lora-r8", "model": "llama-7b-shape", "seq_len": 2048, "grad_ckpt": False,
+                "trainable_params": 1, "peak_bytes": 15 * gib, "model_bytes": 12 * gib, "aux_bytes": 3 * gib}]
+    measured = {("lora-r8", "llama-7b-shape", 2048, False): {"peak_bytes": 16 * gib, "aux_bytes": 4 * gib}}
+    (tmp_path / "memory-x.json").write_text(json.dumps(counted))
+    lines = report.memory_section([str(tmp_path / "memory-x.json")], measured=measured)
+    i = lines.index("### Validation on the GPU: counted vs `torch.cuda.max_memory_allocated`")
+    row = next(x for x in lines[i:] if x.startswith("| `lora-r8`"))
+    assert "| 15.00 | 16.00 | 0.94× | 3.00 | 4.00 | 0.75× |" in row
+    assert not any("Validation on the GPU" in x for x in report.memory_section([str(tmp_path / "memory-x.json")]))
