@@ -638,9 +638,32 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
     return lines
 
 
+def cut_cost_section(paths):
+    """What the memory cuts cost in step time: bench/cut_cost.py's interleaved medians, as ratios to ours."""
+    runs = [r for p in sorted(paths) for r in json.load(open(p))]
+    if not runs:
+        return []
+    pair = lambda r: next((k for k in r["vs_ours"] if k.startswith("peft-")), None)  # noqa: E731
+    names = list(dict.fromkeys(k for r in runs for k in r["median_s"] if not k.startswith("peft-")))
+    lines = ["### What the memory cuts cost in step time (CPU, `bench/cut_cost.py`)", "",
+             "Our LoRA row timed step by step against itself with each cut undone and against its PEFT pair, "
+             "interleaved (A B C … A B C …), medians; `nn.Dropout`: the adapter input dropped by nn.Dropout "
+             "(its dropped copy and mask kept) instead of `common.dropout_linear` (mask redrawn in backward); "
+             "`HF loss`: the model's own loss over the full logits instead of `train.causal_loss` (LM head "
+             "recomputed chunk by chunk in backward). Ratios to `ours`; the memory the cuts buy is in the aux "
+             "columns above.", ""]
+    body = [[f"`{r['row']}`", f"{r['model']}, seq {r['seq_len']}", mode_name(r["grad_ckpt"]),
+             ms(r["median_s"]["ours"])] + [fx(r["vs_ours"].get(n)) for n in names[1:]]
+            + [f"{fx(r['vs_ours'].get(pair(r)))} (`{pair(r)}`)" if pair(r) else "–"] for r in runs]
+    return lines + table(["row", "shape", "mode", "ours ms"] + [f"{n} ×" for n in names[1:]] + ["PEFT pair ×"],
+                         body) + [""]
+
+
 def with_memory(md, paths, groups=None):
     """md with memory_section(paths) inserted before its Notes; groups: load()'s, for the GPU comparison."""
-    lines = memory_section(paths, measured=(groups or {}).get(("main", "cuda"), {}).get("rows"))
+    mem = [p for p in paths if os.path.basename(p).startswith("memory-")]
+    lines = memory_section(mem, measured=(groups or {}).get(("main", "cuda"), {}).get("rows"))
+    lines += cut_cost_section([p for p in paths if os.path.basename(p).startswith("cut-cost-")])
     if not lines or "## Notes\n" not in md:
         return md
     head, tail = md.split("## Notes\n", 1)
@@ -743,7 +766,8 @@ def main(argv=None):
     md = ""
     if eff:
         md = render(load(eff), a.png_dir or None, kept_notes(a.out), os.path.dirname(os.path.abspath(a.out)))
-        md = with_memory(md, [p for p in paths if os.path.basename(p).startswith("memory-")], load(eff))
+        md = with_memory(md, [p for p in paths if os.path.basename(p).startswith(("memory-", "cut-cost-"))],
+                         load(eff))
         with open(a.out, "w") as f:
             f.write(md)
         print(f"wrote {a.out}")

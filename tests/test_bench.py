@@ -129,3 +129,29 @@ def test_saved_tensor_hooks_count_activations_not_parameters():
 def test_bad_row_name_is_a_clear_error():
     with pytest.raises(SystemExit):
         efficiency.parse_args(["--rows", "nope"])
+
+
+def test_cut_cost_undoes_each_cut_and_restores_it(tmp_path):
+    """bench/cut_cost.py: its undone dropout computes what the cut computes (same draws on CPU, same values
+    and gradients), so the timing compares equal math; a run on tiny-llama gives every variant a positive
+    median and leaves common.dropout_linear as it was; report.py renders the table."""
+    import cut_cost
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(3, 16, requires_grad=True)
+    drop = torch.nn.Dropout(0.3)
+    outs = []
+    for fn in (common.dropout_linear, cut_cost.kept_dropout_linear):
+        torch.manual_seed(4)
+        y, = fn(x, drop, w)
+        outs.append((y, *torch.autograd.grad(y.square().sum(), [x, w])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    path = tmp_path / "cut-cost-x.json"
+    rows = cut_cost.main(["--model", "tiny-llama", "--seq_len", "16", "--rows", "lora-r8", "--grad_ckpt", "off",
+                          "--steps", "2", "--warmup_steps", "1", "--json", str(path)])
+    assert common.dropout_linear is cut_cost.CUT
+    med = rows[0]["median_s"]
+    assert {"ours", "nn.Dropout", "HF loss", "both undone"} <= set(med) and min(med.values()) > 0
+    assert ("peft-lora-r8" in med) == HAVE_PEFT and rows[0]["vs_ours"]["ours"] == 1.0
+    lines = report.cut_cost_section([str(path)])
+    assert lines[0].startswith("### What the memory cuts cost") and any(x.startswith("| `lora-r8`") for x in lines)
