@@ -3,6 +3,7 @@ loads, the hooks inside transformers.Trainer, and several processes under torchr
 
     interop.save_peft(model, "out/peft", base_name)          # peft.PeftModel.from_pretrained(base, "out/peft")
     Trainer(..., callbacks=[interop.MethodCallback(method)])  # after method.attach(model, batches)
+    interop.resume(trainer, method, "out/checkpoint-500")    # instead of attach, to continue a Trainer run
     torchrun --nproc_per_node 8 train.py ...                 # init_distributed, wrap, no_sync, on_rank0
 
 Neither peft nor transformers is imported here until a function needs it.
@@ -11,6 +12,7 @@ import atexit
 import collections
 import json
 import os
+import pickle
 import shutil
 from contextlib import nullcontext
 from datetime import timedelta
@@ -85,6 +87,8 @@ def save_peft(model, out_dir, base_name=None):
 
 # ------------------------------------------------------------- inside transformers.Trainer
 
+METHOD_STATE = "method_state.pt"  # the method's state_dict() in a Trainer checkpoint folder (as in train.py's runs)
+
 def MethodCallback(method):
     """A transformers.TrainerCallback that drives `method`'s hooks inside Trainer, in train.py's order.
 
@@ -96,15 +100,26 @@ def MethodCallback(method):
     set, Trainer's own optimizer drops the removed tensors with their state and gains the new ones
     (sync_optimizer), and a moved `schedule_start` restarts Trainer's own schedule (restart_schedule).
     `lr_scale` applies to the method's tensors as in train.py. Hooks get step = state.global_step,
-    the 0-based index of the optimizer step, as in train.py. transformers is imported on the call."""
+    the 0-based index of the optimizer step, as in train.py. Every Trainer checkpoint gets the method's
+    state_dict() beside it (checkpoint-N/method_state.pt, rank 0, atomic); resume(trainer, method,
+    checkpoint) restores it. transformers is imported on the call."""
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class _MethodCallback(TrainerCallback):
+        resumed_at = 0  # the step resume() restored the method to
+
         def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if args.fp16:
                 raise UserError("MethodCallback: fp16 loss scaling hands the hooks scaled gradients; use bf16")
+            if state.global_step != self.resumed_at:
+                raise UserError(f"Trainer resumes at step {state.global_step} but the method was attached "
+                                f"afresh; call interop.resume(trainer, method, checkpoint) instead of "
+                                f"method.attach(model) before trainer.train(resume_from_checkpoint=...)")
             self.clip, args.max_grad_norm = args.max_grad_norm, 0.0
             sync_optimizer(model, method, optimizer, lr_scheduler, args.learning_rate, args.weight_decay)
+            if method.schedule_start:  # resumed after a restart (PiLoRA stage 2): the lambdas are not saved
+                restart_schedule(lr_scheduler, args, state.max_steps, method.schedule_start)
 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
             method.after_backward(state.global_step)
@@ -118,17 +133,57 @@ def MethodCallback(method):
             if method.schedule_start != start:
                 restart_schedule(lr_scheduler, args, state.max_steps, method.schedule_start)
 
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+                torch.save(method.state_dict(), os.path.join(folder, METHOD_STATE + ".tmp"))
+                os.replace(os.path.join(folder, METHOD_STATE + ".tmp"), os.path.join(folder, METHOD_STATE))
+
         def on_train_end(self, args, state, control, **kw):
             args.max_grad_norm = self.clip
 
     return _MethodCallback()
 
 
+def resume(trainer, method, checkpoint, batches=()):
+    """Instead of method.attach(model) when a Trainer run continues from `checkpoint` (a checkpoint-N
+    folder MethodCallback saved into): rebuild the method's adapters in trainer.model as they were at
+    step N (its method_state.pt; G²R²'s pruned modules, PiLoRA's stage, TASO's regions, SPSFT's rows),
+    and group Trainer's optimizer as the callback does as soon as Trainer creates it, so that the
+    optimizer state Trainer saved fits. Then trainer.train(resume_from_checkpoint=checkpoint) loads the
+    adapter tensors, optimizer, schedule and data position as for any model."""
+    path = os.path.join(checkpoint, METHOD_STATE)
+    cbs = [cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "resumed_at")]
+    if not cbs:
+        raise UserError("interop.resume: the Trainer has no MethodCallback; pass "
+                        "callbacks=[interop.MethodCallback(method)] to it")
+    if not os.path.isfile(path):
+        raise UserError(f"{checkpoint} has no {METHOD_STATE}; resume a checkpoint written by a Trainer that "
+                        f"had interop.MethodCallback(method) among its callbacks")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = json.load(f)["global_step"]
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise UserError(f"{checkpoint} is damaged or incomplete ({type(e).__name__}: {str(e)[:200]}); resume "
+                        f"an earlier checkpoint") from None
+    method.attach(trainer.model, batches, state=state)
+    cbs[0].resumed_at = step
+    create = trainer.create_optimizer
+
+    def create_optimizer(*a, **kw):
+        opt = create(*a, **kw)
+        sync_optimizer(trainer.model, method, opt, None, trainer.args.learning_rate, trainer.args.weight_decay)
+        return opt
+    trainer.create_optimizer = create_optimizer
+
+
 def sync_optimizer(model, method, opt, sched, lr, weight_decay):
     """Make `opt` (torch or accelerate-wrapped) hold exactly the model's trainable tensors, in place:
     tensors no longer trained leave with their state; survivors keep theirs; the method's tensors (leaf
     name starts with method.prefix) sit in groups with lr·method.lr_scale; new tensors get weight decay
-    when they are matrices (train.py's rule). New groups are added to the LambdaLR `sched` too."""
+    when they are matrices (train.py's rule). New groups are added to the LambdaLR `sched` too (None: the
+    optimizer is new and its schedule not built yet)."""
     opt, sched = getattr(opt, "optimizer", opt), getattr(sched, "scheduler", sched)  # accelerate wrappers
     want = {p: method.lr_scale if n.rpartition(".")[2].startswith(method.prefix) else 1.0
             for n, p in model.named_parameters() if p.requires_grad}
@@ -151,14 +206,15 @@ def sync_optimizer(model, method, opt, sched, lr, weight_decay):
         if g is not None:
             g["params"].append(p)
             continue
-        if not hasattr(sched, "lr_lambdas"):
+        if sched is not None and not hasattr(sched, "lr_lambdas"):
             raise UserError("MethodCallback adds the method's tensors to a LambdaLR schedule only; use a "
                             "transformers lr_scheduler_type other than reduce_lr_on_plateau")
-        factor = sched.lr_lambdas[0](sched.last_epoch)
+        factor = 1.0 if sched is None else sched.lr_lambdas[0](sched.last_epoch)
         opt.add_param_group({"params": [p], "lr": lr * s * factor, "initial_lr": lr * s, "weight_decay": wd,
                              "lr_scale": s})
-        sched.base_lrs.append(lr * s)
-        sched.lr_lambdas.append(sched.lr_lambdas[0])
+        if sched is not None:
+            sched.base_lrs.append(lr * s)
+            sched.lr_lambdas.append(sched.lr_lambdas[0])
 
 
 def restart_schedule(sched, args, total, start):

@@ -2,7 +2,8 @@
 order, seed and (constant) learning rate: the same loss at every step for every method; G²R² ends with
 the same retained modules and parameter count and Trainer's optimizer holds no tensor of a pruned module;
 PiLoRA switches stage at the same step with the same dominant rows and its schedule restarts there;
-TASO / SPSFT / LoRA train only their own tensors (TASO's at lr · lr_scale)."""
+TASO / SPSFT / LoRA train only their own tensors (TASO's at lr · lr_scale). A run resumed from a Trainer
+checkpoint (interop.resume) continues exactly as the run that was not interrupted."""
 import itertools
 import os
 import sys
@@ -27,9 +28,10 @@ EXTRA = {"lora": [], "g2r2": ["--g2r2_warmup", "2", "--g2r2_prune", "3"],
          "taso": ["--taso_calib_batches", "4"], "spsft": ["--spsft_rows", "8"]}
 
 
-def trainer_run(tmp, name, schedule="constant", warmup=0):
-    """method `name` attached as train.py attaches it, then trained by Trainer + MethodCallback on
-    train.py's micro-batch order (one epoch = STEPS steps of 2 × 2 examples)."""
+def trainer_run(tmp, name, schedule="constant", warmup=0, save_steps=None, attach=True):
+    """method `name` attached as train.py attaches it (attach=False: not attached, for resume()), then
+    trained by Trainer + MethodCallback on train.py's micro-batch order (one epoch = STEPS steps of 2 × 2
+    examples); save_steps: a Trainer checkpoint every that many steps."""
     args = train.parse_args(ARGV + ["--method", name, *EXTRA[name]])
     _, task, proc = train.resolve(args)
     examples = train.load_data(args, task, proc)[0][:args.max_samples]
@@ -37,13 +39,15 @@ def trainer_run(tmp, name, schedule="constant", warmup=0):
     model = train.build_tiny("tiny-llama", seed=args.seed)
     model.config.use_cache = False
     method = train.METHODS[name](**vars(args), total_steps=STEPS, steps_per_epoch=STEPS)
-    method.attach(model, itertools.islice(batches.stream(), batches.per_epoch))
+    if attach:
+        method.attach(model, itertools.islice(batches.stream(), batches.per_epoch))
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     targs = transformers.TrainingArguments(
         output_dir=str(tmp), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
         learning_rate=LR, lr_scheduler_type=schedule, warmup_steps=warmup, max_grad_norm=args.clip,
         weight_decay=0.0, optim="adamw_torch", train_sampling_strategy="sequential", logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+        report_to="none", save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        use_cpu=True, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=[examples[j] for j in order],
                                    data_collator=lambda f: data.collate(f, proc.pad_token_id),
                                    callbacks=[interop.MethodCallback(method)])
@@ -116,3 +120,51 @@ def test_pilora_restarts_trainers_schedule_at_stage_2(tmp_path):
     linear = lambda t, n, w: t / w if t < w else max(0.0, (n - t) / (n - w))  # Trainer's linear warmup + decay
     expect = [LR * linear(t, STEPS, 2) for t in range(4)] + [LR * linear(t, 4, 2) for t in range(4)]
     assert [g[0] for g in lrs] == pytest.approx(expect) and all(len(set(g)) == 1 for g in lrs)
+
+
+def losses_of(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+# checkpoints across each method's transitions: G²R² mid-pruning and in refinement, PiLoRA mid-scoring
+# (stage 1) and after its switch and schedule restart (stage 2)
+RESUME_AT = [("lora", 4), ("g2r2", 3), ("g2r2", 5), ("pilora", 2), ("pilora", 6), ("taso", 4), ("spsft", 4)]
+
+
+@pytest.mark.parametrize("name,at", RESUME_AT, ids=[f"{n}-{k}" for n, k in RESUME_AT])
+def test_resume_from_a_trainer_checkpoint_continues_the_run(tmp_path, name, at):
+    """Trainer checkpoint at step `at`, a new process-like start (fresh model, method not attached),
+    interop.resume, train to the end: the losses of the steps after `at` and every trained tensor equal
+    the uninterrupted run's; Trainer loaded the adapter tensors without a missing or unexpected key."""
+    full, full_model, full_method = trainer_run(tmp_path / "a", name, "linear", 2, save_steps=at)
+    full.train()
+    trainer, model, method = trainer_run(tmp_path / "b", name, "linear", 2, save_steps=at, attach=False)
+    ckpt = str(tmp_path / "a" / f"checkpoint-{at}")
+    interop.resume(trainer, method, ckpt)
+    trainer.train(resume_from_checkpoint=ckpt)
+    assert len(losses_of(trainer)) == STEPS  # the checkpoint's history + the steps run here
+    assert losses_of(trainer)[at:] == pytest.approx(losses_of(full)[at:], abs=1e-6)
+    want = {n: p for n, p in full_model.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert list(got) == list(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6)
+    assert method.stage == full_method.stage and method.summary() == full_method.summary()
+
+
+def test_resume_refuses_what_would_continue_wrongly(tmp_path):
+    """A resumed Trainer whose method was attached afresh, a checkpoint without the method's state and a
+    Trainer without the callback: one clear UserError each, before any step."""
+    full, _, _ = trainer_run(tmp_path / "a", "g2r2", save_steps=1)
+    full.train()
+    ckpt = tmp_path / "a" / "checkpoint-1"  # mid-warmup: same tensors, but the scores so far would be lost
+    trainer, _, _ = trainer_run(tmp_path / "b", "g2r2", save_steps=1)  # attached afresh
+    with pytest.raises(common.UserError, match="interop.resume"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    trainer, _, method = trainer_run(tmp_path / "c", "g2r2", attach=False)
+    (ckpt / interop.METHOD_STATE).unlink()
+    with pytest.raises(common.UserError, match="has no method_state.pt"):
+        interop.resume(trainer, method, str(ckpt))
+    trainer.pop_callback(next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "resumed_at")))
+    with pytest.raises(common.UserError, match="no MethodCallback"):
+        interop.resume(trainer, method, str(ckpt))
