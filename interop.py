@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, world
+from common import Method, UserError, world
 
 
 # ------------------------------------------------------------ PEFT export (writing needs no peft)
@@ -99,7 +99,8 @@ def MethodCallback(method):
     right after after_backward. after_step runs in on_optimizer_step; when it reports a new trainable
     set, Trainer's own optimizer drops the removed tensors with their state and gains the new ones
     (sync_optimizer), and a moved `schedule_start` restarts Trainer's own schedule (restart_schedule).
-    `lr_scale` applies to the method's tensors as in train.py. Hooks get step = state.global_step,
+    `lr_scale` applies to the method's tensors as in train.py. A multi-process Trainer refuses methods whose
+    hooks act mid-run (G²R², PiLoRA: use torchrun train.py). Hooks get step = state.global_step,
     the 0-based index of the optimizer step, as in train.py. Every Trainer checkpoint gets the method's
     state_dict() beside it (checkpoint-N/method_state.pt, rank 0, atomic); resume(trainer, method,
     checkpoint) restores it. transformers is imported on the call."""
@@ -112,6 +113,12 @@ def MethodCallback(method):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if args.fp16:
                 raise UserError("MethodCallback: fp16 loss scaling hands the hooks scaled gradients; use bf16")
+            acts = [h for h in ("after_backward", "after_step") if getattr(type(method), h) is not getattr(Method, h)]
+            if args.world_size > 1 and acts:
+                raise UserError(f"MethodCallback: {type(method).__name__} scores or changes its tensors during "
+                                f"training ({', '.join(acts)}), which a multi-process Trainer does not follow (it "
+                                f"builds its DDP wrapper once and averages gradients); run torchrun train.py ..., or "
+                                f"Trainer in one process")
             if state.global_step != self.resumed_at:
                 raise UserError(f"Trainer resumes at step {state.global_step} but the method was attached "
                                 f"afresh; call interop.resume(trainer, method, checkpoint) instead of "

@@ -28,7 +28,7 @@ EXTRA = {"lora": [], "g2r2": ["--g2r2_warmup", "2", "--g2r2_prune", "3"],
          "taso": ["--taso_calib_batches", "4"], "spsft": ["--spsft_rows", "8"]}
 
 
-def trainer_run(tmp, name, schedule="constant", warmup=0, save_steps=None, attach=True):
+def trainer_run(tmp, name, schedule="constant", warmup=0, save_steps=None, attach=True, **training_args):
     """method `name` attached as train.py attaches it (attach=False: not attached, for resume()), then
     trained by Trainer + MethodCallback on train.py's micro-batch order (one epoch = STEPS steps of 2 × 2
     examples); save_steps: a Trainer checkpoint every that many steps."""
@@ -47,7 +47,7 @@ def trainer_run(tmp, name, schedule="constant", warmup=0, save_steps=None, attac
         learning_rate=LR, lr_scheduler_type=schedule, warmup_steps=warmup, max_grad_norm=args.clip,
         weight_decay=0.0, optim="adamw_torch", train_sampling_strategy="sequential", logging_steps=1,
         report_to="none", save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        use_cpu=True, disable_tqdm=True)
+        use_cpu=True, disable_tqdm=True, **training_args)
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=[examples[j] for j in order],
                                    data_collator=lambda f: data.collate(f, proc.pad_token_id),
                                    callbacks=[interop.MethodCallback(method)])
@@ -168,3 +168,44 @@ def test_resume_refuses_what_would_continue_wrongly(tmp_path):
     trainer.pop_callback(next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "resumed_at")))
     with pytest.raises(common.UserError, match="no MethodCallback"):
         interop.resume(trainer, method, str(ckpt))
+
+
+TRAINER_DDP = """import json, os, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import torch
+import common
+from test_trainer_callback import trainer_run
+out = {{}}
+for name in ("lora", "taso", "spsft", "pilora", "g2r2"):
+    trainer, model, method = trainer_run(sys.argv[1] + "/" + name, name, ddp_backend="gloo")
+    try:
+        trainer.train()
+    except common.UserError as e:
+        out[name] = str(e)
+        continue
+    flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    both = [torch.zeros_like(flat) for _ in range(2)]
+    torch.distributed.all_gather(both, flat)
+    out[name] = float((both[0] - both[1]).abs().max())
+if int(os.environ["RANK"]) == 0:
+    json.dump(out, open(sys.argv[1] + "/out.json", "w"))
+"""
+
+
+def test_multi_process_trainer_keeps_replicas_equal_or_refuses(tmp_path):
+    """Trainer under torchrun (2 gloo processes): LoRA, TASO, SPSFT train one fixed set of tensors and the two
+    replicas end identical; G²R² and PiLoRA, whose hooks score and change tensors mid-run (which Trainer's
+    DDP, built once and averaging, does not follow: PiLoRA's replicas drifted apart, 7.6e-3, before this
+    check), stop with one UserError naming torchrun train.py."""
+    import json
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "driver.py").write_text(TRAINER_DDP.format(repo=os.path.dirname(here), tests=here))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "driver.py"), str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["lora"] == out["taso"] == out["spsft"] == 0.0
+    for name in ("pilora", "g2r2"):
+        assert "multi-process Trainer" in out[name] and "torchrun train.py" in out[name], out[name]
