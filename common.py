@@ -267,6 +267,20 @@ def scoring_mode(model):
             m.training = t
 
 
+def weight_groups(weights, groups):
+    """`weights` ({name: tensor}, model order) cut into `groups` runs of consecutive weights with about
+    equal numbers of elements. An importance pass run once per run holds its fp32 sums for one run at a
+    time (peak ÷ groups) and gives the same scores: a weight's gradient does not depend on which other
+    weights require one. The price: one more pass over the calibration batches per run."""
+    names, total = list(weights), sum(w.numel() for w in weights.values())
+    if groups >= len(names):
+        return [{n: weights[n]} for n in names]
+    out, seen = [{} for _ in range(groups)], 0
+    for n in names:
+        out[min(len(out) - 1, (2 * seen + weights[n].numel()) * len(out) // max(2 * total, 1))][n] = weights[n]
+        seen += weights[n].numel()
+    return [g for g in out if g]
+
 # ------------------------------------------------------------------------------- bookkeeping
 
 def count_params(model):

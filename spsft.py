@@ -32,7 +32,8 @@ Deviations and readings:
   to the nearest whole row, halves up (2.5 → 3), at least 1.
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
   last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's
-  gradients, which is why §5.3 uses ℓ2 for LLMs. With `--spsft_calib_batches 1` nothing is kept.
+  gradients, which is why §5.3 uses ℓ2 for LLMs. With `--spsft_calib_batches 1` nothing is kept;
+  `--spsft_score_groups G` keeps 1/G of it at a time (G passes over the same batches, the same rows).
 - `--spsft_rows` larger than a matrix's d_out selects all its rows (top-r of fewer than r rows).
 - `--spsft_norms` (optional, §1.1 bullet 2) trains every LayerNorm / RMSNorm affine vector in full
   (d values each) instead of selecting elements of them.
@@ -61,6 +62,9 @@ def add_args(parser):
     g.add_argument("--spsft_ratio", type=float, default=None,
                    help="instead of --spsft_rows: fraction of each matrix's parameters (paper: 0.05)")
     g.add_argument("--spsft_calib_batches", type=int, default=8, help="batches for taylor/qm_taylor")
+    g.add_argument("--spsft_score_groups", type=int, default=1,
+                   help="taylor/qm_taylor: score the targets in this many runs of layers, one pass each: "
+                        "the fp32 gradient sums ÷ this, the pass time × about this (same rows)")
     g.add_argument("--spsft_mlp_only", action="store_true", help="freeze attention (the FA setting)")
     g.add_argument("--spsft_norms", action="store_true", help="also train LayerNorm/RMSNorm affine vectors")
 
@@ -177,8 +181,12 @@ def sub_batch(batch, mask):
     return {k: v[mask] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v for k, v in batch.items()}
 
 
-def row_importance(model, weights, batches, kind):
-    """{name: η (d_out,)} for every weight, by `kind` in IMPORTANCE, on the calibration `batches` (a list)."""
+def row_importance(model, weights, batches, kind, groups=1):
+    """{name: η (d_out,)} for every weight, by `kind` in IMPORTANCE, on the calibration `batches` (a list);
+    the gradient passes run once per group of weights (common.weight_groups)."""
+    if kind != "l2" and groups > 1:
+        return {n: eta for part in common.weight_groups(weights, groups)
+                for n, eta in row_importance(model, part, batches, kind).items()}
     if kind == "l2":
         return {n: l2_rows(w) for n, w in weights.items()}
     n_batches = int(common.all_reduce(torch.tensor(len(batches))))  # torchrun: each process has its share
@@ -227,7 +235,7 @@ class SPSFT(common.Method):
     prefix = "spsft_"
 
     def __init__(self, targets=None, spsft_importance="l2", spsft_rows=128, spsft_ratio=None,
-                 spsft_calib_batches=8, spsft_mlp_only=False, spsft_norms=False, **unused):
+                 spsft_calib_batches=8, spsft_mlp_only=False, spsft_norms=False, spsft_score_groups=1, **unused):
         if spsft_importance not in IMPORTANCE:
             raise ValueError(f"--spsft_importance must be one of {', '.join(IMPORTANCE)}, got {spsft_importance!r}")
         if spsft_rows < 1:
@@ -236,6 +244,9 @@ class SPSFT(common.Method):
             common.check_fraction("spsft_ratio", spsft_ratio)
         if spsft_calib_batches < 1:
             raise ValueError(f"--spsft_calib_batches must be >= 1, got {spsft_calib_batches}")
+        if spsft_score_groups < 1:
+            raise ValueError(f"--spsft_score_groups must be >= 1, got {spsft_score_groups}")
+        self.score_groups = spsft_score_groups
         self.targets, self.importance, self.rows, self.ratio = targets, spsft_importance, spsft_rows, spsft_ratio
         self.calib_batches, self.mlp_only, self.norms = spsft_calib_batches, spsft_mlp_only, spsft_norms
         self.importance_time_s = 0.0
@@ -255,7 +266,7 @@ class SPSFT(common.Method):
             weights = {n: model.get_submodule(n).weight for n in names}
             calib = [] if self.importance == "l2" else [b for _, b in zip(range(common.shard_len(self.calib_batches)), batches)]
             t0 = time.perf_counter()
-            eta = row_importance(model, weights, calib, self.importance)
+            eta = row_importance(model, weights, calib, self.importance, self.score_groups)
             idx = {n: top_rows(eta[n], rows_for(*w.shape, rows=self.rows, ratio=self.ratio)) for n, w in weights.items()}
             common.check_same(idx, "spsft rows")
             self.importance_time_s = time.perf_counter() - t0  # scoring + selection (top_rows syncs a GPU)

@@ -22,7 +22,9 @@ Our readings and deviations (each is a flag):
   optimizer step. The pass holds one weight-sized fp32 buffer per target (also for a bf16 model: the
   sum of 64 bf16 terms in bf16 moves the chosen rows and columns) and frees each `.grad` as soon as
   it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
-  random sub-network) while gradient checkpointing stays on.
+  random sub-network) while gradient checkpointing stays on. `--taso_score_groups G` runs the pass
+  once per run of about 1/G of the target weights (common.weight_groups): 1/G of those buffers at a
+  time, the same importance, G passes over the same batches (each backward stops at its lowest layer).
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
 - A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
   LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
@@ -34,6 +36,7 @@ Our readings and deviations (each is a flag):
   the same size, so every variant has the same shape and budget (keeping the other axis whole
   cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
 """
+import itertools
 import math
 import time
 
@@ -48,6 +51,9 @@ import common
 def add_args(parser):
     parser.add_argument("--taso_calib_batches", type=int, default=64,
                         help="batches summed for the importance pass (fewer if the train set is smaller)")
+    parser.add_argument("--taso_score_groups", type=int, default=1,
+                        help="score the targets in this many runs of layers, one pass each: the fp32 "
+                             "importance sums ÷ this, the pass time × about this (same importance)")
     parser.add_argument("--taso_topk", type=float, default=0.01, help="fraction k of entries marked in S (T2)")
     parser.add_argument("--taso_density", type=float, default=None,
                         help="fraction p of rows and of columns kept (T4); default 1/r")
@@ -200,11 +206,14 @@ class TASO(common.Method):
 
     def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, taso_calib_batches=64,
                  taso_topk=0.01, taso_density=None, taso_metric="wg", taso_select="both",
-                 taso_lr_scale="sqrt", **unused):
+                 taso_lr_scale="sqrt", taso_score_groups=1, **unused):
         if r < 1:
             raise ValueError(f"--r must be a positive integer, got {r}")
         if taso_calib_batches < 1:
             raise ValueError(f"--taso_calib_batches must be at least 1, got {taso_calib_batches}")
+        if taso_score_groups < 1:
+            raise ValueError(f"--taso_score_groups must be at least 1, got {taso_score_groups}")
+        self.score_groups = taso_score_groups
         for flag, value, allowed in [("taso_metric", taso_metric, ("wg", "g", "w", "random")),
                                      ("taso_select", taso_select, ("both", "rows", "cols")),
                                      ("taso_lr_scale", taso_lr_scale, ("sqrt", "linear", "none"))]:
@@ -228,11 +237,10 @@ class TASO(common.Method):
             self.importance_time_s, self.calib_used = state["importance_time_s"], state["calib_batches"]
             self.stage = state["stage"]
         else:
-            scores = self.score(model, bases, batches)
             gen = torch.Generator().manual_seed(self.seed)
             self.rows, self.cols = {}, {}
-            for n in self.names:
-                R, C = core_regions(scores.pop(n), self.p, self.topk, self.select, gen)
+            for n, I in self.score(model, bases, batches):  # one run of layers at a time
+                R, C = core_regions(I, self.p, self.topk, self.select, gen)
                 self.rows[n], self.cols[n] = R.cpu(), C.cpu()
             common.check_same((self.rows, self.cols), "taso core rows and columns")
         for n in self.names:
@@ -242,24 +250,33 @@ class TASO(common.Method):
         return model
 
     def score(self, model, bases, batches):
-        """{name: importance matrix} by the chosen metric; times the pass (T1)."""
+        """(name, importance matrix) of every target in order, by the chosen metric (T1); with
+        --taso_score_groups one run of layers is scored, handed out and dropped before the next.
+        Times the passes."""
         weights = {n: m.weight for n, m in bases.items()}
         dev = next(iter(weights.values())).device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        if self.metric in ("wg", "g"):
-            scores, self.calib_used = gradient_importance(model, weights, batches, self.calib_batches,
-                                                          self.metric)
-        elif self.metric == "w":
-            scores = {n: w.detach().abs() for n, w in weights.items()}
-        else:
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            scores = {n: torch.rand(w.shape, generator=gen).to(dev) for n, w in weights.items()}
-        sync()
-        self.importance_time_s = time.perf_counter() - t0
-        self.example = (self.names[0], scores[self.names[0]].float().cpu())
-        return scores
+        parts = common.weight_groups(weights, self.score_groups) if self.metric in ("wg", "g") else [weights]
+        if len(parts) > 1:  # the same batches for every run of layers
+            batches = list(itertools.islice(batches, common.shard_len(self.calib_batches)))
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        self.importance_time_s = 0.0
+        for part in parts:
+            sync()
+            t0 = time.perf_counter()
+            if self.metric in ("wg", "g"):
+                scores, self.calib_used = gradient_importance(model, part, iter(batches), self.calib_batches,
+                                                              self.metric)
+            elif self.metric == "w":
+                scores = {n: w.detach().abs() for n, w in part.items()}
+            else:
+                scores = {n: torch.rand(w.shape, generator=gen).to(dev) for n, w in part.items()}
+            sync()
+            self.importance_time_s += time.perf_counter() - t0
+            if self.names[0] in scores:
+                self.example = (self.names[0], scores[self.names[0]].float().cpu())
+            for n in part:
+                yield n, scores.pop(n)
 
     def state_dict(self):
         return {"rows": self.rows, "cols": self.cols, "importance_time_s": self.importance_time_s,

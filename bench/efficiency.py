@@ -67,6 +67,10 @@ ROWS = {
     "spsft-r128": ("spsft", 8, None, ["--spsft_rows", "128"], None, "peft-lora-r64"),
     "spsft-r128-taylor": ("spsft", 8, None, ["--spsft_rows", "128", "--spsft_importance", "taylor"], None,
                           "peft-lora-r64"),
+    # the two importance passes scored in 4 runs of layers (--*_score_groups 4): 1/4 of the fp32 sums
+    "taso-r8-g4": ("taso", 8, None, ["--taso_score_groups", "4"], None, "lora-r1"),
+    "spsft-r128-taylor-g4": ("spsft", 8, None, ["--spsft_rows", "128", "--spsft_importance", "taylor",
+                                                "--spsft_score_groups", "4"], None, "peft-lora-r64"),
     "lora-r8-qkvud": ("lora", 8, QKVUD, [], None, None),
     "g2r2-warmup": ("g2r2", 8, None, [], "warmup", "lora-r8-qkvud"),
     "g2r2-warmup-paper": ("g2r2", 8, None, ["--g2r2_score", "paper"], "warmup", "lora-r8-qkvud"),

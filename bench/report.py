@@ -493,6 +493,10 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
              *importance("taso-r8"), ""],
             ["SPSFT-Taylor importance pass ≤ bf16 inference + one weight-sized buffer",
              "`spsft-r128-taylor` attach peak", *importance("spsft-r128-taylor"), ""],
+            ["  ↳ TASO, scored in 4 runs of layers (`--taso_score_groups 4`)", "`taso-r8-g4` attach peak",
+             *importance("taso-r8-g4"), ""],
+            ["  ↳ SPSFT-Taylor, scored in 4 runs of layers (`--spsft_score_groups 4`)",
+             "`spsft-r128-taylor-g4` attach peak", *importance("spsft-r128-taylor-g4"), ""],
             ["G²R² warmup with the exact ∂ℒ/∂ΔW capture (reported)", "`g2r2-warmup` / `lora-r8-qkvud`",
              *cmp("g2r2-warmup", "lora-r8-qkvud", None), ""],
             ["PiLoRA stage 1, G̃ scored every step (reported)", "`pilora-s1-K1` / `lora-r32-qkvud`",
@@ -518,7 +522,10 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
                   "- The importance passes keep an fp32 sum per target weight (two bf16 weight-sized buffers: "
                   "24.1 GiB for the seven targets), by design in `taso.py` / `spsft.py` (a bf16 sum moves the "
                   "selection); beyond those the checkpointed pass adds the HF loss's full logits and one layer's "
-                  "working set. G²R²'s exact capture holds several fp32 out × in temporaries per module at once in "
+                  "working set. `--taso_score_groups 4` / `--spsft_score_groups 4` (rows `*-g4`) score a quarter "
+                  "of the layers per pass and meet the target with checkpointing, at 2.7–3.5× the pass time on "
+                  "CPU (the main suite's attach column; the upper runs' backward stops early); without "
+                  "checkpointing the frozen model's activations alone exceed the buffer. G²R²'s exact capture holds several fp32 out × in temporaries per module at once in "
                   "its sink (172 MiB each for an MLP matrix) and keeps nn.Dropout's copy for the capture.", ""]
 
     seqs = sorted({k[2] for k in now if k[1] == model})
@@ -547,7 +554,7 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
             tops = "; ".join(f"{t['bytes'] / 2 ** 20:,.0f} MiB {t['dtype']} {tuple(t['shape'])} `{t['op']}` "
                              f"({t['where'] or '–'})" for t in r["top"][:5])
             lines.append(f"- `{n}`: {tops}")
-    for n in ("taso-r8", "spsft-r128-taylor"):
+    for n in ("taso-r8", "spsft-r128-taylor", "taso-r8-g4", "spsft-r128-taylor-g4"):
         r = row(n, True)
         if r and r.get("attach_top"):
             tops = "; ".join(f"{t['bytes'] / 2 ** 20:,.0f} MiB {t['dtype']} {tuple(t['shape'])} `{t['op']}` "

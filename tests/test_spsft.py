@@ -108,7 +108,9 @@ def test_l2_rows_is_the_row_norm():
     torch.testing.assert_close(spsft.l2_rows(w), ref)
 
 
-def test_taylor_scores_equal_formula_on_full_autograd_gradients():
+@pytest.mark.parametrize("groups", [1, 3], ids=["one-pass", "score-groups-3"])
+def test_taylor_scores_equal_formula_on_full_autograd_gradients(groups):
+    """(--spsft_score_groups: the same scores, the weights scored in runs of layers, a pass each.)"""
     model = build_tiny("tiny-llama").double()
     weights = target_weights(model)
     batches = llama_batches(3)
@@ -124,7 +126,7 @@ def test_taylor_scores_equal_formula_on_full_autograd_gradients():
         ref[n] = torch.tensor([sum(abs(a * b) for a, b in zip(gi, wi)) for gi, wi in zip(g.tolist(), w.tolist())],
                               dtype=torch.float64)
     common.prepare(model)
-    eta = spsft.row_importance(model, weights, batches, "taylor")
+    eta = spsft.row_importance(model, weights, batches, "taylor", groups)
     assert set(eta) == set(weights)
     for n in weights:
         torch.testing.assert_close(eta[n].double(), ref[n], rtol=1e-5, atol=1e-12)
@@ -191,7 +193,8 @@ def test_taylor_passes_show_a_progress_bar(capsys, monkeypatch):
     assert "spsft taylor" in err and "spsft qm_taylor class 1" in err
 
 
-def test_qm_taylor_equals_explicit_per_class_loop_and_quantiles():
+@pytest.mark.parametrize("groups", [1, 3], ids=["one-pass", "score-groups-3"])
+def test_qm_taylor_equals_explicit_per_class_loop_and_quantiles(groups):
     model = build_tiny("tiny-vit", num_labels=4).double()
     labels = [[0, 1, 3, 1, 0], [3, 3, 1, 0]]  # class 2 absent: left out of the quantiles
     batches = vit_batches(labels, dtype=torch.float64)
@@ -223,7 +226,7 @@ def test_qm_taylor_equals_explicit_per_class_loop_and_quantiles():
             qm.append(sum(qs) / 11)  # Eq 7
         ref[n] = torch.tensor(qm, dtype=torch.float64)
     common.prepare(model)
-    eta = spsft.row_importance(model, weights, batches, "qm_taylor")
+    eta = spsft.row_importance(model, weights, batches, "qm_taylor", groups)
     for n in weights:
         torch.testing.assert_close(eta[n].double(), ref[n], rtol=1e-5, atol=1e-12)
     # and it is not plain Taylor

@@ -77,6 +77,26 @@ def test_importance_matches_naive_float64_and_is_memory_lean():
         torch.testing.assert_close(g2[n], (per_batch[0][i] + per_batch[1][i]).abs(), rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("groups", [2, 3, 50])
+def test_score_groups_give_the_naive_importance(groups):
+    """--taso_score_groups: the targets scored in runs of layers, one pass over the same batches each (an
+    iterator, consumed once): still the naive float64 |W ⊙ Σ_b G_b| of every target."""
+    model = train.build_tiny("tiny-llama").double()
+    names = common.find_targets(model)
+    ws = [model.get_submodule(n).weight.requires_grad_(True) for n in names]
+    bs = lm_batches(3)
+    per_batch = [torch.autograd.grad(model(**b).loss, ws) for b in bs]
+    common.prepare(model)
+    method = taso.TASO(r=4, taso_calib_batches=3, taso_score_groups=groups)
+    method.names = names
+    assert len(common.weight_groups(dict(zip(names, ws)), groups)) == min(groups, len(names))
+    got = dict(method.score(model, {n: model.get_submodule(n) for n in names}, iter(bs)))
+    assert list(got) == names and method.calib_used == 3
+    for i, n in enumerate(names):
+        ref = (ws[i].detach() * sum(g[i] for g in per_batch)).abs()
+        torch.testing.assert_close(got[n], ref, rtol=1e-9, atol=1e-14)
+
+
 def test_importance_of_a_bf16_model_is_summed_in_fp32():
     """Weights and gradients in bf16 (a bf16 run on GPU): |W ⊙ Σ_b G_b| against the same bf16
     gradients summed in float64; a bf16 buffer would be off by ~1e-2 relative."""
@@ -468,3 +488,15 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
                                    rtol=0, atol=1e-4)
+
+
+def test_score_groups_fix_the_same_regions():
+    """attach with --taso_score_groups 3 and 1 on the same model and batches: the same R and C everywhere."""
+    got = []
+    for groups in (1, 3):
+        model = train.build_tiny("tiny-llama")
+        method = taso.TASO(r=4, taso_calib_batches=3, taso_score_groups=groups)
+        method.attach(model, iter(lm_batches(3)))
+        got.append((method.rows, method.cols))
+    for a, b in zip(*got):
+        assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
