@@ -83,10 +83,15 @@ def dropout_linear(x, dropout, *weights):
     memory. Autograd keeps x (shared by every adapter reading it, and by nothing when x is the base layer's
     input: a frozen matmul saves only its weight), the weights and the RNG state — not d and not the mask,
     which backward draws again. `dropout`: an nn.Dropout (active while training), nn.Identity or None."""
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    p = active_p(dropout)
     if p == 0 or not weights:
         return tuple(F.linear(adapter_input(x, w), w) for w in weights)
     return _DropoutLinear.apply(x, p, *weights)
+
+
+def active_p(dropout):
+    """The drop probability `dropout` applies now: p of an nn.Dropout in training mode, else 0."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 def _dropout_scale(x, p):
@@ -99,12 +104,29 @@ def _generator(device):
         device.index if device.index is not None else torch.cuda.current_device()]
 
 
+def rng_state(device):
+    """The state of `device`'s default generator: what dropout_linear draws its mask from next."""
+    return _generator(device).get_state()
+
+
+def dropout_scale_again(x, p, state):
+    """The mask / (1 − p) that dropout_linear drew for x from generator `state` (rng_state before the call),
+    drawn again; the generator's own stream is left where it was."""
+    gen = _generator(x.device)
+    now = gen.get_state()
+    gen.set_state(state)
+    try:
+        return _dropout_scale(x, p)
+    finally:
+        gen.set_state(now)
+
+
 class _DropoutLinear(torch.autograd.Function):
     """dropout_linear's autograd: saves x, the weights and the generator state; backward redraws the mask."""
 
     @staticmethod
     def forward(ctx, x, p, *weights):
-        ctx.p, ctx.state = p, _generator(x.device).get_state()
+        ctx.p, ctx.state = p, rng_state(x.device)
         xd = x * _dropout_scale(x, p)
         ctx.save_for_backward(x, *weights)
         return tuple(F.linear(adapter_input(xd, w), w) for w in weights)  # under the caller's autocast
@@ -112,11 +134,7 @@ class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        gen = _generator(x.device)
-        now = gen.get_state()
-        gen.set_state(ctx.state)
-        scale = _dropout_scale(x, ctx.p)  # the forward's mask again
-        gen.set_state(now)
+        scale = dropout_scale_again(x, ctx.p, ctx.state)  # the forward's mask again
         xd = x * scale
         gx, gws = None, []
         for g, w, need in zip(grads, weights, ctx.needs_input_grad[2:]):

@@ -64,19 +64,22 @@ def add_args(parser):
 # ------------------------------------------------------------------------ the adapter (Eq 1–3)
 
 class _Capture(torch.autograd.Function):
-    """Identity on the adapter's output; its backward hands (δ_out, x_in) to `sink`. Backward runs
-    once per backward pass, also when checkpointing recomputes the forward."""
+    """Identity on the adapter's output; its backward hands (δ_out, x_in) to `sink`, x_in the adapter's
+    dropped input: x ⊙ mask/(1−p) with the mask dropout_linear drew, drawn again from the generator
+    `state` saved before it (p = 0: x itself). Backward runs once per backward pass, also when
+    checkpointing recomputes the forward."""
 
     @staticmethod
-    def forward(ctx, y, x, sink):
-        ctx.save_for_backward(x)  # the same tensor lora_A's matmul saves: no extra memory
-        ctx.sink = sink
+    def forward(ctx, y, x, p, state, sink):
+        ctx.save_for_backward(x)  # the tensor dropout_linear saves anyway: no extra memory
+        ctx.p, ctx.state, ctx.sink = p, state, sink
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.sink(grad, ctx.saved_tensors[0])
-        return grad, None, None
+        x, = ctx.saved_tensors
+        ctx.sink(grad, x * common.dropout_scale_again(x, ctx.p, ctx.state) if ctx.p else x)
+        return grad, None, None, None, None
 
 
 def in_backward():
@@ -99,11 +102,12 @@ class G2R2Linear(common.LoRALinear):
         if self.pruned:
             return self.base(x)
         if self.sink is None or not torch.is_grad_enabled():
-            return super().forward(x)  # dropout without a kept copy (common.dropout_linear)
+            return super().forward(x)
         if not in_backward():  # a checkpoint's recompute runs inside backward and brings no new use
             self.calls += 1
-        xd = self.dropout(x)  # the exact capture needs the dropped x itself
-        return self.base(x) + _Capture.apply(self.lora_delta(xd, dropout=False), xd, self.sink)
+        p = common.active_p(self.dropout)
+        state = common.rng_state(x.device) if p else None  # the capture redraws dropout_linear's mask
+        return self.base(x) + _Capture.apply(self.lora_delta(x), x, p, state, self.sink)
 
     def lora_factors(self):
         """A pruned module carries no update: absent from the PEFT export (None)."""

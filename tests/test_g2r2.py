@@ -131,8 +131,9 @@ def test_exact_refuses_more_backward_passes_than_micro_batches():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_capture_saves_no_new_tensor(autocast):
-    """The capture keeps the dropped adapter input that lora_A's matmul saves anyway: no extra storage over
-    nn.Dropout + LoRA (without the capture the layer keeps less: common.dropout_linear)."""
+    """With dropout, the capture keeps only the undropped input that common.dropout_linear keeps anyway
+    (the mask is drawn again in backward): the same storages as the layer without the capture, and less
+    than nn.Dropout + LoRA, which keeps the dropped copy and the mask."""
     base = nn.Linear(16, 12).to(torch.bfloat16 if autocast else torch.float32)
     layer = g2r2.G2R2Linear(base, 4, 8.0, dropout=0.1)
     x = torch.randn(3, 5, 16, dtype=base.weight.dtype, requires_grad=True)
@@ -147,9 +148,60 @@ def test_capture_saves_no_new_tensor(autocast):
         return ptrs
     plain = saved(None, lambda x: layer.base(x) + layer.lora_delta(layer.dropout(x), dropout=False))
     without, with_ = saved(None), saved(lambda g, x: None)
-    assert len(with_) == len(plain) + 1  # the capture saved one tensor ...
-    assert sorted(b for _, b in set(with_)) == sorted(b for _, b in set(plain))  # ... already kept
-    assert sum(b for _, b in set(without)) < sum(b for _, b in set(plain))
+    assert len(with_) == len(without) + 1  # the capture saved one tensor ...
+    assert sorted(b for _, b in set(with_)) == sorted(b for _, b in set(without))  # ... already kept:
+    assert with_.count((x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())) == 2  # x, twice
+    assert sum(b for _, b in set(with_)) < sum(b for _, b in set(plain))
+
+
+class DenseDeltaDropped(nn.Module):
+    """Reference for a LoRA layer with dropout: W₀x + D·dropout(x), D an explicit parameter (D.grad is
+    ∂ℒ/∂ΔW by plain autograd) and nn.Dropout drawing what dropout_linear draws on CPU."""
+
+    def __init__(self, base, delta, p):
+        super().__init__()
+        self.base, self.drop = base, nn.Dropout(p)
+        self.D = nn.Parameter(delta.detach().clone())
+
+    def forward(self, x):
+        return self.base(x) + F.linear(self.drop(x), self.D)
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_exact_grad_with_dropout_uses_the_forward_mask(ckpt):
+    """Dropout 0.3 on every adapter: the captured ∂ℒ/∂ΔW (mask drawn again in backward) equals autograd's
+    D.grad of the dense reference that drops x with nn.Dropout from the same RNG stream."""
+    model = tiny_llama(ckpt)
+    meth = g2r2.G2R2(dropout=0.3, total_steps=10, g2r2_warmup=2, g2r2_prune=2, batch_size=2, micro_batch_size=2)
+    meth.attach(model)
+    model.double()
+    torch.manual_seed(1)
+    for L in meth.layers:
+        with torch.no_grad():
+            L.lora_B.normal_(0, 0.3)
+    ref = copy.deepcopy(model)
+    for n in meth.names:
+        L = ref.get_submodule(n)
+        common.replace_module(ref, n, DenseDeltaDropped(L.base, L.delta_weight(), 0.3))
+    undropped = copy.deepcopy(ref)
+    for n in meth.names:
+        undropped.get_submodule(n).drop.p = 0.0
+    grads, orig = {}, meth.reduce
+
+    def spy(i):
+        grads[i] = meth.grad[i].clone()
+        orig(i)
+    meth.reduce = spy
+    for net in (model, ref):
+        torch.manual_seed(7)
+        net(**lm_batch(0)).loss.backward()
+    meth.after_backward(0)
+    for i, n in enumerate(meth.names):
+        G = ref.get_submodule(n).D.grad
+        assert torch.allclose(grads[i], G, rtol=1e-9, atol=1e-12), n
+    undropped(**lm_batch(0)).loss.backward()
+    first = meth.names[0]
+    assert not torch.allclose(undropped.get_submodule(first).D.grad, ref.get_submodule(first).D.grad)  # dropout mattered
 
 
 # --------------------------------------------------------------------------- paper estimator (Eq 6)
