@@ -59,7 +59,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_delta(x)
 
     def delta_weight(self):
-        return self.scaling * (self.lora_B @ self.lora_A)  # (out, in), fp32
+        return (self.lora_B @ self.lora_A).mul_(self.scaling)  # (out, in), fp32, one out × in tensor
 
     def merge(self) -> nn.Linear:
         return merged_linear(self.base, self.delta_weight())

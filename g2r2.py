@@ -17,7 +17,9 @@ Estimators of ∂ℒ/∂ΔW for Eq 5 (--g2r2_score):
            micro-batch it is reduced to ΣS in the module's backward and freed at once (one module's
            out × in fp32 gradient alive at a time); with k > 1 micro-batches each live module keeps an
            out × in fp32 buffer from its first to its last backward of the step (4 bytes per base
-           weight of the targets: the price of summing before the abs).
+           weight of the targets: the price of summing before the abs). x_in is the dropped input; the
+           capture keeps the undropped x that common.dropout_linear keeps anyway and draws the same
+           mask again in backward, so scoring adds no activation memory to a LoRA step.
   paper    Eq 6 as printed, Σ_m (1/B_mj)·∂ℒ/∂A_im (exact only when r = 1 and the layer has one
            output); B starts at zero, so entries with |B| ≤ eps count as 0 (the term is 0/0 there).
   random   R ~ U(0, 1) per module and step (Table 4 ablation).
@@ -358,8 +360,8 @@ class G2R2(common.Method):
             G = self.grad[i] if self.grad[i] is not None else self.layers[i].base.weight.new_zeros(
                 self.layers[i].base.weight.shape, dtype=self.layers[i].lora_A.dtype)
             self.grad[i] = common.all_reduce(G)
-        with torch.no_grad():
-            self.s_sum[i] = sensitivity(self.grad[i], self.layers[i].delta_weight()).sum()
+        with torch.no_grad():  # Σ sensitivity() in place on the buffer it frees: two out × in tensors, not four
+            self.s_sum[i] = self.grad[i].mul_(self.layers[i].delta_weight()).abs_().sum()
         self.grad[i] = None
 
     def prune(self, i):

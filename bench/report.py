@@ -525,8 +525,12 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
                   "working set. `--taso_score_groups 4` / `--spsft_score_groups 4` (rows `*-g4`) score a quarter "
                   "of the layers per pass and meet the target with checkpointing, at 2.7–3.5× the pass time on "
                   "CPU (the main suite's attach column; the upper runs' backward stops early); without "
-                  "checkpointing the frozen model's activations alone exceed the buffer. G²R²'s exact capture holds several fp32 out × in temporaries per module at once in "
-                  "its sink (172 MiB each for an MLP matrix) and keeps nn.Dropout's copy for the capture.", ""]
+                  "checkpointing the frozen model's activations alone exceed the buffer. G²R²'s exact capture keeps no "
+                  "dropped copy (it draws dropout_linear's mask again in backward) and two fp32 out × in tensors per "
+                  "scored module at a time (the summed gradient, reduced in place, and ΔW: 172 MiB each for an MLP "
+                  f"matrix): its warmup step counts {fx(ratio(aux('g2r2-warmup', False), aux('lora-r8-qkvud', False)))} "
+                  f"LoRA's aux without checkpointing and {fx(ratio(aux('g2r2-warmup', True), aux('lora-r8-qkvud', True)))} "
+                  "with it, where those two tensors are most of what is left.", ""]
 
     seqs = sorted({k[2] for k in now if k[1] == model})
     names = list(dict.fromkeys(k[0] for k in now if k[1] == model))
@@ -569,7 +573,9 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
                   "the model's own loss (full fp32 logits and log-softmax). `+ dropout_linear`: "
                   "`common.dropout_linear` (backward redraws the mask from the saved RNG state). `+ causal_loss`: "
                   "`train.causal_loss` (LM head + cross-entropy in checkpointed chunks of 1024 positions) — the "
-                  "code as committed. PEFT rows keep PEFT's layers and HF's loss throughout.", ""]
+                  "code as committed; for `g2r2-warmup` it also has the exact capture's cut (the mask drawn "
+                  "again instead of nn.Dropout's copy, ΣS reduced in place). PEFT rows keep PEFT's layers and "
+                  "HF's loss throughout.", ""]
         body = []
         for (n, m, s, c), r in before.items():
             if m != model or s != seq or "error" in r:
