@@ -36,7 +36,9 @@ def peft_state(model, base_name=None):
     gives (A, B, α) with ΔW = (α / rank)·B A, or None when it carries no update (left out of
     target_modules). Full module names are the targets; ranks and α other than the most common pair go
     to rank_pattern / alpha_pattern. Other trained tensors (heads, norms) are saved with their whole
-    module in modules_to_save. lora_dropout is 0: an export for inference."""
+    module in modules_to_save. lora_dropout is 0: an export for inference. Every method's layers keep
+    α / rank equal across modules, so the global lora_alpha / r is every module's scaling too: what
+    vLLM applies (it ignores rank_pattern and alpha_pattern; tests/test_export.py checks that reading)."""
     layers = [n for n, m in model.named_modules() if n and hasattr(m, "lora_factors")]
     factors = {n: f for n in layers if (f := model.get_submodule(n).lora_factors()) is not None}
     if not factors:

@@ -95,6 +95,14 @@ def test_peft_loads_our_model_and_merges_like_ours(tmp_path, family, name):
     for k in mine:
         torch.testing.assert_close(other[k], mine[k], atol=1e-6, rtol=0, msg=k)
     torch.testing.assert_close(logits(theirs, x), logits(ours_merged, x), atol=1e-5, rtol=0)
+    # vLLM's reading of the same folder: one scaling lora_alpha / r for every module (it drops rank_pattern
+    # and alpha_pattern, takes each rank from the tensors): W₀ + (α/r)·B A is still our merged weight
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    tensors, fresh = load_file(os.path.join(out, "adapter_model.safetensors")), train.build_tiny(family)
+    for n in config["target_modules"]:
+        A, B = (tensors[f"base_model.model.{n}.lora_{k}.weight"] for k in "AB")
+        W = fresh.get_submodule(n).weight + config["lora_alpha"] / config["r"] * (B @ A)
+        torch.testing.assert_close(W, mine[n + ".weight"], atol=1e-6, rtol=0, msg=n)
 
 
 def test_config_targets_heads_and_ranks():
