@@ -27,8 +27,13 @@ RUNS = {  # name -> arguments (the output dir is added); every run is also made 
                "--pilora_phase", "3", "--pilora_interval", "1"],                 # switch after step 2
     "taso": ["--method", "taso", "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3",
              "--taso_calib_batches", "5"],                                        # 3 + 2 calibration batches
+    "taso_groups": ["--method", "taso", "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2",
+                    "--taso_calib_batches", "5", "--taso_score_groups", "3"],             # a pass per run of layers
     "spsft": ["--method", "spsft", "--spsft_importance", "taylor", "--spsft_rows", "16", "--spsft_calib_batches",
               "3", "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3"],
+    "spsft_groups": ["--method", "spsft", "--spsft_importance", "taylor", "--spsft_rows", "16",
+                     "--spsft_calib_batches", "3", "--spsft_score_groups", "3", "--batch_size", "4",
+                     "--micro_batch_size", "2", "--max_steps", "2"],
     "spsft_qm": ["--model", "tiny-vit", "--method", "spsft", "--spsft_importance", "qm_taylor", "--spsft_rows", "16",
                  "--spsft_calib_batches", "3", "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3"],
 }
@@ -118,7 +123,7 @@ def test_two_processes_equal_one(runs, name):
         assert a["stage"] == b["stage"] == "stage2"
         assert all(torch.equal(a["dominant"][n], b["dominant"][n]) for n in b["dominant"])
         assert all(torch.equal(a["hits"][n], b["hits"][n]) for n in b["hits"])
-    elif name == "taso":
+    elif name.startswith("taso"):
         assert a["calib_batches"] == b["calib_batches"] == 5
         assert all(torch.equal(a["rows"][n], b["rows"][n]) and torch.equal(a["cols"][n], b["cols"][n]) for n in b["rows"])
     elif name.startswith("spsft"):
