@@ -299,6 +299,7 @@ def weight_groups(weights, groups):
         seen += weights[n].numel()
     return [g for g in out if g]
 
+
 # ------------------------------------------------------------------------------- bookkeeping
 
 def count_params(model):

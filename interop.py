@@ -91,6 +91,7 @@ def save_peft(model, out_dir, base_name=None):
 
 METHOD_STATE = "method_state.pt"  # the method's state_dict() in a Trainer checkpoint folder (as in train.py's runs)
 
+
 def MethodCallback(method):
     """A transformers.TrainerCallback that drives `method`'s hooks inside Trainer, in train.py's order.
 
@@ -115,7 +116,8 @@ def MethodCallback(method):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if args.fp16:
                 raise UserError("MethodCallback: fp16 loss scaling hands the hooks scaled gradients; use bf16")
-            acts = [h for h in ("after_backward", "after_step") if getattr(type(method), h) is not getattr(Method, h)]
+            acts = [h for h in ("after_backward", "after_step")
+                    if getattr(type(method), h) is not getattr(Method, h)]  # hooks that act mid-run
             if args.world_size > 1 and acts:
                 raise UserError(f"MethodCallback: {type(method).__name__} scores or changes its tensors during "
                                 f"training ({', '.join(acts)}), which a multi-process Trainer does not follow (it "
