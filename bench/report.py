@@ -442,12 +442,14 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
         return None if r is None or "error" in r else r
 
     def cmp(a, b, limit, field="aux_bytes"):
+        """Ratio cells without / with checkpointing; `limit` a bound for both, or (bound, None): the
+        target is defined without checkpointing and the checkpointed ratio is only reported."""
         cells = []
-        for ckpt in (False, True):
+        for ckpt, lim in zip((False, True), limit if isinstance(limit, tuple) else (limit, limit)):
             ra, rb = row(a, ckpt), row(b, ckpt)
             x = ratio(ra and ra[field], rb and rb[field])
             cells.append("–" if x is None else f"{x:.2f}× ({gib(ra[field])} / {gib(rb[field])} GiB)"
-                         + ("" if limit is None else f" **{'met' if x <= limit else 'missed'}**"))
+                         + ("" if lim is None else f" **{'met' if x <= lim else 'missed'}**"))
         return cells
 
     def importance(name):
@@ -479,8 +481,9 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
              "OMP_NUM_THREADS=1 python bench/memory.py --model llama-h128-l2-v512 --seq_len 64 --validate "
              "--json bench/results/memory-validation-llama-h128-l2-v512.json", "```", "",
              f"### Targets ({model}, seq {seq}, counted)", ""]
-    body = [["SPSFT aux ≤ 0.70× PEFT LoRA (≈ equal params)", "`spsft-r128` / `peft-lora-r64`",
-             *cmp("spsft-r128", "peft-lora-r64", 0.70), PAPER_MEMORY["spsft"]],
+    body = [["SPSFT aux ≤ 0.70× PEFT LoRA (≈ equal params; no checkpointing, the checkpointed ratio reported)",
+             "`spsft-r128` / `peft-lora-r64`", *cmp("spsft-r128", "peft-lora-r64", (0.70, None)),
+             PAPER_MEMORY["spsft"]],
             ["Our LoRA aux ≤ 0.85× PEFT LoRA (r = 64)", "`lora-r64` / `peft-lora-r64`",
              *cmp("lora-r64", "peft-lora-r64", 0.85), ""],
             ["Our LoRA aux ≤ 0.85× PEFT LoRA (r = 8)", "`lora-r8` / `peft-lora-r8`",
