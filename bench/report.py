@@ -479,7 +479,14 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
              "OMP_NUM_THREADS=1 python bench/memory.py --model llama-7b-shape --seq_len 2048 --grad_ckpt both "
              "--json bench/results/memory-llama-7b-shape-2048.json",
              "OMP_NUM_THREADS=1 python bench/memory.py --model llama-h128-l2-v512 --seq_len 64 --validate "
-             "--json bench/results/memory-validation-llama-h128-l2-v512.json", "```", "",
+             "--json bench/results/memory-validation-llama-h128-l2-v512.json",
+             "OMP_NUM_THREADS=1 python bench/memory.py --model vit-b16-shape --micro_batch_size 64 "
+             "--json bench/results/memory-vit-b16-shape-197.json",
+             "OMP_NUM_THREADS=1 python bench/memory.py --model vit-b16-shape --micro_batch_size 2 --validate "
+             "--json bench/results/memory-validation-vit-b16-shape.json   # real tensors at full ViT-B shape",
+             "OMP_NUM_THREADS=1 python bench/cut_cost.py --json bench/results/cut-cost-llama-small-shape-256.json",
+             "OUT=out/gpu bash bench/gpu_check.sh   # on a GPU: the same rows measured (max_memory_allocated)",
+             "```", "",
              f"### Targets ({model}, seq {seq}, counted)", ""]
     body = [["SPSFT aux ≤ 0.70× PEFT LoRA (≈ equal params; no checkpointing, the checkpointed ratio reported)",
              "`spsft-r128` / `peft-lora-r64`", *cmp("spsft-r128", "peft-lora-r64", (0.70, None)),
