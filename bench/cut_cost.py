@@ -39,12 +39,9 @@ def hf_loss(loop):
     return loop.model(**loop.batch, num_items_in_batch=loop.n_items).loss
 
 
-def make_loop(row, model_name, seq, ckpt, dtype):
-    """efficiency.run_row's set-up of one row (model, method, batch, loop), without timing it."""
-    kind, r, targets, extra, stage, pair = efficiency.ROWS[row]
-    args = efficiency.method_args(kind, r, targets, extra, 1, "bf16" if dtype == torch.bfloat16 else "fp32", 0, 2)
-    method = efficiency.PeftLoRA(**vars(args)) if kind == "peft" else \
-        efficiency.train.METHODS[kind](**vars(args), total_steps=10 ** 6, steps_per_epoch=10 ** 6)
+def make_loop(row, model_name, seq, ckpt, dtype, steps):
+    """efficiency.run_row's set-up of one row (model, method, batch, loop) for `steps` steps, untimed."""
+    args, method, _, total = efficiency.row_method(row, 1, "bf16" if dtype == torch.bfloat16 else "fp32", 0, 2, steps)
     model = efficiency.build_model(model_name, "cpu", dtype, 0)
     if ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -53,17 +50,18 @@ def make_loop(row, model_name, seq, ckpt, dtype):
     model = method.attach(model, iter([batch])) or model
     efficiency.train.to_fp32(model)
     model.train()
-    return efficiency.Loop(model, method, args, batch, nullcontext(), 10 ** 6), efficiency.ROWS[row][5]
+    return efficiency.Loop(model, method, args, batch, nullcontext(), total), efficiency.ROWS[row][5]
 
 
 def measure(row, model_name, seq, ckpt, steps, warmup, dtype=torch.float32):
-    ours, pair = make_loop(row, model_name, seq, ckpt, dtype)
+    n = warmup + steps
+    ours, pair = make_loop(row, model_name, seq, ckpt, dtype, n)
     variants = {"ours": (ours, CUT, None)}
     for name, dl, loss in (("nn.Dropout", kept_dropout_linear, None), ("HF loss", CUT, hf_loss),
                            ("both undone", kept_dropout_linear, hf_loss)):
-        variants[name] = (make_loop(row, model_name, seq, ckpt, dtype)[0], dl, loss)
+        variants[name] = (make_loop(row, model_name, seq, ckpt, dtype, n)[0], dl, loss)
     if pair and efficiency.have_peft():
-        variants[pair] = (make_loop(pair, model_name, seq, ckpt, dtype)[0], CUT, None)
+        variants[pair] = (make_loop(pair, model_name, seq, ckpt, dtype, n)[0], CUT, None)
     times = {k: [] for k in variants}
     for i in range(warmup + steps):
         for name, (loop, dl, loss) in variants.items():

@@ -270,16 +270,25 @@ def stage_flags(kind, stage, pre, total):
     return []
 
 
+def row_method(name, mbs, dtype_name, seed, calib, steps):
+    """(train.py args, the row's Method, steps before its stage, total steps) for a row measured over
+    `steps` optimizer steps (warm-up included): its flags, stage lengths that put those steps in its
+    stage, PEFT's LoRA or ours. Shared by this suite, bench/memory.py and bench/cut_cost.py."""
+    kind, r, targets, extra, stage, _ = ROWS[name]
+    pre = 3 if stage in ("refine", "stage2") else 0
+    total = pre + 2 * steps + 40  # the schedule never ends inside the measurement
+    args = method_args(kind, r, targets, extra + stage_flags(kind, stage, pre, total), mbs, dtype_name, seed, calib)
+    method = PeftLoRA(**vars(args)) if kind == "peft" else \
+        train.METHODS[kind](**vars(args), total_steps=total, steps_per_epoch=total)
+    return args, method, pre, total
+
+
 def run_row(name, model_name, seq, mbs, ckpt, opts, device, dtype_name):
     kind, r, targets, extra, stage, pair = ROWS[name]
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     ctx = torch.autocast(device, dtype=dtype) if dtype_name == "bf16" else nullcontext()
-    pre = 3 if stage in ("refine", "stage2") else 0
-    total = pre + 2 * (opts.warmup_steps + opts.steps) + 40  # the schedule never ends inside the measurement
-    args = method_args(kind, r, targets, extra + stage_flags(kind, stage, pre, total), mbs, dtype_name,
-                       opts.seed, opts.calib_batches)
-    method = PeftLoRA(**vars(args)) if kind == "peft" else \
-        train.METHODS[kind](**vars(args), total_steps=total, steps_per_epoch=total)
+    args, method, pre, total = row_method(name, mbs, dtype_name, opts.seed, opts.calib_batches,
+                                          opts.warmup_steps + opts.steps)
 
     model = build_model(model_name, device, dtype if device == "cuda" else torch.float32, opts.seed)
     model.config.use_cache = False

@@ -247,12 +247,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
     which is how tests/test_memory.py checks the count."""
     kind, r, targets, extra, stage, pair = efficiency.ROWS[name]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    pre = 3 if stage in ("refine", "stage2") else 0
-    total = pre + 2 * (warmup + steps) + 40
-    args = efficiency.method_args(kind, r, targets, extra + efficiency.stage_flags(kind, stage, pre, total), mbs,
-                                  "bf16", seed, 2)
-    method = efficiency.PeftLoRA(**vars(args)) if kind == "peft" else \
-        train.METHODS[kind](**vars(args), total_steps=total, steps_per_epoch=total)
+    args, method, pre, total = efficiency.row_method(name, mbs, "bf16", seed, 2, warmup + steps)
     row = {"row": name, "method": kind, "stage": stage, "r": r, "pair": pair, "model": model_name, "seq_len": seq,
            "micro_batch_size": mbs, "grad_ckpt": ckpt, "dtype": "bf16", "fake": fake}
     t0 = time.time()
