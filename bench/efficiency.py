@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import g2r2  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 QKVUD = g2r2.TARGETS["llama"]  # G²R² Table 9 / PiLoRA Table 5 targets: q, k, v, up, down
@@ -102,12 +103,12 @@ SHAPES = {"llama-7b-shape": llama_shape(4096, 32, 32000, 11008, 32),          # 
 # ------------------------------------------------------------------------------------------- models
 
 def build_model(name, device, dtype, seed):
-    """A causal LM: a tiny alias (train.TINY), a shape name (random init, built on the device) or a hub id / path."""
+    """A causal LM: a tiny alias (models.TINY), a shape name (random init, built on the device) or a hub id / path."""
     import transformers as tf
     torch.manual_seed(seed)
     m = re.fullmatch(r"llama-h(\d+)-l(\d+)(?:-v(\d+))?", name)
-    if name in train.TINY:
-        model = train.build_tiny(name, seed=seed)
+    if name in models.TINY:
+        model = models.build_tiny(name, seed=seed)
     elif name in SHAPES or m:
         kw = SHAPES[name] if name in SHAPES else llama_shape(int(m[1]), int(m[2]), int(m[3] or 32000))
         with torch.device(device):

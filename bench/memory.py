@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import common  # noqa: E402
 import efficiency  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
@@ -166,7 +167,7 @@ def counting(fake=True):
 
 def build_model(name, seed=0, dtype=torch.bfloat16, fake=True):
     """A model of a shape name (efficiency.SHAPES, llama-h{H}-l{L}[-v{V}], llama-3-8b-shape, CLS_SHAPES) or a
-    train.TINY alias, built in `dtype` by the default-dtype route (model.to(dtype) cannot swap fake tensors).
+    models.TINY alias, built in `dtype` by the default-dtype route (model.to(dtype) cannot swap fake tensors).
     fake: skip weight initialisation: the values never exist, and ViT's trunc_normal_ is a rejection loop
     that reads them (`while mask.any()`), endless on the counter's placeholder."""
     import re
@@ -178,8 +179,8 @@ def build_model(name, seed=0, dtype=torch.bfloat16, fake=True):
     m = re.fullmatch(r"llama-h(\d+)-l(\d+)(?:-v(\d+))?", name)
     try:
         with no_init_weights() if fake else nullcontext():
-            if name in train.TINY:
-                model = train.build_tiny(name, seed=seed)
+            if name in models.TINY:
+                model = models.build_tiny(name, seed=seed)
             elif name in CLS_SHAPES:
                 cfg_cls, model_cls, kw = CLS_SHAPES[name]
                 model = getattr(tf, model_cls)(getattr(tf, cfg_cls)(**kw))
@@ -188,7 +189,7 @@ def build_model(name, seed=0, dtype=torch.bfloat16, fake=True):
                 model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
             else:
                 raise SystemExit(f"unknown --model {name}; use {', '.join([*SHAPES, *CLS_SHAPES])}, "
-                                 f"llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
+                                 f"llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(models.TINY)}")
     finally:
         torch.set_default_dtype(old)
     model.config.use_cache = False
@@ -310,7 +311,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-7b-shape",
-                   help=f"{', '.join([*SHAPES, *CLS_SHAPES])}, llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(train.TINY)}")
+                   help=f"{', '.join([*SHAPES, *CLS_SHAPES])}, llama-h{{H}}-l{{L}}[-v{{V}}] or {', '.join(models.TINY)}")
     p.add_argument("--seq_len", type=int, nargs="+", default=[2048])
     p.add_argument("--micro_batch_size", type=int, default=1)
     p.add_argument("--grad_ckpt", choices=["off", "on", "both"], default="both")

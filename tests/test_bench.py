@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import common  # noqa: E402
 import efficiency  # noqa: E402
 import report  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 HAVE_PEFT = efficiency.have_peft()
@@ -40,7 +41,7 @@ def rows_by(result):
 
 
 def attached(method):
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     method.attach(model, [])
     return model
 
@@ -50,7 +51,7 @@ def test_rows_present_and_sane(result):
     expected = [r for r in ROWS if HAVE_PEFT or not r.startswith("peft")]
     assert sorted({k[0] for k in got}) == sorted(expected)
     assert {k[1] for k in got} == {False, True}
-    total = common.count_params(train.build_tiny("tiny-llama"))[1]
+    total = common.count_params(models.build_tiny("tiny-llama"))[1]
     for (name, ckpt), r in got.items():
         if name == "lora-r64":  # r = 64 does not fit tiny-llama's 32-feature k/v projections
             assert "does not fit" in r["error"]

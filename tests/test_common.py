@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from train import build_tiny  # noqa: E402
+from models import build_tiny  # noqa: E402
 
 
 def lora_layer(d_in=12, d_out=10, r=3, alpha=6.0, dtype=torch.float64, seed=0):

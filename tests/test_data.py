@@ -243,7 +243,7 @@ def test_collate_instruction_padding(tok):
 def test_causal_lm_loss_is_response_only(tok):
     """model(**batch).loss on a tiny llama equals the mean cross-entropy of next-token predictions
     over response + eos tokens only, computed by hand."""
-    from train import build_tiny
+    from models import build_tiny
     model = build_tiny("tiny-llama").eval()
     ex = data.tokenize_instructions(RECORDS, tok, 512)
     b = data.collate(ex, PAD)

@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 TINY = ["--model", "tiny-llama", "--max_len", "256", "--batch_size", "4", "--micro_batch_size", "2",
@@ -94,7 +95,7 @@ def mkdir(p):
 def config_only(d):
     """A folder with a model's config.json (and tokenizer) but no weights."""
     from data import byte_tokenizer
-    train.build_tiny("tiny-llama").config.save_pretrained(d)
+    models.build_tiny("tiny-llama").config.save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return str(d)
 
@@ -102,7 +103,7 @@ def config_only(d):
 def saved_model(d):
     """Another model: a tiny-llama written by save_pretrained (with its tokenizer)."""
     from data import byte_tokenizer
-    train.build_tiny("tiny-llama", seed=1).save_pretrained(d)
+    models.build_tiny("tiny-llama", seed=1).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return str(d)
 
@@ -308,7 +309,7 @@ def test_every_method_state_loads_weights_only(tmp_path, method, extra):
     train.main(TINY + ["--method", method, "--max_steps", "4", "--output_dir", str(tmp_path), *extra])
     for file in ("method_state.pt", "ckpt.pt"):
         torch.load(tmp_path / file, weights_only=True)  # tensors and plain values only
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     args = train.parse_args(TINY + ["--method", method, *extra])
     m = train.METHODS[method](**vars(args), total_steps=4, steps_per_epoch=2)
     train.load_adapter(model, m, tmp_path, expect={"method": method, "model": "tiny-llama"})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import evaluate as E
 from data import byte_tokenizer as byte_tok, prompt
-from train import build_tiny
+from models import build_tiny
 
 
 # ------------------------------------------------------------------------------------ metrics

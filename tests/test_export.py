@@ -17,6 +17,7 @@ import interop  # noqa: E402
 import pilora  # noqa: E402
 import spsft  # noqa: E402
 import taso  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 from helpers import llama_batches  # noqa: E402
 
@@ -52,7 +53,7 @@ def batches(family, n=4, seed=1):
 
 def drive(family, name, steps=STEPS):
     """A fresh tiny model with method `name` attached and trained `steps` AdamW steps through its hooks."""
-    model, method, data = train.build_tiny(family), METHODS[name](), batches(family)
+    model, method, data = models.build_tiny(family), METHODS[name](), batches(family)
     method.attach(model, iter(data))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for t in range(steps):
@@ -82,7 +83,7 @@ def test_peft_loads_our_model_and_merges_like_ours(tmp_path, family, name):
     ours = logits(model, x)
     out = interop.save_peft(model, str(tmp_path / "peft"), family)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    base = train.build_tiny(family).eval()
+    base = models.build_tiny(family).eval()
     untouched = logits(base, x)
     assert not torch.allclose(ours, untouched, atol=1e-3)  # the adapter does something
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
@@ -98,7 +99,7 @@ def test_peft_loads_our_model_and_merges_like_ours(tmp_path, family, name):
     # vLLM's reading of the same folder: one scaling lora_alpha / r for every module (it drops rank_pattern
     # and alpha_pattern, takes each rank from the tensors): W₀ + (α/r)·B A is still our merged weight
     config = json.load(open(os.path.join(out, "adapter_config.json")))
-    tensors, fresh = load_file(os.path.join(out, "adapter_model.safetensors")), train.build_tiny(family)
+    tensors, fresh = load_file(os.path.join(out, "adapter_model.safetensors")), models.build_tiny(family)
     for n in config["target_modules"]:
         A, B = (tensors[f"base_model.model.{n}.lora_{k}.weight"] for k in "AB")
         W = fresh.get_submodule(n).weight + config["lora_alpha"] / config["r"] * (B @ A)
@@ -137,7 +138,7 @@ def test_g2r2_exports_only_retained_modules(tmp_path, steps):
     config, tensors = interop.peft_state(model)
     assert config["target_modules"] == kept
     assert {k.rsplit(".", 2)[0][len("base_model.model."):] for k in tensors} == set(kept)
-    loaded = peft.PeftModel.from_pretrained(train.build_tiny("tiny-llama"), interop.save_peft(model, str(tmp_path / "p")))
+    loaded = peft.PeftModel.from_pretrained(models.build_tiny("tiny-llama"), interop.save_peft(model, str(tmp_path / "p")))
     torch.testing.assert_close(logits(loaded.eval(), data[0]), logits(model, data[0]), atol=1e-5, rtol=0)
 
 
@@ -199,4 +200,4 @@ def test_export_with_eval_only_needs_adapter(tmp_path, capsys):
         "error: --export with --eval_only has no adapter to export; pass --adapter RUN_DIR (the run whose "
         "adapter to export)")
     with pytest.raises(common.UserError, match="nothing to export"):
-        interop.peft_state(train.build_tiny("tiny-llama"))
+        interop.peft_state(models.build_tiny("tiny-llama"))

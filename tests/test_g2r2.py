@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import g2r2  # noqa: E402
 import train  # noqa: E402
-from train import build_tiny  # noqa: E402
+from models import build_tiny  # noqa: E402
 
 BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import common  # noqa: E402
 import efficiency  # noqa: E402
 import memory  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 # every method and stage: LoRA (ours and PEFT's), TASO, SPSFT with its Taylor pass, G²R² warmup (exact
@@ -211,7 +212,7 @@ def test_dropout_linear_inactive_in_eval():
 # ------------------------------------------------------- chunked LM head + cross-entropy (train.causal_loss)
 
 def lora_tiny(ckpt=False):
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     if ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     common.LoRA(r=4, dropout=0.0).attach(model)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import common  # noqa: E402
 import pilora  # noqa: E402
-from train import build_tiny  # noqa: E402
+from models import build_tiny  # noqa: E402
 from helpers import llama_batches  # noqa: E402
 
 

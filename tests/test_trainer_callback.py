@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import data  # noqa: E402
 import interop  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -36,7 +37,7 @@ def trainer_run(tmp, name, schedule="constant", warmup=0, save_steps=None, attac
     _, task, proc = train.resolve(args)
     examples = train.load_data(args, task, proc)[0][:args.max_samples]
     batches = train.Batches(examples, args.micro_batch_size, proc.pad_token_id, args.seed, "cpu")
-    model = train.build_tiny("tiny-llama", seed=args.seed)
+    model = models.build_tiny("tiny-llama", seed=args.seed)
     model.config.use_cache = False
     method = train.METHODS[name](**vars(args), total_steps=STEPS, steps_per_epoch=STEPS)
     if attach:
@@ -82,7 +83,7 @@ def test_trainer_matches_train_py(tmp_path, name):
         assert method.summary()["dominant_rows"] == ref["dominant_rows"]
         assert not {id(p) for p in adapters0.values()} & {id(p) for p in held}  # stage-1 tensors gone
     else:
-        base = train.build_tiny("tiny-llama").state_dict()
+        base = models.build_tiny("tiny-llama").state_dict()
         for n, t in model.state_dict().items():
             if method.prefix not in n:  # only the method's own tensors moved
                 assert torch.equal(t, base[n.replace(".base.", ".")]), n
