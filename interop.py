@@ -298,8 +298,12 @@ def wrap(model, method):
     tensors without a gradient (find_unused_parameters: one more pass over the autograd graph)."""
     if world()[1] == 1:
         return model
+    # the frozen model and its buffers are the same on every process (loaded, not trained): DDP neither
+    # broadcasts them when it is built (each rebuild would resend the whole model) nor before each forward
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
     ddp = DDP(model, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
-              find_unused_parameters=method.unused_params)
+              find_unused_parameters=method.unused_params, broadcast_buffers=False)
     ddp.register_comm_hook(None, sum_hook)
     return ddp
 

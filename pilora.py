@@ -235,8 +235,9 @@ class PiLoRA(common.Method):
             self.phase = self.stage1_length()
             if self.r_supp is None:  # Tables 5–7: r′ = 2 for the LLMs, 1 for RoBERTa and ViT
                 self.r_supp = 2 if "CausalLM" in type(model).__name__ else 1
-            self.hits = {n: torch.zeros(m, dtype=torch.long) for n, (m, _) in self.shapes.items()}
-            self.scores = {n: torch.zeros(m) for n, (m, _) in self.shapes.items()}
+            self.hits = {n: torch.zeros(m, dtype=torch.long, device=base[n].weight.device)  # on the model's
+                         for n, (m, _) in self.shapes.items()}  # device: scoring never waits for the host
+            self.scores = {n: torch.zeros(m, device=base[n].weight.device) for n, (m, _) in self.shapes.items()}
             self.heads0 = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
         else:
             for k in ("stage", "phase", "r_supp", "scorings", "schedule_start", "hits", "scores", "heads0",
@@ -282,8 +283,8 @@ class PiLoRA(common.Method):
             A, B = mod.lora_A, mod.lora_B
             if A.grad is None or B.grad is None:
                 continue
-            S = neuron_scores(A.float(), B.float(), A.grad.float(), B.grad.float()).cpu()  # Eq 7–8, per module
-            self.hits[n] = count_hits(self.hits[n], S)
+            S = neuron_scores(A.float(), B.float(), A.grad.float(), B.grad.float())  # Eq 7–8, per module
+            self.hits[n] = count_hits(self.hits[n].to(S.device), S)  # .to: a no-op but after a resume
             self.scores[n] = S
         self.scorings += 1
 
@@ -301,7 +302,7 @@ class PiLoRA(common.Method):
         self.dominant = {}
         for n in self.names:
             old = self.model.get_submodule(n)
-            self.dominant[n] = select_rows(self.hits[n], self.scores[n], self.tau, self.partition, g)
+            self.dominant[n] = select_rows(self.hits[n].cpu(), self.scores[n].cpu(), self.tau, self.partition, g)
             common.check_same(self.dominant[n], f"pilora dominant rows of {n}")  # torchrun: from DDP's summed grads
             new = PiLoRALinear(old.base, self.dominant[n], self.r, self.r_supp, self.alpha, self.dropout, g)
             if self.warm_start and new.lora_A_d is not None:
@@ -319,7 +320,8 @@ class PiLoRA(common.Method):
 
     def state_dict(self):
         return {"stage": self.stage, "phase": self.phase, "r_supp": self.r_supp, "scorings": self.scorings,
-                "schedule_start": self.schedule_start, "hits": dict(self.hits), "scores": dict(self.scores),
+                "schedule_start": self.schedule_start, "hits": {n: h.cpu() for n, h in self.hits.items()},
+                "scores": {n: s.cpu() for n, s in self.scores.items()},
                 "heads0": self.heads0, "dominant": self.dominant}
 
     def summary(self):

@@ -39,7 +39,7 @@ from common import UserError
 import data
 import evaluate
 import g2r2
-from models import TINY, load_model, model_errors, resolve
+from models import TINY, cast_parameters, enable_checkpointing, load_model, model_errors, resolve
 import interop
 from interop import no_sync, on_rank0, wrap
 import pilora
@@ -196,22 +196,31 @@ class Batches:
         self._perm = (None, None)
 
     def __call__(self, m):
+        return to_device(self.host(m), self.device)
+
+    def host(self, m):
+        """Micro-batch m on the CPU (to count its tokens without waiting for the device)."""
         epoch, i = divmod(m, self.per_epoch)
         if self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perm = (epoch, torch.randperm(len(self.examples), generator=g).tolist())
         idx = self._perm[1][i * self.size:(i + 1) * self.size]
-        batch = data.collate([self.examples[j] for j in idx], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return data.collate([self.examples[j] for j in idx], self.pad_id)
 
     def stream(self):
         return map(self, itertools.count())
 
 
+def to_device(batch, device):
+    """A CPU batch on `device`: on CUDA from pinned memory without blocking the host."""
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def eval_batches(examples, size, pad_id, device):
     for i in range(0, len(examples), size):
-        batch = data.collate(examples[i:i + size], pad_id)
-        yield {k: v.to(device) for k, v in batch.items()}
+        yield to_device(data.collate(examples[i:i + size], pad_id), device)
 
 
 def run_eval(args, model, proc, task, eval_set, info, ctx, device):
@@ -277,12 +286,35 @@ def get_lr(it, total, args):
     return args.lr * (1 - frac) if args.schedule == "linear" else args.lr
 
 
-def causal_loss(model, batch, n_items, chunk=1024):
+def plain_lm_head(model):
+    """True when the model's logits are its output embeddings applied to the decoder's last hidden state
+    (Llama, Mistral, Qwen, ...), checked on a 2-token probe in eval mode; False for a model that scales or
+    caps them (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's soft-capping), whose loss
+    causal_loss then takes from the model itself."""
+    core, out = getattr(model, "module", model), []
+    hook = core.get_decoder().register_forward_hook(lambda mod, args, o: out.append(o.last_hidden_state))
+    modes = {m: m.training for m in core.modules()}
+    core.eval()
+    try:
+        with torch.no_grad():
+            x = torch.tensor([[1, 2]], device=core.get_output_embeddings().weight.device)
+            logits = core(input_ids=x).logits.float()
+            plain = torch.allclose(core.get_output_embeddings()(out[0]).float(), logits, rtol=1e-3, atol=1e-6)
+    finally:
+        hook.remove()
+        for m, t in modes.items():
+            m.training = t
+    return plain
+
+
+def causal_loss(model, batch, n_items, chunk=1024, plain=True):
     """model(**batch, num_items_in_batch=n_items).loss (next-token cross-entropy summed over the target tokens,
     over n_items) without the (tokens × vocab) fp32 logits and their gradient: the LM head and the loss run
     `chunk` positions at a time, each chunk recomputed in backward (non-reentrant checkpoint), so one
     chunk's logits are alive at a time. The forward still goes through model(...) (hooks, DDP); its own
     LM head computes no position (logits_to_keep = none) and the decoder's output is taken by a hook."""
+    if not plain:  # the model's own head and loss (plain_lm_head: logits scaled or capped)
+        return model(**batch, num_items_in_batch=n_items).loss
     core = getattr(model, "module", model)  # DDP
     out = []
     hook = core.get_decoder().register_forward_hook(lambda mod, args, o: out.append(o.last_hidden_state))
@@ -308,8 +340,12 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def peak_memory():
+def peak_memory(reset=False):
+    """CUDA: the most bytes allocated since the last reset (train.py resets before the first step, so scoring
+    passes and the evaluation before training are not counted); CPU: the process's peak resident set."""
     if torch.cuda.is_available():
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -414,12 +450,13 @@ def main(argv=None):
     if not examples:
         raise UserError(f"no training examples in {args.data}; check the file, or raise --max_samples")
     with model_errors(path) if path else nullcontext():
-        model = load_model(args, path, task, info.get("num_labels", 2), info.get("regression", False))
-    model.to(device=device, dtype=dtype if device == "cuda" else torch.float32)
+        model = load_model(args, path, task, info.get("num_labels", 2), info.get("regression", False), dtype)
+    model.to(device)  # only the device: the dtypes are from_pretrained's (fp32 rotary buffers stay fp32)
     model.config.use_cache = False
     pad_id = getattr(proc, "pad_token_id", 0) or 0
+    plain = task != "causal" or plain_lm_head(model)
     if args.grad_ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
@@ -482,26 +519,28 @@ def main(argv=None):
                          "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
 
     net = wrap(model, method)
+    peak_memory(reset=True)
     bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t = time.time()
         lr = get_lr(step - method.schedule_start, total - method.schedule_start, args)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        micro = [batches(step * accum + k) for k in range(rank, accum, world)]  # this process's share
-        if task == "causal":  # loss normalised by the target tokens of the whole step (all processes)
-            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        micro = [batches.host(step * accum + k) for k in range(rank, accum, world)]  # this process's share
+        if task == "causal":  # loss normalised by the target tokens of the whole step (all processes),
+            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # counted on the host
             n_items = max(1, int(common.all_reduce(torch.tensor(n_items))))
-        loss_sum = 0.0
+        micro = [to_device(b, device) for b in micro]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync
         for j, b in enumerate(micro):
             with ctx, no_sync(net, j < len(micro) - 1):
                 if task == "causal":
-                    loss = causal_loss(net, b, n_items)  # through net: DDP's forward runs
+                    loss = causal_loss(net, b, n_items, plain=plain)  # through net: DDP's forward runs
                 else:
                     loss = net(**b).loss / accum
             loss.backward()
-            loss_sum += float(loss.detach())
-        loss_sum = float(common.all_reduce(torch.tensor(loss_sum, dtype=torch.float64)))  # all processes
+            loss_sum += loss.detach()
+        loss_sum = float(common.all_reduce(loss_sum))  # all processes; the step's one wait for the device
         if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
             bar.close()
             kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N)"
@@ -535,6 +574,7 @@ def main(argv=None):
             bar.close()
             return {"stopped_at": done, "losses": losses}
     bar.close()
+    peak = peak_memory()
 
     metrics["after"] = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
     if rank > 0:
@@ -543,7 +583,7 @@ def main(argv=None):
     summary = {
         "method": args.method, "model": args.model, "task": task, "data": args.data,
         "total_params": total_params, "trainable_params_start": trainable_start,
-        "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak_memory(),
+        "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak,
         "head_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and common.is_head(n)),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
@@ -553,8 +593,8 @@ def main(argv=None):
     method.plot(args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers
         interop.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
-    if args.merge:
-        merged = method.export(model)
+    if args.merge:  # in fp32: adding ΔW into a bf16 W drops every update below half a bf16 step of W
+        merged = method.export(cast_parameters(model, torch.float32))
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))
         proc.save_pretrained(os.path.join(args.output_dir, "merged"))
     write_json(summary, os.path.join(args.output_dir, "summary.json"))

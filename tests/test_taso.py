@@ -483,7 +483,7 @@ def test_train_main_bf16_ckpt_resume_and_merge(tmp_path):
     # the merged model computes what the adapter model computes
     import transformers
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "merged")).eval()
-    model = models.build_tiny("tiny-llama")
+    model = models.cast_parameters(models.build_tiny("tiny-llama", dtype=torch.bfloat16), torch.float32)  # bf16 run
     train.load_adapter(model, taso.TASO(), str(tmp_path / "a"))
     ids = torch.randint(0, 260, (2, 10))
     with torch.no_grad():
