@@ -19,7 +19,13 @@ Estimators of ∂ℒ/∂ΔW for Eq 5 (--g2r2_score):
            out × in fp32 buffer from its first to its last backward of the step (4 bytes per base
            weight of the targets: the price of summing before the abs). x_in is the dropped input; the
            capture keeps the undropped x that common.dropout_linear keeps anyway and draws the same
-           mask again in backward, so scoring adds no activation memory to a LoRA step.
+           mask again in backward, so scoring adds no activation memory to a LoRA step. In a bf16
+           model the GEMM takes bf16 operands and accumulates in fp32 (tensor cores on CUDA; written
+           out in fp32 there, rounded to bf16 once on CPU), not fp32 operands (CUDA cores, ~3x a LoRA
+           step at 7B shape); the sum over micro-batches and Eq 5 stay fp32. Under torchrun the
+           per-module gradient is summed over the processes in after_backward, so every live module
+           keeps its out × in fp32 buffer until then, even with one micro-batch (4 bytes per base weight
+           of the targets, 18 GB at Llama-2-7B QKVUD); use --g2r2_score paper there if that does not fit.
   paper    Eq 6 as printed, Σ_m (1/B_mj)·∂ℒ/∂A_im (exact only when r = 1 and the layer has one
            output); B starts at zero, so entries with |B| ≤ eps count as 0 (the term is 0/0 there).
   random   R ~ U(0, 1) per module and step (Table 4 ablation).

@@ -224,6 +224,12 @@ def top_rows(scores, r):
     return order[:r].sort().values
 
 
+def same_dtype(module, args, out):
+    """Forward hook of a trained norm: its output in its input's dtype. RMSNorm returns weight · x̂, so an
+    fp32 weight (trainable tensors are fp32) in a bf16 model would make every following layer's input fp32."""
+    return out.to(args[0].dtype) if torch.is_tensor(out) and args and torch.is_tensor(args[0]) else out
+
+
 def is_attention(name):
     return any("attn" in part or "attention" in part for part in name.split("."))
 
@@ -277,6 +283,7 @@ class SPSFT(common.Method):
                 if "Norm" in type(mod).__name__:
                     for p in mod.parameters(recurse=False):
                         p.requires_grad_(True)
+                    mod.register_forward_hook(same_dtype)  # an fp32 vector must not turn the stream fp32
         self.idx = {n: idx[n].cpu() for n in names}
         self.shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}  # (d_out, d_in)
         return model

@@ -181,3 +181,23 @@ def test_scoring_pass_under_checkpointing_runs_without_dropout():
     assert not any(flags) and not any(ref_flags)
     assert calls == 2 and ref_calls == 1  # the checkpointed pass really recomputed
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref) if a is not None)
+
+
+def test_trained_norms_keep_a_bf16_stream_bf16():
+    import spsft
+    model = models.build_tiny("tiny-llama", dtype=BF16)
+    method = spsft.SPSFT(spsft_rows=4, spsft_norms=True)
+    method.attach(model)
+    train.to_fp32(model)
+    norm = model.model.layers[0].input_layernorm
+    assert norm.weight.requires_grad and norm.weight.dtype == torch.float32
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    ids = torch.randint(0, 260, (1, 8))
+    with torch.autocast("cpu", dtype=BF16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [BF16] and norm.weight.grad is not None
+    fp32 = models.build_tiny("tiny-llama")  # an fp32 model's norms stay fp32
+    spsft.SPSFT(spsft_rows=4, spsft_norms=True).attach(fp32)
+    h = torch.randn(1, 3, 64)
+    assert fp32.model.layers[0].input_layernorm(h).dtype == torch.float32
