@@ -135,3 +135,13 @@ def load_model(args, path, task, num_labels=2, regression=False):
     if regression:
         model.config.problem_type = "regression"
     return model
+
+
+def enable_checkpointing(model):
+    """Non-reentrant activation checkpointing of every layer: activation_checkpointing_enable in recent
+    transformers (5.23), gradient_checkpointing_enable in older ones (5.17 has only that name; recent ones
+    keep it as a deprecated alias)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        return model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

@@ -39,7 +39,7 @@ from common import UserError
 import data
 import evaluate
 import g2r2
-from models import TINY, load_model, model_errors, resolve
+from models import TINY, enable_checkpointing, load_model, model_errors, resolve
 import interop
 from interop import no_sync, on_rank0, wrap
 import pilora
@@ -419,7 +419,7 @@ def main(argv=None):
     model.config.use_cache = False
     pad_id = getattr(proc, "pad_token_id", 0) or 0
     if args.grad_ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
     steps_per_epoch = math.ceil(batches.per_epoch / accum)

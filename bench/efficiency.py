@@ -294,7 +294,7 @@ def run_row(name, model_name, seq, mbs, ckpt, opts, device, dtype_name):
     model = build_model(model_name, device, dtype if device == "cuda" else torch.float32, opts.seed)
     model.config.use_cache = False
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     fits = min(min(model.get_submodule(n).weight.shape) for n in common.find_targets(model, targets))
     if r > fits:  # PEFT would accept it; our layers refuse: skip both alike
         return {"row": name, "method": kind, "model": model_name, "seq_len": seq, "grad_ckpt": ckpt,

@@ -255,7 +255,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
     with counting(fake) as c:
         model = build_model(model_name, seed, fake=fake)
         if ckpt:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            models.enable_checkpointing(model)
         fits = min(min(model.get_submodule(n).weight.shape) for n in common.find_targets(model, targets))
         if r > fits:
             return row | {"error": f"r={r} does not fit this model's smallest target ({fits} features)"}

@@ -214,7 +214,7 @@ def test_dropout_linear_inactive_in_eval():
 def lora_tiny(ckpt=False):
     model = models.build_tiny("tiny-llama")
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     common.LoRA(r=4, dropout=0.0).attach(model)
     for n, p in model.named_parameters():
         if "lora_B" in n:
