@@ -156,3 +156,28 @@ def test_cut_cost_undoes_each_cut_and_restores_it(tmp_path):
     assert ("peft-lora-r8" in med) == HAVE_PEFT and rows[0]["vs_ours"]["ours"] == 1.0
     lines = report.cut_cost_section([str(path)])
     assert lines[0].startswith("### What the memory cuts cost") and any(x.startswith("| `lora-r8`") for x in lines)
+
+
+def test_g2r2_model_is_freed_without_a_gc_pass():
+    """bench/gpu_check.sh's rows must not inflate each other: after an exact-scoring G²R² step (the model's
+    forward pre-hook and the layers' capture sinks armed), dropping the model and the method frees the model by
+    reference counting alone (no model <-> method cycle left for a gc pass to find)."""
+    import gc
+    import weakref
+    import g2r2
+    model = models.build_tiny("tiny-llama")
+    method = g2r2.G2R2(r=4, total_steps=10, g2r2_warmup=5, g2r2_prune=2, batch_size=1, micro_batch_size=1)
+    method.attach(model, [])
+    ids = torch.randint(0, 260, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    method.after_backward(0)
+    method.after_step(0)
+    assert any(L.sink is not None for L in method.layers)  # the capture is armed for the next step
+    ref = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del model, method
+        assert ref() is None
+    finally:
+        gc.enable()
