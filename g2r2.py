@@ -118,13 +118,14 @@ class G2R2Linear(common.LoRALinear):
 
 
 def _weak_hook(method):
-    """method.count_forward as a model hook that holds the method weakly (a no-op once it is gone), so that
-    the model and the method (which holds the model) are freed by reference counting, not a gc pass."""
+    """method.count_forward as a model hook that holds the method weakly, so that the model and the method
+    (which holds the model) are freed by reference counting, not a gc pass. A no-op once the method is gone
+    and on a copy of the model (copy.deepcopy keeps the hook, not the method's attention)."""
     me = weakref.ref(method)
 
     def hook(module, args):
         m = me()
-        if m is not None:
+        if m is not None and module is m.model:
             m.count_forward(module, args)
     return hook
 
