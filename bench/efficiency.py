@@ -26,6 +26,11 @@ bytes of the tensors autograd saves for backward (saved_tensors_hooks, parameter
 activation-memory proxy, taken without checkpointing only (checkpointed layers save through their own
 hooks, so that count would miss them).
 
+Every row starts from a clean allocator (gc.collect, empty_cache, reset_peak_memory_stats) and runs within
+--row_timeout seconds; one that fails (out of memory, a timeout, any exception) is recorded with its error and
+the suite goes on (bench/gpu_check.sh relies on it). On CUDA, `allocated_after_bytes` is what a row left
+allocated once freed: 0 unless something still holds its tensors.
+
 peft is imported only here, for the baseline row; a missing peft skips the PEFT rows.
 """
 import argparse
