@@ -34,20 +34,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 
-METHOD_FLAGS = {  # stage lengths for a run of 6 steps, resumed at 3
-    "lora": [],
-    "g2r2": ["--g2r2_warmup", "2", "--g2r2_prune", "2"],   # warmup 0-1, pruning 2-3 (resumed inside), refine 4-5
-    "pilora": ["--pilora_phase", "2", "--pilora_interval", "1"],  # stage 1 at 0-1, stage 2 from 2
-    "taso": ["--taso_calib_batches", "2"],
-    "spsft": ["--spsft_importance", "taylor", "--spsft_calib_batches", "2"],
-}
+METHODS = ["lora", "g2r2", "pilora", "taso", "spsft"]
+
+
+def method_flags(method, steps):
+    """Stage lengths in thirds of the run: with 6 steps resumed at 3, G²R² warms up at 0-1, prunes at 2-3
+    (resumed inside) and refines at 4-5; PiLoRA's stage 1 is 0-1, stage 2 from 2."""
+    third = str(max(1, steps // 3))
+    return {"lora": [], "g2r2": ["--g2r2_warmup", third, "--g2r2_prune", third],
+            "pilora": ["--pilora_phase", third, "--pilora_interval", "1"],
+            "taso": ["--taso_calib_batches", "2"],
+            "spsft": ["--spsft_importance", "taylor", "--spsft_calib_batches", "2"]}[method]
 
 
 def run_argv(method, out_dir, steps, dtype, model, extra=()):
     return ["--method", method, "--model", model, "--dtype", dtype, "--grad_ckpt", "--max_steps", str(steps),
             "--batch_size", "4", "--micro_batch_size", "2", "--dropout", "0.1", "--max_len", "256",
             "--eval_limit", "2", "--eval_batch_size", "2", "--max_samples", "32", "--save_every", str(steps // 2), "--seed", "0",
-            "--output_dir", out_dir, *METHOD_FLAGS[method], *extra]
+            "--output_dir", out_dir, *method_flags(method, steps), *extra]
 
 
 @contextlib.contextmanager
@@ -90,7 +94,7 @@ def max_diff(a, b):
 
 
 def check_method(method, work, steps, dtype, model):
-    out = {"method": method, "flags": METHOD_FLAGS[method]}
+    out = {"method": method, "flags": method_flags(method, steps)}
     dirs = {k: os.path.join(work, f"{method}-{k}") for k in ("full", "stopped", "again")}
     t0 = time.time()
     with watch_dtypes(out.setdefault("dtypes", {})):
@@ -124,7 +128,7 @@ def check_method(method, work, steps, dtype, model):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(METHOD_FLAGS), choices=list(METHOD_FLAGS))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--steps", type=int, default=6, help="optimizer steps of each run (resumed at half)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--model", default="tiny-llama")

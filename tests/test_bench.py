@@ -181,3 +181,61 @@ def test_g2r2_model_is_freed_without_a_gc_pass():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_gpu_check_runs_without_pytest(tmp_path):
+    """bench/gpu_check.sh on CPU, small shape, a few rows, where `import pytest` fails: every part runs and exits
+    0, the CUDA tests go through bench/plain_tests.py, and each part writes its JSON (the GPU run takes the same
+    path with more rows and methods)."""
+    import subprocess
+    fake = tmp_path / "nopytest"
+    fake.mkdir()
+    (fake / "pytest.py").write_text("raise ImportError('no pytest on this machine')\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(fake), PYTHON=sys.executable, OUT=str(out), MODEL="llama-h128-l2-v512",
+               SEQ="16", ROWS_CKPT="g2r2-refine", ROWS_PLAIN="lora-r8", TRAIN_METHODS="g2r2",
+               TRAIN_STEPS="4")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads((out / "gpu-check-status.json").read_text())
+    assert [(p["part"], p["rc"]) for p in status["parts"]] == [
+        ("env", 0), ("tests", 0), ("train", 0), ("7b-ckpt", 0), ("7b-plain", 0)], status
+    assert "pytest ABSENT" in (out / "gpu-check.log").read_text()
+    tests = json.loads((out / "tests.json").read_text())
+    assert tests["counts"]["passed"] == 2 and tests["counts"]["failed"] == 0  # the CPU cases; CUDA ones skip
+    check = json.loads((out / "train-check.json").read_text())
+    g = check["methods"][0]
+    assert check["all_ok"] and g["method"] == "g2r2" and g["resume_exact"] and len(g["losses"]) == 4
+    assert set(g["stage_times_s"]) >= {"warmup", "prune"}  # the resumed run crossed a stage boundary
+    assert g["trainable_params_end"] < g["trainable_params_start"]  # pruning removed modules
+    for mode, rows in (("on", ["g2r2-refine"]), ("off", ["lora-r8"])):
+        res, = [json.loads(p.read_text()) for p in out.glob(f"main-*-ckpt-{mode}-*.json")]
+        assert [r["row"] for r in res["rows"]] == rows and not any("error" in r for r in res["rows"])
+    assert len(list(out.iterdir())) <= 8  # what comes back from the device
+
+
+def test_a_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch, tmp_path):
+    """efficiency.main: a row that raises, and one that runs past --row_timeout, each become a row with its error;
+    the rows after them still run, and the JSON holds all of them."""
+    import time
+    real = efficiency.run_row
+
+    def run_row(name, *a):
+        if name == "lora-r1":
+            raise KeyError("boom")
+        if name == "lora-r8-qkvud":
+            time.sleep(120)
+        return real(name, *a)
+    monkeypatch.setattr(efficiency, "run_row", run_row)
+    out = tmp_path / "r.json"
+    t0 = time.time()
+    res = efficiency.main(["--model", "tiny-llama", "--seq_len", "8", "--steps", "1", "--warmup_steps", "0",
+                           "--grad_ckpt", "off", "--rows", "lora-r1", "lora-r8-qkvud", "lora-r8",
+                           "--row_timeout", "10", "--out", str(out)])
+    assert time.time() - t0 < 100
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == res["rows"] and [r["row"] for r in rows] == ["lora-r1", "lora-r8-qkvud", "lora-r8"]
+    assert rows[0]["error"].startswith("KeyError: 'boom' at test_bench.py")
+    assert rows[1]["error"] == "RowTimeout: timed out after 10 s"
+    assert "error" not in rows[2] and rows[2]["step_time_median_s"] > 0
