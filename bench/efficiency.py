@@ -232,9 +232,10 @@ def cpu_peak_delta(fn):
     return peak, out
 
 
-def saved_tensor_hooks(model, sink):
-    """saved_tensors_hooks that add up (in sink) the distinct storages autograd saves, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_tensor_hooks(model, sink, skip=()):
+    """saved_tensors_hooks that add up (in sink) the distinct storages autograd saves, parameters (and the
+    tensors in `skip`) excluded."""
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *skip]}
 
     def pack(t):
         s = t.untyped_storage()

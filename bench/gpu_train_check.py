@@ -14,7 +14,8 @@ Per method, four runs of train.main on the built-in task (--max_steps N, batch 4
 Recorded per method: each run's losses, the largest difference of the resumed run from the full one (losses and
 every trainable tensor of adapter.safetensors), the same for `again`, and `resume_exact` (bit for bit equal) /
 `resume_ok` (exact, or no further from the full run than `again` is); the dtypes training ran with (frozen
-weights, trainable tensors, rotary inv_freq buffers), stages, parameter counts, step time and peak memory from
+weights, trainable tensors, rotary inv_freq buffers) and `dtypes_ok` (bf16, fp32, fp32 for --dtype bf16; recorded,
+not part of the exit status), stages, parameter counts, step time and peak memory from
 the run's summary. A failing run is recorded with its error and the next method runs. The JSON is rewritten
 after every method, so a run cut short keeps what it checked.
 """
@@ -118,6 +119,9 @@ def check_method(method, work, steps, dtype, model):
     out["resume_tensor_diff"] = max_diff(ref, adapter(dirs["stopped"]))
     out["again_loss_diff"] = max_diff(full["losses"], again["losses"])
     out["again_tensor_diff"] = max_diff(ref, adapter(dirs["again"]))
+    d = out["dtypes"]  # issue 26: bf16 weights, fp32 adapters, fp32 rotary frequencies (on CPU too with --dtype bf16)
+    out["dtypes_ok"] = d["trainable"] == ["float32"] and d["inv_freq"] in ([], ["float32"]) and \
+        d["frozen"] == (["bfloat16"] if dtype == "bf16" else ["float32"])
     out["resume_exact"] = out["resume_loss_diff"] == 0 and out["resume_tensor_diff"] == 0
     out["resume_ok"] = out["resume_exact"] or (out["resume_loss_diff"] <= out["again_loss_diff"]
                                                and out["resume_tensor_diff"] <= out["again_tensor_diff"])
@@ -186,7 +190,7 @@ def format_row(r):
     return (f"train-check {r['method']:<7} resume {'exact' if r['resume_exact'] else 'ok' if r['resume_ok'] else 'DIFFERS'}"
             f" (loss diff {r['resume_loss_diff']:.3g}, tensors {r['resume_tensor_diff']:.3g}; rerun "
             f"{r['again_loss_diff']:.3g} / {r['again_tensor_diff']:.3g})  losses {r['losses'][0]:.4f} -> "
-            f"{r['losses'][-1]:.4f}  dtypes {r['dtypes']}  {r['wall_s']:.1f} s")
+            f"{r['losses'][-1]:.4f}  dtypes {'ok' if r['dtypes_ok'] else 'WRONG'} {r['dtypes']}  {r['wall_s']:.1f} s")
 
 
 if __name__ == "__main__":
