@@ -14,7 +14,7 @@
 # and one efficiency JSON per mode. Copy the JSONs to bench/results/ and run bench/report.py.
 #   OUT=<folder> bash bench/gpu_check.sh                                  # on the GPU machine
 #   MODEL=llama-h128-l2-v512 SEQ=64 bash bench/gpu_check.sh               # the same commands, small shape (CPU)
-# Knobs (environment): PYTHON, MODEL, SEQ, ROWS_CKPT, ROWS_PLAIN, TRAIN_METHODS, TRAIN_STEPS, ROW_TIMEOUT, and the
+# Knobs (environment): PYTHON, MODEL, SEQ, TEST_FILES, TEST_K, ROWS_CKPT, ROWS_PLAIN, TRAIN_METHODS, TRAIN_STEPS, ROW_TIMEOUT, and the
 # per-part limits in seconds LIMIT_TESTS, LIMIT_TRAIN, LIMIT_CKPT, LIMIT_PLAIN.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -24,6 +24,8 @@ MODEL=${MODEL:-llama-7b-shape}
 SEQ=${SEQ:-2048}
 ROWS_CKPT=${ROWS_CKPT:-"lora-r8 g2r2-refine pilora-s2 taso-r8 spsft-r128 peft-lora-r8 lora-r64"}
 ROWS_PLAIN=${ROWS_PLAIN:-"lora-r64 peft-lora-r64 spsft-r128 g2r2-refine lora-r8-qkvud"}
+TEST_FILES=${TEST_FILES:-tests/test_memory.py}       # the CUDA tests: files, and words of their names
+TEST_K=${TEST_K:-reuses_the_forward_mask}
 TRAIN_METHODS=${TRAIN_METHODS:-"lora g2r2 pilora taso spsft"}
 TRAIN_STEPS=${TRAIN_STEPS:-6}
 ROW_TIMEOUT=${ROW_TIMEOUT:-45}
@@ -61,11 +63,11 @@ for m in ('peft', 'pytest', 'datasets', 'safetensors', 'tqdm'):
     except ImportError:
         print(m, 'ABSENT')"
 
+# shellcheck disable=SC2086
 if "$PY" -c "import pytest" 2>/dev/null; then
-  part tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_memory.py -k reuses_the_forward_mask
+  part tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider $TEST_FILES -k "${TEST_K// / or }"
 else
-  part tests "$LIMIT_TESTS" "$PY" bench/plain_tests.py tests/test_memory.py -k reuses_the_forward_mask \
-    --json "$OUT/tests.json"
+  part tests "$LIMIT_TESTS" "$PY" bench/plain_tests.py $TEST_FILES -k $TEST_K --json "$OUT/tests.json"
 fi
 
 # shellcheck disable=SC2086

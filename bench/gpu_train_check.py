@@ -120,8 +120,8 @@ def check_method(method, work, steps, dtype, model):
     out["again_loss_diff"] = max_diff(full["losses"], again["losses"])
     out["again_tensor_diff"] = max_diff(ref, adapter(dirs["again"]))
     d = out["dtypes"]  # issue 26: bf16 weights, fp32 adapters, fp32 rotary frequencies (on CPU too with --dtype bf16)
-    out["dtypes_ok"] = d["trainable"] == ["float32"] and d["inv_freq"] in ([], ["float32"]) and \
-        d["frozen"] == (["bfloat16"] if dtype == "bf16" else ["float32"])
+    out["dtypes_ok"] = None if not d else d["trainable"] == ["float32"] and d["inv_freq"] in ([], ["float32"]) \
+        and d["frozen"] == (["bfloat16"] if dtype == "bf16" else ["float32"])  # None: train.to_fp32 not seen
     out["resume_exact"] = out["resume_loss_diff"] == 0 and out["resume_tensor_diff"] == 0
     out["resume_ok"] = out["resume_exact"] or (out["resume_loss_diff"] <= out["again_loss_diff"]
                                                and out["resume_tensor_diff"] <= out["again_tensor_diff"])
