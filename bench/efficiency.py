@@ -29,7 +29,7 @@ hooks, so that count would miss them).
 Every row starts from a clean allocator (gc.collect, empty_cache, reset_peak_memory_stats) and runs within
 --row_timeout seconds; one that fails (out of memory, a timeout, any exception) is recorded with its error and
 the suite goes on (bench/gpu_check.sh relies on it). On CUDA, `allocated_after_bytes` is what a row left
-allocated once freed: 0 unless something still holds its tensors.
+allocated once freed: a few MiB at most (cuBLAS workspaces) unless something still holds its tensors.
 
 peft is imported only here, for the baseline row; a missing peft skips the PEFT rows.
 """
@@ -534,7 +534,7 @@ def guarded_row(name, model_name, seq, ckpt, opts, device):
                "error": error}
     row["row_s"] = time.time() - t
     clean_allocator(device)
-    if device == "cuda":  # what the row left behind: 0 unless something still holds its tensors
+    if device == "cuda":  # what the row left behind: cuBLAS workspaces, unless something still holds its tensors
         row["allocated_after_bytes"] = torch.cuda.memory_allocated()
     return row
 
