@@ -55,13 +55,14 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout, log it, record its 
     "$PARTS" $((SECONDS - T0)) "$MODEL" "$SEQ" "$stamp" > "$STATUS"
 }
 
-part env 30 "$PY" -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, \
-'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')
-for m in ('peft', 'pytest', 'datasets', 'safetensors', 'tqdm'):
-    try:
-        print(m, __import__(m).__version__)
-    except ImportError:
-        print(m, 'ABSENT')"
+part env 30 "$PY" -c "import sys, torch; from importlib.util import find_spec; from importlib.metadata import version
+print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')
+for m in ('transformers', 'peft', 'datasets', 'safetensors', 'tqdm', 'accelerate', 'pytest'):
+    print(m, version(m) if find_spec(m) else 'ABSENT')
+try:
+    import pytest
+except ImportError:
+    print('pytest ABSENT (does not import)')"
 
 # shellcheck disable=SC2086
 if "$PY" -c "import pytest" 2>/dev/null; then
