@@ -239,3 +239,23 @@ def test_a_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch, tmp_path):
     assert rows[0]["error"].startswith("KeyError: 'boom' at test_bench.py")
     assert rows[1]["error"] == "RowTimeout: timed out after 10 s"
     assert "error" not in rows[2] and rows[2]["step_time_median_s"] > 0
+
+
+def test_checkpointing_on_older_transformers():
+    """The GPU machine's transformers (5.17) has only gradient_checkpointing_enable; 5.23 names it
+    activation_checkpointing_enable. models.enable_checkpointing asks each for non-reentrant checkpointing."""
+    calls = []
+
+    class Old:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("gradient", gradient_checkpointing_kwargs))
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("activation", activation_checkpointing_kwargs))
+    models.enable_checkpointing(Old())
+    models.enable_checkpointing(New())
+    assert calls == [("gradient", {"use_reentrant": False}), ("activation", {"use_reentrant": False})]
+    model = models.build_tiny("tiny-llama")
+    models.enable_checkpointing(model)
+    assert model.is_gradient_checkpointing
