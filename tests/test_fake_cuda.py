@@ -11,7 +11,11 @@ CPU's (common._generator is watched; a stand-in generator answers for the device
 
 The device is "meta", not "cuda": on this CPU-only build a fake CUDA tensor runs forwards, but the first autograd
 node on one aborts the process (std::terminate: "PyTorch is not linked with support for cuda devices", no CUDA
-device guard), and FakeTensorMode checks "meta" against "cpu" exactly as it checks "cuda". What this cannot
+device guard), and FakeTensorMode checks "meta" against "cpu" exactly as it checks "cuda". On "cuda" itself the
+checkpoint's method state is loaded into a fake CUDA model (attach with the state: TASO's and SPSFT's indices,
+PiLoRA's partition, G²R²'s pruning rebuilt from CPU values; adapters left uninitialised, as random init and a
+copy from the CPU need the device guard too) and a training-mode forward runs without autograd (dropout
+active, its generator asked for "cuda") through each adapter layer. What this cannot
 cover: CUDA kernels and their numerics, bf16 autocast on CUDA (the step runs in fp32: autocast does not act on
 meta tensors), the CUDA generator's real streams and their save / restore, streams and host syncs, memory
 (bench/memory.py counts it) and NCCL; bench/gpu_check.sh checks those on a GPU.
@@ -19,6 +23,7 @@ meta tensors), the CUDA generator's real streams and their save / restore, strea
 import os
 import sys
 from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -38,12 +43,12 @@ DEVICE = "meta"
 ROWS = ["lora-r8", "g2r2-refine", "pilora-s2", "taso-r8", "spsft-r128-taylor"]
 
 
-def build():
+def build(device=DEVICE):
     """tiny-llama on the device, weights not initialised (random init reads values), eager attention."""
     import transformers as tf
     from transformers.initialization import no_init_weights
     cfg_cls, model_cls, kw = models.TINY["tiny-llama"]
-    with torch.device(DEVICE), no_init_weights():
+    with torch.device(device), no_init_weights():
         model = getattr(tf, model_cls)(getattr(tf, cfg_cls)(**kw, attn_implementation="eager"))
     model.config.use_cache = False
     return model
@@ -69,13 +74,14 @@ def generators(monkeypatch):
     return asked
 
 
-def on_device(model):
-    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != DEVICE]
+def on_device(model, device=DEVICE):
+    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != device]
     assert not bad, f"on another device: {bad[:5]}"
 
 
-def step_and_resume(row, ckpt):
-    """One step of `row` in its stage on the device, a checkpoint mapped to the CPU, a resumed step."""
+def step_and_resume(row, ckpt, cuda=False):
+    """One step of `row` in its stage on the device, a checkpoint mapped to the CPU, a resumed step; with cuda,
+    that checkpoint also loaded into a fake CUDA model and a training-mode forward run without autograd."""
     with memory.counting():  # FakeTensorMode; .item() and nonzero() of fake values get placeholders
         model = build()
         if ckpt:
@@ -116,17 +122,31 @@ def step_and_resume(row, ckpt):
         on_device(model2)
         assert all(t.device.type == DEVICE for st in loop2.opt.state.values() for k, t in st.items()
                    if torch.is_tensor(t) and k != "step")
+        if cuda:
+            model3 = build("cuda")
+            method3 = efficiency.row_method(row, 2, "fp32", 0, 2, 2)[1]
+            model3.train()
+            with mock.patch.object(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: t):  # no random init
+                method3.attach(model3, (), state=saved["method"])                     # on a fake CUDA device
+            train.to_fp32(model3)  # (load_trainable's copy_ from the CPU needs a CUDA device guard too)
+            on_device(model3, "cuda")
+            adapters = [m for m in model3.modules() if hasattr(m, "base")]
+            assert adapters
+            with torch.no_grad():  # each adapter layer (HF's own forward needs the device guard: its mask code)
+                for m in adapters:
+                    x = torch.zeros(2, 16, m.base.in_features, device="cuda")
+                    assert m(x).device.type == "cuda"
         return method, method2
 
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "ckpt"])
 @pytest.mark.parametrize("row", ROWS)
 def test_step_on_the_device(row, ckpt, generators):
-    method, method2 = step_and_resume(row, ckpt)
+    method, method2 = step_and_resume(row, ckpt, cuda=not ckpt)
     if row.startswith("spsft"):  # no dropout in SPSFT (§3): no draws
         assert not generators
     else:  # dropout drew, from the device's generator only
-        assert generators and set(generators) == {DEVICE}
+        assert set(generators) == ({DEVICE} if ckpt else {DEVICE, "cuda"})
     if row == "g2r2-refine":
         assert method.refined and method.pruned_at and method2.refined
     if row == "pilora-s2":
