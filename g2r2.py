@@ -47,6 +47,7 @@ Deviations and readings (each also beside its line):
     scored again (with --g2r2_score_every K, at its next scoring).
 """
 import math
+import weakref
 
 import torch
 
@@ -120,6 +121,19 @@ class G2R2Linear(common.LoRALinear):
     def lora_factors(self):
         """A pruned module carries no update: absent from the PEFT export (None)."""
         return None if self.pruned else super().lora_factors()
+
+
+def _weak_hook(method):
+    """method.count_forward as a model hook that holds the method weakly, so that the model and the method
+    (which holds the model) are freed by reference counting, not a gc pass. A no-op once the method is gone
+    and on a copy of the model (copy.deepcopy keeps the hook, not the method's attention)."""
+    me = weakref.ref(method)
+
+    def hook(module, args):
+        m = me()
+        if m is not None and module is m.model:
+            m.count_forward(module, args)
+    return hook
 
 
 # ---------------------------------------------------------- sensitivity and redundancy (Eq 4–7)
@@ -240,7 +254,7 @@ class G2R2(common.Method):
     def attach(self, model, batches=(), state=None):
         common.prepare(model)
         self.model = model
-        model.register_forward_pre_hook(self.count_forward)
+        model.register_forward_pre_hook(_weak_hook(self))  # weakly: no model <-> method cycle
         self.names = common.find_targets(model, self.targets, defaults=TARGETS)
         self.layers = []
         for n in self.names:
@@ -341,9 +355,10 @@ class G2R2(common.Method):
         self.seen = [0] * len(self.names)      # exact: backward passes seen this step
         self.s_sum = {}                        # exact: module -> ΣS of this step
         self.forwards = 0                      # exact: model forwards (micro-batches) run this step
+        me = weakref.ref(self)
         for i, L in enumerate(self.layers):
             if L is not None:
-                L.sink = (lambda g, x, i=i: self.capture(i, g, x)) if on and not L.pruned else None
+                L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
                 L.calls = 0
 
     def count_forward(self, module, args):

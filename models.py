@@ -154,9 +154,10 @@ def load_model(args, path, task, num_labels=2, regression=False, dtype=torch.flo
 
 
 def enable_checkpointing(model):
-    """Non-reentrant activation checkpointing of every layer (transformers >= 5.2x names it
-    activation_checkpointing_enable; earlier releases gradient_checkpointing_enable)."""
+    """Non-reentrant activation checkpointing of every layer: activation_checkpointing_enable in recent
+    transformers (5.23), gradient_checkpointing_enable in older ones (5.17 has only that name; recent ones
+    keep it as a deprecated alias)."""
+    kw = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

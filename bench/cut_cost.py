@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import common  # noqa: E402
 import efficiency  # noqa: E402
+import models  # noqa: E402
 
 CUT = common.dropout_linear
 
@@ -44,7 +45,7 @@ def make_loop(row, model_name, seq, ckpt, dtype, steps):
     args, method, _, total = efficiency.row_method(row, 1, "bf16" if dtype == torch.bfloat16 else "fp32", 0, 2, steps)
     model = efficiency.build_model(model_name, "cpu", dtype, 0)
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     model = method.attach(model, iter([batch])) or model

@@ -26,6 +26,11 @@ bytes of the tensors autograd saves for backward (saved_tensors_hooks, parameter
 activation-memory proxy, taken without checkpointing only (checkpointed layers save through their own
 hooks, so that count would miss them).
 
+Every row starts from a clean allocator (gc.collect, empty_cache, reset_peak_memory_stats) and runs within
+--row_timeout seconds; one that fails (out of memory, a timeout, any exception) is recorded with its error and
+the suite goes on (bench/gpu_check.sh relies on it). On CUDA, `allocated_after_bytes` is what a row left
+allocated once freed: a few MiB at most (cuBLAS workspaces) unless something still holds its tensors.
+
 peft is imported only here, for the baseline row; a missing peft skips the PEFT rows.
 """
 import argparse
@@ -37,9 +42,11 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 
 import torch
@@ -225,9 +232,10 @@ def cpu_peak_delta(fn):
     return peak, out
 
 
-def saved_tensor_hooks(model, sink):
-    """saved_tensors_hooks that add up (in sink) the distinct storages autograd saves, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_tensor_hooks(model, sink, skip=()):
+    """saved_tensors_hooks that add up (in sink) the distinct storages autograd saves, parameters (and the
+    tensors in `skip`) excluded."""
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *skip]}
 
     def pack(t):
         s = t.untyped_storage()
@@ -294,7 +302,7 @@ def run_row(name, model_name, seq, mbs, ckpt, opts, device, dtype_name):
     model = build_model(model_name, device, dtype if device == "cuda" else torch.float32, opts.seed)
     model.config.use_cache = False
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     fits = min(min(model.get_submodule(n).weight.shape) for n in common.find_targets(model, targets))
     if r > fits:  # PEFT would accept it; our layers refuse: skip both alike
         return {"row": name, "method": kind, "model": model_name, "seq_len": seq, "grad_ckpt": ckpt,
@@ -428,6 +436,10 @@ def parse_args(argv=None):
                    help="examples in one epoch, for TASO's importance-pass / epoch ratio (Alpaca: 52002)")
     p.add_argument("--peak_tflops", type=float, help="device dense bf16 peak for MFU (default: H100/H200 989)")
     p.add_argument("--profile", type=int, default=0, help="also record the top-N ops of one profiled step")
+    p.add_argument("--row_timeout", type=float, default=0, help="seconds per row before it is recorded as "
+                   "timed out and the suite goes on (0: no limit)")
+    p.add_argument("--deadline_s", type=float, default=0, help="start no row after this many seconds of the "
+                   "suite (the rest are recorded as skipped; 0: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default bench/results/<suite>-<model>-<device>-<time>.json)")
     args = p.parse_args(argv)
@@ -465,13 +477,11 @@ def main(argv=None):
         for seq in opts.seq_len:
             for ckpt in modes:
                 for name in rows:
-                    try:
-                        row = run_row(name, model_name, seq, opts.micro_batch_size, ckpt, opts, device, opts.dtype)
-                    except torch.cuda.OutOfMemoryError:
+                    if opts.deadline_s and time.time() - t0 > opts.deadline_s:
                         row = {"row": name, "method": ROWS[name][0], "model": model_name, "seq_len": seq,
-                               "grad_ckpt": ckpt, "error": "out of memory"}
-                        gc.collect()
-                        torch.cuda.empty_cache()
+                               "grad_ckpt": ckpt, "error": f"skipped: the suite's {opts.deadline_s:.0f} s are spent"}
+                    else:
+                        row = guarded_row(name, model_name, seq, ckpt, opts, device)
                     result["rows"].append(row)
                     print(format_row(row), flush=True)
                     result["wall_s"] = time.time() - t0
@@ -479,6 +489,54 @@ def main(argv=None):
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
     result["path"] = path
     return result
+
+
+class RowTimeout(Exception):
+    pass
+
+
+def clean_allocator(device):
+    """Free what earlier rows left (cycles included) and start the peak counter here."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def guarded_row(name, model_name, seq, ckpt, opts, device):
+    """run_row from a clean allocator, within --row_timeout seconds (SIGALRM, checked between Python ops);
+    any failure (out of memory, a timeout, a bug) becomes the row's "error" and the suite goes on. The
+    exception is dropped before cleaning up: its traceback holds the row's frame, and so its model."""
+    clean_allocator(device)
+    error = None
+    alarm = opts.row_timeout and hasattr(signal, "SIGALRM")
+    if alarm:
+        def expire(signum, frame):
+            raise RowTimeout(f"timed out after {opts.row_timeout:.0f} s")
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, opts.row_timeout)
+    t = time.time()
+    try:
+        row = run_row(name, model_name, seq, opts.micro_batch_size, ckpt, opts, device, opts.dtype)
+    except Exception as e:  # noqa: BLE001 (recorded, not hidden: the row says what failed and where)
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        where = "" if oom or isinstance(e, RowTimeout) else " at " + " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(traceback.extract_tb(e.__traceback__)[-3:]))
+        error = "out of memory" if oom else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+        del e
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    if error is not None:
+        row = {"row": name, "method": ROWS[name][0], "model": model_name, "seq_len": seq, "grad_ckpt": ckpt,
+               "error": error}
+    row["row_s"] = time.time() - t
+    clean_allocator(device)
+    if device == "cuda":  # what the row left behind: cuBLAS workspaces, unless something still holds its tensors
+        row["allocated_after_bytes"] = torch.cuda.memory_allocated()
+    return row
 
 
 def write_json(obj, path):

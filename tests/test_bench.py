@@ -156,3 +156,106 @@ def test_cut_cost_undoes_each_cut_and_restores_it(tmp_path):
     assert ("peft-lora-r8" in med) == HAVE_PEFT and rows[0]["vs_ours"]["ours"] == 1.0
     lines = report.cut_cost_section([str(path)])
     assert lines[0].startswith("### What the memory cuts cost") and any(x.startswith("| `lora-r8`") for x in lines)
+
+
+def test_g2r2_model_is_freed_without_a_gc_pass():
+    """bench/gpu_check.sh's rows must not inflate each other: after an exact-scoring G²R² step (the model's
+    forward pre-hook and the layers' capture sinks armed), dropping the model and the method frees the model by
+    reference counting alone (no model <-> method cycle left for a gc pass to find)."""
+    import gc
+    import weakref
+    import g2r2
+    model = models.build_tiny("tiny-llama")
+    method = g2r2.G2R2(r=4, total_steps=10, g2r2_warmup=5, g2r2_prune=2, batch_size=1, micro_batch_size=1)
+    method.attach(model, [])
+    ids = torch.randint(0, 260, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    method.after_backward(0)
+    method.after_step(0)
+    assert any(L.sink is not None for L in method.layers)  # the capture is armed for the next step
+    ref = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del model, method
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_gpu_check_runs_without_pytest(tmp_path):
+    """bench/gpu_check.sh on CPU, small shape, one row per mode, LoRA's 2-step train check, where `import pytest`
+    fails: every part runs and exits 0, the CUDA tests go through bench/plain_tests.py, and each part writes its
+    JSON (the GPU run takes the same path with more rows and methods; every method's resume is checked by
+    running bench/gpu_train_check.py, about 2 minutes on CPU)."""
+    import subprocess
+    fake = tmp_path / "nopytest"
+    fake.mkdir()
+    (fake / "pytest.py").write_text("raise ImportError('no pytest on this machine')\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(fake), PYTHON=sys.executable, OUT=str(out), MODEL="llama-h128-l2-v512",
+               SEQ="16", ROWS_CKPT="g2r2-refine", ROWS_PLAIN="lora-r8", TRAIN_METHODS="lora",
+               TRAIN_STEPS="2", OMP_NUM_THREADS="1")  # one thread: a shared CPU's cores are 20x slower oversubscribed
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads((out / "gpu-check-status.json").read_text())
+    assert [(p["part"], p["rc"]) for p in status["parts"]] == [
+        ("env", 0), ("tests", 0), ("train", 0), ("7b-ckpt", 0), ("7b-plain", 0)], status
+    assert "pytest ABSENT" in (out / "gpu-check.log").read_text()
+    tests = json.loads((out / "tests.json").read_text())
+    assert tests["counts"]["passed"] == 2 and tests["counts"]["failed"] == 0  # the CPU cases; CUDA ones skip
+    check = json.loads((out / "train-check.json").read_text())
+    lora, = check["methods"]
+    assert check["all_ok"] and lora["method"] == "lora" and lora["resume_exact"] and len(lora["losses"]) == 2
+    assert lora["dtypes"]["trainable"] == ["float32"] and lora["grad_ckpt"] and lora["dtype"] == "bf16"
+    for mode, rows in (("on", ["g2r2-refine"]), ("off", ["lora-r8"])):
+        res, = [json.loads(p.read_text()) for p in out.glob(f"main-*-ckpt-{mode}-*.json")]
+        assert [r["row"] for r in res["rows"]] == rows and not any("error" in r for r in res["rows"])
+    assert len(list(out.iterdir())) <= 8  # what comes back from the device
+
+
+def test_a_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch, tmp_path):
+    """efficiency.main: a row that raises, and one that runs past --row_timeout, each become a row with its error;
+    the rows after them still run, and the JSON holds all of them."""
+    import time
+    real = efficiency.run_row
+
+    def run_row(name, *a):
+        if name == "lora-r1":
+            raise KeyError("boom")
+        if name == "lora-r8-qkvud":
+            time.sleep(120)
+        return real(name, *a)
+    monkeypatch.setattr(efficiency, "run_row", run_row)
+    out = tmp_path / "r.json"
+    t0 = time.time()
+    res = efficiency.main(["--model", "tiny-llama", "--seq_len", "8", "--steps", "1", "--warmup_steps", "0",
+                           "--grad_ckpt", "off", "--rows", "lora-r1", "lora-r8-qkvud", "lora-r8",
+                           "--row_timeout", "10", "--out", str(out)])
+    assert time.time() - t0 < 100
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == res["rows"] and [r["row"] for r in rows] == ["lora-r1", "lora-r8-qkvud", "lora-r8"]
+    assert rows[0]["error"].startswith("KeyError: 'boom' at test_bench.py")
+    assert rows[1]["error"] == "RowTimeout: timed out after 10 s"
+    assert "error" not in rows[2] and rows[2]["step_time_median_s"] > 0
+
+
+def test_checkpointing_on_older_transformers():
+    """The GPU machine's transformers (5.17) has only gradient_checkpointing_enable; 5.23 names it
+    activation_checkpointing_enable. models.enable_checkpointing asks each for non-reentrant checkpointing."""
+    calls = []
+
+    class Old:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("gradient", gradient_checkpointing_kwargs))
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("activation", activation_checkpointing_kwargs))
+    models.enable_checkpointing(Old())
+    models.enable_checkpointing(New())
+    assert calls == [("gradient", {"use_reentrant": False}), ("activation", {"use_reentrant": False})]
+    model = models.build_tiny("tiny-llama")
+    models.enable_checkpointing(model)
+    assert model.is_gradient_checkpointing

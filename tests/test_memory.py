@@ -47,28 +47,39 @@ def test_counter_by_hand():
         assert c.live == 4000
 
 
-@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
-@pytest.mark.parametrize("row", ROWS)
-def test_count_matches_cpu_allocator(row, ckpt):
-    """Fake count vs real execution of the same row (same loop, bf16 autocast): (1) the counter on the real
-    tensors sees what it counts on fake ones, to 32 KiB; (2) the CPU allocator as the efficiency suite reads it
-    (torch.profiler memory events) on the step's peak above its start: the count is within −20 % / +3 % + 32 KiB.
-    What a dispatcher-level count cannot see is kernel scratch: MKL's int32 buffer inside bernoulli_ while a
-    dropout mask is drawn (the big gaps: LoRA / TASO with checkpointing, −7 % / −18 % at this shape), CPU
-    SDPA's backward buffers; and PiLoRA's data-chosen dominant rows (the fake count assumes half)."""
-    fake = memory.count_row(row, SHAPE, SEQ, 1, ckpt)
-    real = memory.count_row(row, SHAPE, SEQ, 1, ckpt, fake=False)
-    counted, measured = fake["peak_bytes"] - fake["start_bytes"], real["profiled_step_delta"]
-    if row != "pilora-s2":
-        assert abs(counted - (real["peak_bytes"] - real["start_bytes"])) <= 32 * 1024
-    assert -0.20 * measured - 32 * 1024 <= counted - measured <= 0.03 * measured + 32 * 1024, (counted, measured)
-    # the no-grad forward: exact
-    assert fake["model_bytes"] - fake["base_bytes"] == real["profiled_model_delta"]
+def check_against_real(fake, real, exact=True):
+    """What holds on any CPU (Intel, AMD, ARM; any thread count), for a row counted on fake tensors and run on
+    real ones: (1) the counter on the real tensors sees what it counts on fake ones, to 32 KiB (exact=False: a
+    row whose structure depends on values, PiLoRA's dominant rows, which the fake count assumes are half);
+    (2) the counter's step peak holds at least every tensor autograd saves for backward (outside checkpointed
+    layers; an independent count: saved_tensors_hooks on the real step); (3) it is at most what the CPU
+    allocator saw (torch.profiler's events) + 3 % + 32 KiB: the allocator also holds kernel scratch (MKL's int32
+    buffer in bernoulli_, oneDNN's convolution and SDPA workspaces), which differs per CPU and thread count, so
+    how far below the allocator the count falls is measured by `bench/memory.py --validate`, not bounded here
+    (on an AMD EPYC the allocator saw 2.0× the count of G²R²'s checkpointed ViT step; the old two-sided
+    bound, count ≥ allocator − 20 %, held on the Intel machines the suite ran on before)."""
+    counted, on_real, measured = (fake["peak_bytes"] - fake["start_bytes"], real["peak_bytes"] - real["start_bytes"],
+                                  real["profiled_step_delta"])
+    if exact:
+        assert abs(counted - on_real) <= 32 * 1024, (counted, on_real)
+        assert abs(fake["start_bytes"] - real["start_bytes"]) <= 1024  # a few scalars apart
+        assert fake["trainable_params"] == real["trainable_params"] > 0
+        assert fake["model_bytes"] == real["model_bytes"]  # the no-grad forward
+    assert on_real >= real["saved_bytes"] > 0, (on_real, real["saved_bytes"])
+    assert on_real <= 1.03 * measured + 32 * 1024, (on_real, measured)
+    assert real["model_bytes"] - real["base_bytes"] <= real["profiled_model_delta"]
     # what is alive between steps: parameters, buffers, AdamW state, batch (+ the method's own tensors)
     assert fake["start_bytes"] >= real["profiled_start_bytes"]
-    if row != "pilora-s2":  # the counter itself on real tensors sees the same (a few scalars apart)
-        assert abs(fake["start_bytes"] - real["start_bytes"]) <= 1024
-    assert fake["trainable_params"] == real["trainable_params"] or row == "pilora-s2"
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("row", ROWS)
+def test_count_matches_real_tensors(row, ckpt):
+    """The fake count of a LLaMA row against the same row run for real (same loop, bf16 autocast), by what holds
+    on any CPU (check_against_real); SDPA runs its fused CPU kernel, which keeps no T × T matrix."""
+    fake = memory.count_row(row, SHAPE, SEQ, 1, ckpt)
+    real = memory.count_row(row, SHAPE, SEQ, 1, ckpt, fake=False)
+    check_against_real(fake, real, exact=row != "pilora-s2")
     assert fake["attention"][0] == "_scaled_dot_product_flash_attention_for_cpu"  # no T × T matrix
 
 
@@ -214,7 +225,7 @@ def test_dropout_linear_inactive_in_eval():
 def lora_tiny(ckpt=False):
     model = models.build_tiny("tiny-llama")
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     common.LoRA(r=4, dropout=0.0).attach(model)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -281,20 +292,12 @@ def test_classification_shape_counts():
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("row", ["lora-r8", "spsft-r128-taylor", "g2r2-warmup", "pilora-s1-K1"])
 def test_image_model_count_matches_real(row, ckpt):
-    """ViT (train.py's image task: pixel_values, the model's own loss) counted as the LLaMA rows are: the fake
-    count equals the counter on real tensors, and the CPU allocator within the same bounds once the patch
-    convolution's oneDNN scratch is allowed for — a kernel workspace no dispatcher-level count sees, measured
-    here as the allocator's no-grad forward minus the counted one."""
+    """ViT (train.py's image task: pixel_values, the model's own loss) counted as the LLaMA rows are and checked
+    the same way (check_against_real); the patch convolution's oneDNN scratch is only on the allocator's side."""
     fake = memory.count_row(row, "tiny-vit", 0, 2, ckpt)
     real = memory.count_row(row, "tiny-vit", 0, 2, ckpt, fake=False)
     assert fake["seq_len"] == (32 // 8) ** 2 + 1  # patches + [CLS], from the image size
-    counted, measured = fake["peak_bytes"] - fake["start_bytes"], real["profiled_step_delta"]
-    assert abs(counted - (real["peak_bytes"] - real["start_bytes"])) <= 32 * 1024
-    scratch = real["profiled_model_delta"] - (fake["model_bytes"] - fake["base_bytes"])
-    assert 0 <= scratch <= 256 * 1024
-    assert -0.20 * measured - 32 * 1024 - scratch <= counted - measured <= 0.03 * measured + 32 * 1024
-    assert fake["trainable_params"] == real["trainable_params"] > 0
-    assert abs(fake["start_bytes"] - real["start_bytes"]) <= 1024
+    check_against_real(fake, real)
 
 
 def test_report_sets_the_count_beside_the_gpu(tmp_path):
