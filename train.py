@@ -161,6 +161,8 @@ def check_paths(args):
     if args.eval_commonsense and not os.path.exists(args.eval_commonsense):
         raise UserError(f"--eval_commonsense {args.eval_commonsense}: no such file or folder; pass a folder "
                         "of <task>/test.json files (LLM-Adapters' dataset/)")
+    if args.eval_commonsense:
+        evaluate.check_commonsense(args.eval_commonsense)  # a bad record fails now, not after the training
     if args.adapter and not os.path.isdir(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such folder; pass the --output_dir of a finished run")
 
