@@ -20,17 +20,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train  # noqa: E402
 
-BASE = ["--model", "tiny-llama", "--max_len", "256", "--batch_size", "2", "--micro_batch_size", "1",
+BASE = ["--model", "tiny-llama", "--max_len", "256", "--batch_size", "1", "--micro_batch_size", "1",
         "--max_samples", "8", "--eval_limit", "1", "--lr", "1e-3", "--dropout", "0.1", "--warmup", "1"]
 METHODS = {  # name -> (flags, the steps a signal may come after)
-    "lora": (["--max_steps", "4"], [1, 2, 3]),
-    "g2r2": (["--method", "g2r2", "--max_steps", "8", "--g2r2_warmup", "2", "--g2r2_prune", "3", "--g2r2_pf", "0.4"],
-             [3, 4]),                                           # mid-pruning: the resume prunes and refines
-    "pilora": (["--method", "pilora", "--max_steps", "6", "--pilora_phase", "3", "--pilora_interval", "1"],
-               [1, 2]),                                         # stage 1: the resume switches
-    "taso": (["--method", "taso", "--max_steps", "3", "--taso_calib_batches", "2"], [1, 2]),
+    "lora": (["--max_steps", "3"], [1, 2]),
+    "g2r2": (["--method", "g2r2", "--max_steps", "5", "--g2r2_warmup", "1", "--g2r2_prune", "2", "--g2r2_pf", "0.4"],
+             [2]),                                              # mid-pruning: the resume prunes and refines
+    "pilora": (["--method", "pilora", "--max_steps", "4", "--pilora_phase", "2", "--pilora_interval", "1"],
+               [1]),                                            # stage 1: the resume switches
+    "taso": (["--method", "taso", "--max_steps", "2", "--taso_calib_batches", "2"], [1]),
     "spsft": (["--method", "spsft", "--spsft_importance", "taylor", "--spsft_rows", "16",
-               "--spsft_calib_batches", "2", "--max_steps", "3"], [1, 2]),
+               "--spsft_calib_batches", "2", "--max_steps", "2"], [1]),
 }
 FULL = {}
 
@@ -90,11 +90,11 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(name, tmp_path, tmp
 
 
 def test_second_ctrl_c_during_the_write_keeps_the_previous_checkpoint(tmp_path, tmp_path_factory, monkeypatch, capsys):
-    """Ctrl-C twice while step 3's checkpoint is written: exit at once (130), ckpt.pt still holds step 2."""
+    """Ctrl-C twice while step 2's checkpoint is written: exit at once (130), ckpt.pt still holds step 1."""
     save = torch.save
 
     def interrupted_save(obj, f, *a, **kw):
-        if isinstance(obj, dict) and obj.get("step") == 3:
+        if isinstance(obj, dict) and obj.get("step") == 2:
             f.write(b"half a checkpoint")
             os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step and checkpoint
             os.kill(os.getpid(), signal.SIGINT)  # the second: now
@@ -103,8 +103,8 @@ def test_second_ctrl_c_during_the_write_keeps_the_previous_checkpoint(tmp_path, 
         m.setattr(torch, "save", interrupted_save)
         assert train.cli(argv("lora", tmp_path, "--save_every", "1")) == 128 + signal.SIGINT
     err = capsys.readouterr().err
-    assert f"stopped at once (SIGINT); {tmp_path}/ckpt.pt keeps step 2; continue with" in err, err
-    assert train.load_weights(tmp_path / "ckpt.pt", "")["step"] == 2 and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert f"stopped at once (SIGINT); {tmp_path}/ckpt.pt keeps step 1; continue with" in err, err
+    assert train.load_weights(tmp_path / "ckpt.pt", "")["step"] == 1 and not (tmp_path / "ckpt.pt.tmp").exists()
     assert train.cli(argv("lora", tmp_path, "--resume")) == 0
     same_run(tmp_path, full("lora", tmp_path_factory))
 
@@ -113,7 +113,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     save = torch.save
 
     def full_disk(obj, f, *a, **kw):
-        if isinstance(obj, dict) and obj.get("step") == 3:
+        if isinstance(obj, dict) and obj.get("step") == 2:
             f.write(b"the first bytes")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save(obj, f, *a, **kw)
@@ -122,7 +122,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == (f"error: could not write {tmp_path}/ckpt.pt (No space left on device); the previous one is "
                          "kept: free space (or fix the folder) and continue with the same command and --resume")
-    assert train.load_weights(tmp_path / "ckpt.pt", "")["step"] == 2 and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert train.load_weights(tmp_path / "ckpt.pt", "")["step"] == 1 and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
 def test_kill_9_during_checkpoint_writes(tmp_path, tmp_path_factory, monkeypatch):
@@ -136,7 +136,7 @@ def test_kill_9_during_checkpoint_writes(tmp_path, tmp_path_factory, monkeypatch
         if str(path).endswith("ckpt.pt"):
             written[obj["step"]] = torch.load(path, weights_only=True)  # a copy: the run goes on changing obj
     monkeypatch.setattr(train, "save_atomic", keep)
-    train.main(argv("lora", tmp_path / "src", "--save_every", "1", "--stop_after", "3"))
+    train.main(argv("lora", tmp_path / "src", "--save_every", "1", "--stop_after", "2"))
     monkeypatch.undo()
     ckpts = [written[s] for s in sorted(written)]
     out = tmp_path / "run"
@@ -190,7 +190,7 @@ def test_cuda_rng_in_checkpoint_and_a_gpu_checkpoint_opens_on_cpu(tmp_path, tmp_
     monkeypatch.setattr(train, "CUDA", cuda)
     train.main(argv("lora", tmp_path, "--save_every", "1", "--stop_after", "2"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["rng_ranks"][0]["cuda"][0].tolist() == [2, 42] and ckpt["rng"]["cuda"][0].tolist() == [2, 42]
+    assert ckpt["step"] == 2 and ckpt["rng_ranks"][0]["cuda"][0].tolist() == [2, 42] == ckpt["rng"]["cuda"][0].tolist()
     # the same checkpoint as a GPU run writes it: every storage tagged cuda:0
     monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
     torch.save(ckpt, tmp_path / "ckpt.pt")
@@ -212,7 +212,7 @@ def test_overwrite_refused_overwrite_and_resume_proceed(tmp_path, tmp_path_facto
     before = (tmp_path / "run" / "summary.json").read_bytes()
     assert train.cli(argv("taso", tmp_path / "run")) == 2
     err = capsys.readouterr().err
-    assert "holds another run (ckpt.pt, summary.json, adapter.safetensors: --method lora --model tiny-llama, step 4 " \
+    assert "holds another run (ckpt.pt, summary.json, adapter.safetensors: --method lora --model tiny-llama, step 3 " \
            "(finished), 20" in err and "pass --resume to continue it, --overwrite to replace it" in err, err
     assert (tmp_path / "run" / "summary.json").read_bytes() == before  # untouched
     assert train.cli(argv("lora", tmp_path / "run", "--resume")) == 0  # a finished run: evaluated and written again
@@ -236,8 +236,8 @@ def test_default_output_folders_are_unique(tmp_path, monkeypatch, capsys):
 
 
 def test_save_every_min_checkpoints_by_time(tmp_path):
-    out = train.main(argv("lora", tmp_path, "--save_every_min", "1e-9", "--stop_after", "2"))
-    assert out["stopped_at"] == 2 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    out = train.main(argv("lora", tmp_path, "--save_every_min", "1e-9", "--stop_after", "1"))
+    assert out["stopped_at"] == 1 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
 
 
 DRIVER = """import json, os, sys
@@ -262,7 +262,7 @@ def test_torchrun_ranks_draw_their_own_masks_and_resume_them(tmp_path):
     """2 gloo processes, dropout 0.1: rank 0's and rank 1's masks differ (each process used to seed --seed
     alike, so micro-batch 0 on rank 0 and micro-batch 1 on rank 1 shared masks); stopped at step 2 and
     resumed, each rank draws the masks and ends with the RNG state of the uninterrupted run."""
-    a = ["--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "4"]  # 2 micro-batches per rank
+    a = ["--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "4"]  # 1 micro-batch per rank and step
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     calls = [(str(full_dir), argv("lora", full_dir, *a)),
              (str(cut_dir), argv("lora", cut_dir, *a, "--save_every", "2", "--stop_after", "2")),
