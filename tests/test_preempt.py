@@ -109,6 +109,18 @@ def test_second_ctrl_c_during_the_write_keeps_the_previous_checkpoint(tmp_path, 
     same_run(tmp_path, full("lora", tmp_path_factory))
 
 
+def test_signal_before_training_stops_at_once(tmp_path, monkeypatch, capsys):
+    load = train.load_data
+
+    def interrupted(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*a, **kw)
+    monkeypatch.setattr(train, "load_data", interrupted)
+    assert train.cli(argv("lora", tmp_path)) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "stopped at once (SIGTERM); nothing was trained yet; run the command again"
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     save = torch.save
 
