@@ -15,8 +15,9 @@ ckpt.pt (atomic, for --resume), with --merge a merged save_pretrained model and,
 peft/ (adapter_config.json + adapter_model.safetensors: peft.PeftModel.from_pretrained loads it). Bad
 input (flags, files, models, checkpoints) stops with one line `error: <what is wrong>; <the fix>` and
 exit status 2. SIGTERM, Ctrl-C or SIGUSR1 end the current step, checkpoint and exit with 128 + the
-signal; a run never writes into a folder that holds another run (docs/run-safety.md). Under torchrun (WORLD_SIZE > 1) each process runs its share of every step's micro-batches
-in DistributedDataParallel; rank 0 evaluates and writes (README, Multi-GPU).
+signal; a run never writes into a folder that holds another run (docs/run-safety.md). Under torchrun
+(WORLD_SIZE > 1) each process runs its share of every step's micro-batches in DistributedDataParallel;
+rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
 import itertools
@@ -485,8 +486,11 @@ def output_folder(args, rank):
     d = args.output_dir
     if d is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        d = os.path.join("out", f"{args.method}-{os.path.basename(os.path.normpath(args.model))}-{stamp}")
-        d = next(f"{d}-{k}" if k else d for k in itertools.count() if not os.path.exists(f"{d}-{k}" if k else d))
+        d = base = os.path.join("out", f"{args.method}-{os.path.basename(os.path.normpath(args.model))}-{stamp}")
+        for k in itertools.count(1):  # two runs started in the same second
+            if not os.path.exists(d):
+                break
+            d = f"{base}-{k}"
         d = common.all_gather(d)[0]  # rank 0's name (the clocks may differ by a second)
         if rank == 0:
             print(f"output folder: {d}")
@@ -513,7 +517,7 @@ def output_folder(args, rank):
 
 
 def describe_run(d, found):
-    """"ckpt.pt, summary.json: --method lora --model tiny-llama, step 4, 2026-12-04 15:02" of the run in d."""
+    """What the run in d is: "ckpt.pt, summary.json: --method lora --model tiny-llama, step 4, 2026-12-04 15:02"."""
     info, date = {}, max(os.path.getmtime(os.path.join(d, f)) for f in found)
     try:
         if "summary.json" in found:
