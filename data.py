@@ -79,13 +79,29 @@ def read_records(path) -> list:
         raise UserError(f"instruction data must be a .json or .jsonl file, got {path}; convert it, or pass "
                         "--model with a classification model for csv / tsv tables")
     else:
-        return hub(path, split="train").to_list()
+        return check_records(hub(path, split="train").to_list(), path)
     if not records:
         raise UserError(f"{path} holds no records; give it at least one {{instruction, output}} record")
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise UserError(f"{path}: record {bad} is a JSON {type(records[bad]).__name__}, not an object; "
                         "each record must be {\"instruction\": ..., \"input\": ..., \"output\": ...}")
+    return check_records(records, path)
+
+
+def check_records(records, path):
+    """records, each with a string instruction and output (input: a string, null or absent), or a
+    UserError naming the record (its number in the file) and the field."""
+    for i, r in enumerate(records):
+        if "instruction" not in r or "output" not in r:
+            raise UserError(f"{path}: instruction data needs the columns instruction and output (input is "
+                            f"optional); found columns: {', '.join(map(str, r)) or 'none'} (record {i})")
+        bad = next((k for k in ("instruction", "input", "output")  # input may be null (no input)
+                    if not isinstance(r.get(k, ""), str) and not (k == "input" and r[k] is None)), None)
+        if bad:
+            kind = "null" if r[bad] is None else type(r[bad]).__name__
+            raise UserError(f"{path}: record {i}'s {bad} is not a string (a JSON {kind}); "
+                            "write every instruction, input and output as a JSON string")
     return records
 
 
@@ -129,10 +145,11 @@ def tokenize_instructions(records, tokenizer, max_len) -> list:
         if "instruction" not in r or "output" not in r:
             raise UserError("instruction data needs the columns instruction and output (input is "
                             f"optional); found columns: {', '.join(map(str, r)) or 'none'}")
-        bad = next((k for k in ("instruction", "input", "output")
-                    if r.get(k) is not None and not isinstance(r[k], str)), None)
+        bad = next((k for k in ("instruction", "input", "output")  # input may be null (no input)
+                    if not isinstance(r.get(k, ""), str) and not (k == "input" and r[k] is None)), None)
         if bad:
-            raise UserError(f"record {i}'s {bad} is not a string (a JSON {type(r[bad]).__name__}); "
+            kind = "null" if r[bad] is None else type(r[bad]).__name__
+            raise UserError(f"record {i}'s {bad} is not a string (a JSON {kind}); "
                             "write every instruction, input and output as a JSON string")
     prompts = tokenizer([prompt(r["instruction"], r.get("input") or "") for r in records])["input_ids"]
     responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]

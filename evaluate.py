@@ -299,6 +299,34 @@ def _commonsense_files(source):
     return found
 
 
+def commonsense_records(path):
+    """The records of an LLM-Adapters test file: a JSON list of {"instruction", "answer"} objects (strings;
+    "input" optional), or a UserError naming the record and field."""
+    from data import json_value
+    records = json_value(Path(path).read_text(encoding="utf-8"), path)
+    if not isinstance(records, list):
+        raise UserError(f"{path} holds a JSON {type(records).__name__}, not a list of records; "
+                        "write [{\"instruction\": ..., \"answer\": ...}, ...]")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise UserError(f"{path}: record {i} is a JSON {type(r).__name__}, not an object; "
+                            "each record must be {\"instruction\": ..., \"answer\": ...}")
+        bad = next((k for k in ("instruction", "answer") if not isinstance(r.get(k), str)), None)
+        bad = bad or ("input" if r.get("input") is not None and not isinstance(r["input"], str) else None)
+        if bad:
+            what = "is missing" if bad not in r else f"is not a string (a JSON {type(r[bad]).__name__})"
+            raise UserError(f"{path}: record {i}'s {bad} {what}; give every record an instruction and an "
+                            "answer as JSON strings")
+    return records
+
+
+def check_commonsense(source):
+    """Every test file of `source` read and checked before training (evaluation runs at the end)."""
+    for task, path in _commonsense_files(source):
+        _task_key(task)
+        commonsense_records(path)
+
+
 # -------------------------------------------------------------------------------- evaluations
 
 @torch.no_grad()
@@ -314,8 +342,8 @@ def evaluate_commonsense(model, tokenizer, source, mode="generate", batch_size=8
     out, n = {}, {}
     with _eval_mode(model):
         for task, path in files:
-            records = json_value(Path(path).read_text(), path)[:limit]
-            prompts = [prompt(r["instruction"], r.get("input", "")) for r in records]
+            records = commonsense_records(path)[:limit]
+            prompts = [prompt(r["instruction"], r.get("input") or "") for r in records]
             if mode == "generate":
                 texts = _generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, f"{task} (generate)")
                 preds = [extract_answer(task, t) for t in texts]

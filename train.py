@@ -14,8 +14,10 @@ state_dict, export. Outputs in --output_dir: summary.json, adapter.safetensors +
 ckpt.pt (atomic, for --resume), with --merge a merged save_pretrained model and, with --export peft,
 peft/ (adapter_config.json + adapter_model.safetensors: peft.PeftModel.from_pretrained loads it). Bad
 input (flags, files, models, checkpoints) stops with one line `error: <what is wrong>; <the fix>` and
-exit status 2. Under torchrun (WORLD_SIZE > 1) each process runs its share of every step's micro-batches
-in DistributedDataParallel; rank 0 evaluates and writes (README, Multi-GPU).
+exit status 2. SIGTERM, Ctrl-C or SIGUSR1 end the current step, checkpoint and exit with 128 + the
+signal; a run never writes into a folder that holds another run (docs/run-safety.md). Under torchrun
+(WORLD_SIZE > 1) each process runs its share of every step's micro-batches in DistributedDataParallel;
+rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
 import itertools
@@ -24,8 +26,10 @@ import math
 import os
 import pickle
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -93,8 +97,11 @@ def parse_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=16)
     p.add_argument("--num_beams", type=int, default=1,
                    help="beams for commonsense generation (1: greedy; LLM-Adapters' own script uses 4)")
-    p.add_argument("--output_dir", default="out/run")
+    p.add_argument("--output_dir", help="default: a new folder out/<method>-<model>-<date>-<time>")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--save_every_min", type=float, default=30.0,
+                   help="also checkpoint when this many minutes passed since the last one (0: off)")
     p.add_argument("--stop_after", type=int, help="stop after N steps as if killed (testing --resume)")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/ckpt.pt")
     p.add_argument("--merge", action="store_true", help="also save a merged model in <output_dir>/merged")
@@ -133,13 +140,19 @@ def check_args(args):
     for flag in ("max_steps", "max_samples", "eval_limit", "stop_after"):
         v = getattr(args, flag)
         need(v is None or v >= 1, f"--{flag} must be >= 1, got {v}", "pass a positive integer or leave it out")
-    for flag in ("eval_every", "save_every"):
+    for flag in ("eval_every", "save_every", "save_every_min"):
         need(getattr(args, flag) >= 0, f"--{flag} must be >= 0, got {getattr(args, flag)}", "0 turns it off")
     need(args.batch_size % args.micro_batch_size == 0,
          f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}",
          "make it one (accumulation runs batch_size / micro_batch_size micro-batches)")
     need(args.num_beams >= 1, f"--num_beams must be 1 (greedy) or more, got {args.num_beams}",
          "e.g. --num_beams 4")
+    need(math.isfinite(args.save_every_min), f"--save_every_min must be finite, got {args.save_every_min}",
+         "e.g. --save_every_min 30")
+    need(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other",
+         "--resume continues the run in --output_dir, --overwrite replaces it: pass one")
+    need(args.output_dir or not args.resume, "--resume needs --output_dir",
+         "pass the --output_dir of the run to continue")
     need(not (args.export and args.eval_only) or args.adapter, "--export with --eval_only has no adapter to export",
          "pass --adapter RUN_DIR (the run whose adapter to export)")
 
@@ -149,6 +162,8 @@ def check_paths(args):
     if args.eval_commonsense and not os.path.exists(args.eval_commonsense):
         raise UserError(f"--eval_commonsense {args.eval_commonsense}: no such file or folder; pass a folder "
                         "of <task>/test.json files (LLM-Adapters' dataset/)")
+    if args.eval_commonsense:
+        evaluate.check_commonsense(args.eval_commonsense)  # a bad record fails now, not after the training
     if args.adapter and not os.path.isdir(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such folder; pass the --output_dir of a finished run")
 
@@ -335,9 +350,24 @@ def _ce_sum(head, h, y):
 
 
 def save_atomic(obj, path):
+    """torch.save to path.tmp, flushed to disk, then renamed over path: a kill, a full disk or a second
+    Ctrl-C at any point leaves the previous file whole (the rename is atomic). A failed write removes
+    path.tmp; a full or failing disk is a UserError that names what the folder still holds."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous one is kept" if os.path.exists(path) else "there is no earlier one"
+            raise UserError(f"could not write {path} ({e.strerror or e}); {kept}: free space (or fix the "
+                            "folder) and continue with the same command and --resume") from None
+        raise
 
 
 def peak_memory(reset=False):
@@ -388,7 +418,7 @@ def load_weights(path, fix):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; {fix}")
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")  # the trainer moves what it loads
     except pickle.UnpicklingError:
         raise UserError(f"{path} is damaged or holds more than tensors and plain values (refused: loading "
                         f"it could run code); {fix}") from None
@@ -428,10 +458,130 @@ def load_trainable(model, tensors):
                         "data (number of labels) they were trained with") from None
 
 
+# ------------------------------------------------------------------------------- run safety
+
+RUN_FILES = ("ckpt.pt", "summary.json", "adapter.safetensors")  # what a run leaves in its --output_dir
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s)]
+CUDA = torch.cuda  # the CUDA generators checkpoints save (tests put a stub here on machines without CUDA)
+
+
+class Stopped(BaseException):
+    """A signal outside the training loop, or a second one inside it: stop at once (cli: 128 + signal)."""
+
+    def __init__(self, signum, where):
+        super().__init__(signum, where)
+        self.signum, self.where = signum, where
+
+
+@contextmanager
+def stop_signals():
+    """SIGTERM, SIGINT (Ctrl-C), SIGUSR1 (SLURM's --signal) while main runs; the previous handlers come
+    back when it returns. Yields {"signal", "loop", "where"}: inside the training loop ("loop" true) the
+    first signal only sets "signal" (the loop ends its step, checkpoints, returns); before or after the
+    loop, or a second signal, raises Stopped at once ("where" says what the folder holds)."""
+    stop = {"signal": None, "loop": False, "where": "nothing was trained yet; run the command again"}
+
+    def handler(signum, frame):
+        if stop["loop"] and stop["signal"] is None:
+            stop["signal"] = signum
+            return
+        raise Stopped(signum, stop["where"])
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def rng_state():
+    """Every generator dropout draws from: the CPU one and, once CUDA is in use, one per GPU."""
+    return {"cpu": torch.get_rng_state(), "cuda": CUDA.get_rng_state_all() if CUDA.is_initialized() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    for i, s in enumerate(state["cuda"][:CUDA.device_count()] if CUDA.is_initialized() else []):
+        CUDA.set_rng_state(s, i)
+
+
+def rank_seed(seed, rank):
+    """The dropout stream of process `rank` under torchrun, drawn after model, adapter and data are set
+    up alike on every process: rank 0 keeps the one-process stream, the others reseed."""
+    if rank > 0:
+        torch.manual_seed(seed + 1_000_003 * rank)
+
+
+def output_folder(args, rank):
+    """--output_dir made ready, or a new out/<method>-<model>-<date>-<time> (printed). A folder that holds
+    another run (RUN_FILES) is refused unless --resume continues it or --overwrite replaces it (its
+    files are removed, so a later --resume cannot pick up the old checkpoint)."""
+    d = args.output_dir
+    if d is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        d = base = os.path.join("out", f"{args.method}-{os.path.basename(os.path.normpath(args.model))}-{stamp}")
+        for k in itertools.count(1):  # two runs started in the same second
+            if not os.path.exists(d):
+                break
+            d = f"{base}-{k}"
+        d = common.all_gather(d)[0]  # rank 0's name (the clocks may differ by a second)
+        if rank == 0:
+            print(f"output folder: {d}")
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"--output_dir {d} is a file; pass a folder (it is made if missing)")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {d} cannot be made ({e.strerror or e}); pass a folder you can write to") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {d} is not writable; pass a folder you can write to")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    resumable = args.resume and "ckpt.pt" in found
+    if found and not resumable and not args.overwrite:
+        how = ("pass --resume to continue it, " if "ckpt.pt" in found and not args.eval_only else "") + \
+            "--overwrite to replace it, or another --output_dir"
+        what = "holds a finished run and no ckpt.pt to resume" if args.resume else "holds another run"
+        raise UserError(f"{d} {what} ({describe_run(d, found)}); {how}")
+    if found and args.overwrite and rank == 0:
+        for f in found + ["method_state.pt"]:
+            if os.path.exists(os.path.join(d, f)):
+                os.remove(os.path.join(d, f))
+    return d
+
+
+def describe_run(d, found):
+    """What the run in d is: "ckpt.pt, summary.json: --method lora --model tiny-llama, step 4, 2026-12-04 15:02"."""
+    info, date = {}, max(os.path.getmtime(os.path.join(d, f)) for f in found)
+    try:
+        if "summary.json" in found:
+            s = json.load(open(os.path.join(d, "summary.json")))
+            info = {"method": s.get("method"), "model": s.get("model"), "step": f"{s.get('steps')} (finished)"}
+        elif "ckpt.pt" in found:
+            c = torch.load(os.path.join(d, "ckpt.pt"), weights_only=True, mmap=True, map_location="cpu")
+            info = {"method": c["args"]["method"], "model": c["args"]["model"], "step": c["step"]}
+        else:
+            from safetensors import safe_open
+            with safe_open(os.path.join(d, "adapter.safetensors"), "pt") as f:
+                info = {**(f.metadata() or {}), "step": "?"}
+    except Exception:  # a damaged file still names the run; what it holds stays unknown
+        pass
+    run = f"--method {info.get('method', '?')} --model {info.get('model', '?')}, step {info.get('step', '?')}, "
+    return f"{', '.join(found)}: {run}{time.strftime('%Y-%m-%d %H:%M', time.localtime(date))}"
+
+
 # ------------------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """The run train.py's command line describes; a signal stops it as stop_signals says."""
     args = parse_args(argv)
+    with stop_signals() as stop:
+        return run(args, stop)
+
+
+def run(args, stop):
     check_paths(args)
     accum = args.batch_size // args.micro_batch_size
     rank, world = interop.init_distributed(args)  # torchrun: WORLD_SIZE > 1
@@ -439,7 +589,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    os.makedirs(args.output_dir, exist_ok=True)
+    args.output_dir = output_folder(args, rank)
     ckpt_path = os.path.join(args.output_dir, "ckpt.pt")
 
     # data first: a classification head needs the number of labels
@@ -497,6 +647,7 @@ def main(argv=None):
             method.attach(model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
     to_fp32(model)
+    rank_seed(args.seed, rank)  # model, adapters and data order are set up alike; dropout differs per process
     trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(model)[0]
     opt = build_optimizer(model, method, args)
     start, losses, step_times, stage_times = 0, [], [], {}
@@ -505,22 +656,30 @@ def main(argv=None):
         load_trainable(model, ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])
         start, losses, stage_times = ckpt["step"], ckpt["losses"], ckpt["stage_times"]
-        rngs = ckpt.get("rng_ranks", [])
-        torch.set_rng_state(rngs[rank] if len(rngs) == world else ckpt["rng"])
+        rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        rngs = [r if isinstance(r, dict) else {"cpu": r, "cuda": []} for r in rngs]  # older checkpoints: CPU only
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+        else:  # more processes than the checkpoint's run had: a new stream for this one
+            torch.manual_seed(args.seed + 1_000_003 * rank + start)
     else:
         stage_times["attach"] = attach_time
 
     def checkpoint(step):
-        rngs = common.all_gather(torch.get_rng_state())  # every process's dropout stream
+        rngs = common.all_gather(rng_state())  # every process's dropout streams (CPU, each GPU)
         if rank == 0:
             save_atomic({"step": step, "trainable": common.trainable_state_dict(model), "optimizer": opt.state_dict(),
                          "method": method.state_dict(), "losses": losses, "stage_times": stage_times,
-                         "rng": torch.get_rng_state(), "rng_ranks": rngs, "metrics_before": metrics["before"],
+                         "rng": rngs[0], "rng_ranks": rngs, "metrics_before": metrics["before"],
                          "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
+        stop["where"] = f"{ckpt_path} keeps step {step}; continue with the same command and --resume"
 
     net = wrap(model, method)
     peak_memory(reset=True)
     bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, disable=rank > 0)
+    stop["where"] = (f"{ckpt_path} keeps step {saved}; continue with the same command and --resume" if saved
+                     else "no checkpoint was written yet; run the command again")
+    stop["loop"], last_save = True, time.time()  # a signal now ends the step and checkpoints
     for step in bar:
         t = time.time()
         lr = get_lr(step - method.schedule_start, total - method.schedule_start, args)
@@ -567,12 +726,22 @@ def main(argv=None):
                 metrics.setdefault("during", []).append({"step": done, **m})
                 tqdm.write(f"step {done}: {json.dumps(m)}")
             model.train()
-        if (args.save_every and done % args.save_every == 0) or done == total:
+        due = bool(args.save_every_min) and time.time() - last_save >= 60 * args.save_every_min
+        flags = common.all_reduce(torch.tensor([int(stop["signal"] is not None), int(due)]))  # alike on every rank
+        if (args.save_every and done % args.save_every == 0) or done == total or flags.any():
             checkpoint(done)
-            saved = done
+            saved, last_save = done, time.time()
+        if flags[0]:  # a signal (on any process): every process stops after this step
+            bar.close()
+            signum = stop["signal"] or signal.SIGTERM
+            if rank == 0:
+                tqdm.write(f"stopped at step {done} of {total} ({signal.Signals(signum).name}); continue with "
+                           "the same command and --resume", file=sys.stderr)
+            return {"stopped_at": done, "losses": losses, "signal": int(signum)}
         if args.stop_after and done >= args.stop_after and done < total:
             bar.close()
             return {"stopped_at": done, "losses": losses}
+    stop["loop"] = False  # from here a signal stops at once: the last step's checkpoint is written
     bar.close()
     peak = peak_memory()
 
@@ -630,13 +799,17 @@ def write_json(obj, path):
 
 def cli(argv=None):
     """main() for the command line: a UserError becomes one line on stderr and exit status 2
-    (main() called from Python raises it); any other exception is a bug and keeps its traceback."""
+    (main() called from Python raises it); any other exception is a bug and keeps its traceback.
+    A run stopped by a signal exits with 128 + the signal (143 SIGTERM, 130 Ctrl-C, 138 SIGUSR1)."""
     try:
-        main(argv)
+        out = main(argv)
     except UserError as e:
         tqdm.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # on a line of its own under a bar
         return 2
-    return 0
+    except Stopped as e:
+        tqdm.write(f"stopped at once ({signal.Signals(e.signum).name}); {e.where}", file=sys.stderr)
+        return 128 + e.signum
+    return 128 + out["signal"] if isinstance(out, dict) and "signal" in out else 0
 
 
 if __name__ == "__main__":

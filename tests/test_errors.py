@@ -70,6 +70,8 @@ def spoil(src, dst, how):
         (dst / "adapter.safetensors").write_bytes(b[:len(b) // 2])
     elif how == "no_adapter":
         (dst / "adapter.safetensors").unlink()
+    elif how == "no_ckpt":
+        (dst / "ckpt.pt").unlink()
     elif how == "not_a_ckpt":
         torch.save({"weights": torch.ones(2)}, dst / "ckpt.pt")
     return str(dst)
@@ -190,6 +192,44 @@ CASES = [
      "has no adapter.safetensors"),
     ("truncated adapter", lambda t, r: ["--eval_only", "--adapter", spoil(r, t / "o", "truncate_adapter")],
      "adapter.safetensors is damaged or truncated"),
+    # issue 24: the last tracebacks, and more of their kind
+    ("output null", lambda t, r: ["--data", write(t / "n.json", json.dumps(records(3) + [{"instruction": "a", "output": None}]))],
+     "record 3's output is not a string (a JSON null)"),
+    ("instruction null jsonl", lambda t, r: ["--data", write(t / "n.jsonl", "\n".join(json.dumps(x) for x in records(2)
+                                                                                 + [{"instruction": None, "output": "b"}]))],
+     "record 2's instruction is not a string (a JSON null)"),
+    ("input a list", lambda t, r: ["--data", write(t / "i.json", json.dumps(records(2) + [{"instruction": "a", "input": [1],
+                                                                                         "output": "b"}]))],
+     "record 2's input is not a string (a JSON list)"),
+    ("output_dir is a file", lambda t, r: ["--output_dir", write(t / "file", "x")], "file is a file; pass a folder"),
+    ("output_dir under a file", lambda t, r: ["--output_dir", os.path.join(write(t / "f2", "x"), "run")],
+     "f2/run cannot be made (Not a directory); pass a folder you can write to"),
+    ("commonsense records not objects", lambda t, r: ["--eval_commonsense", write(t / "cs" / "boolq" / "test.json", "[1, 2]")],
+     "boolq/test.json: record 0 is a JSON int, not an object"),
+    ("commonsense not a list", lambda t, r: ["--eval_commonsense", write(t / "cs" / "piqa" / "test.json", '{"a": 1}')],
+     "piqa/test.json holds a JSON dict, not a list of records"),
+    ("commonsense answer missing", lambda t, r: ["--eval_commonsense", write(
+        t / "cs" / "boolq.json", json.dumps([{"instruction": "q", "answer": "true"}, {"instruction": "q"}]))],
+     "boolq.json: record 1's answer is missing"),
+    ("commonsense answer not text", lambda t, r: ["--eval_commonsense", write(
+        t / "cs" / "boolq.json", json.dumps([{"instruction": "q", "answer": True}]))],
+     "record 0's answer is not a string (a JSON bool)"),
+    ("commonsense bad json", lambda t, r: ["--eval_commonsense", write(t / "cs" / "boolq" / "test.json", '[{"a": ')],
+     "boolq/test.json is not valid JSON at line 1"),
+    ("run folder not empty", lambda t, r: ["--output_dir", spoil(r, t / "o", "")],
+     "holds another run (ckpt.pt, summary.json, adapter.safetensors: --method lora --model tiny-llama, step 2 "
+     "(finished), 20"),
+    ("eval into a run folder", lambda t, r: ["--eval_only", "--output_dir", spoil(r, t / "o", "")],
+     "holds another run (ckpt.pt, summary.json, adapter.safetensors: --method lora"),
+    ("finished run without ckpt", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "no_ckpt")],
+     "holds a finished run and no ckpt.pt to resume (summary.json, adapter.safetensors: --method lora --model "
+     "tiny-llama, step 2 (finished)"),
+    ("resume and overwrite", lambda t, r: ["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    ("resume with another rank", lambda t, r: ["--resume", "--r", "4", "--output_dir", spoil(r, t / "o", "")],
+     "saved tensors do not fit this model"),
+    ("resume with fewer targets", lambda t, r: ["--resume", "--targets", "q_proj", "--output_dir", spoil(r, t / "o", "")],
+     "saved tensors are not in this model"),
+    ("save_every_min < 0", lambda t, r: ["--save_every_min", "-1"], "--save_every_min must be >= 0"),
 ]
 
 
@@ -201,7 +241,11 @@ def test_bad_input_exits_2_with_one_line(name, make, phrase, tmp_path, done, cap
 
 
 def test_battery_size():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 25 + 17
+
+
+def test_resume_needs_output_dir(capsys):
+    assert "--resume needs --output_dir" in cli(capsys, TINY + ["--resume"])
 
 
 @pytest.mark.parametrize("argv, phrase", [
@@ -293,8 +337,9 @@ def test_crafted_pickle_is_refused(done, tmp_path, capsys, file):
     state = torch.load(run / file, weights_only=True)
     state["extra"] = Evil(str(marker))
     torch.save(state, run / file)
-    argv = (["--eval_only", "--adapter", str(run)] if file == "method_state.pt" else ["--resume"])
-    line = cli(capsys, TINY + ["--max_steps", "2", "--output_dir", str(run), *argv])
+    argv = (["--eval_only", "--adapter", str(run), "--output_dir", str(tmp_path / "eval")] if file == "method_state.pt"
+            else ["--resume", "--output_dir", str(run)])
+    line = cli(capsys, TINY + ["--max_steps", "2", *argv])
     assert f"{file} is damaged or holds more than tensors and plain values (refused" in line, line
     assert not marker.exists()  # nothing in the file ran
     torch.load(run / file, weights_only=False)  # the same file run without weights_only does run it
