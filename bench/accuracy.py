@@ -407,16 +407,19 @@ def lr_centre(args, name):
     return args.lr * LR_RATIO.get(name.split("-")[0], 1.0)
 
 
-def select_lr(args, task, fill, run, log):
+def select_lr(args, task, fill, run, log, out=None):
     """{row: {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed"} or {"tied_to", "chosen"}}:
     every row not in LR_TIED trains once per grid factor on carve(); the best held-out primary metric wins
-    (the first of equals). A tied row whose partner is not in the sweep keeps its own centre."""
+    (the first of equals). A tied row whose partner is not in the sweep keeps its own centre. `out` is
+    filled as the grid runs (an interrupted sweep's JSON shows the part that finished)."""
     base = base_argv(args)
-    out = {}
+    out = {} if out is None else out
     for name in args.rows:
         if name in LR_TIED and LR_TIED[name] in args.rows:
             continue
         grid = []
+        out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac,
+                     "seed": args.select_seed}
         for f in args.lr_grid:
             lr = float(lr_str(lr_centre(args, name) * f))
             res, _ = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
@@ -425,8 +428,7 @@ def select_lr(args, task, fill, run, log):
             log(f"  lr grid {name} lr {lr_str(lr)}: held-out {primary_metric(after)} {grid[-1][1]}")
         scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
         chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
-        out[name] = {"grid": grid, "chosen": chosen, "metric": primary_metric(after), "val_frac": args.val_frac,
-                     "seed": args.select_seed}
+        out[name].update(chosen=chosen, metric=primary_metric(after))
     for name in args.rows:
         if name not in out:
             out[name] = {"tied_to": LR_TIED[name], "chosen": out[LR_TIED[name]]["chosen"]}
@@ -454,6 +456,7 @@ def main(argv=None):
     out = {"command": "python bench/accuracy.py " + shlex.join(argv_shown), "model": args.model,
            "data": args.data, "task": task, "seeds": args.seeds, "reference": REFERENCE,
            "primary_metric": None, "base_argv": base_argv(args), "fills": fill, "lr_grid": args.lr_grid,
+           "rows_planned": args.rows,
            "trivial": {}, "rows": rows, "cache": cache}
 
     def write(final=False):
@@ -480,7 +483,8 @@ def main(argv=None):
         return res, cached
 
     if args.lr_grid:
-        out["lr_select"] = select_lr(args, task, fill, run, print)
+        out["lr_select"] = {}
+        select_lr(args, task, fill, run, print, out["lr_select"])
         base = base_argv(args)
         runs = [(name, seed, run_argv(base, name, fill, out["lr_select"][name]["chosen"], seed))
                 for seed in args.seeds for name in args.rows]
