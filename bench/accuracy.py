@@ -7,12 +7,15 @@
         --eval_mode loglik --eval_limit 100
     python bench/report.py                      # bench/results/accuracy-*.json -> RESULTS.md (+ charts)
 
-Every run goes through train.main with the same data order (--seed), steps, shared learning rate and
-evaluation; flags this script does not know pass through to every row (e.g. --eval_limit, --max_len).
+    bash bench/accuracy_sweep.sh                # issue 25: full training sets, each row at its own learning rate
+
+Every run goes through train.main with the same data order (--seed), steps and evaluation; flags this
+script does not know pass through to every row (e.g. --eval_limit, --max_len).
 A row = a method and its own settings from its paper (ROWS below; the readings are in RESULTS.md):
 
 - shared by every row: --r 8 --alpha 16 --dropout 0.05 (G²R² Table 10 / PiLoRA Table 6: rank 8,
-  dropout 0.05; α = 16 is PiLoRA's and is kept fixed when r changes, as LoRA's authors do), --lr,
+  dropout 0.05; α = 16 is PiLoRA's and is kept fixed when r changes, as LoRA's authors do), --lr (or each
+  row's own, --lr_grid),
   linear schedule with 6 % warmup, AdamW, batch 8, no weight decay.
 - G²R²: weight decay 0.01 for NLU, 0.05 for commonsense (000 §4 Implementation details); T_w = T_p =
   10 % of the steps (Table 10: 3 + 3 of SST-2's 30 epochs); p_f 0.2 and 0.7 (the paper's NLU settings).
@@ -20,8 +23,8 @@ A row = a method and its own settings from its paper (ROWS below; the readings a
   epoch before stage 2's own epochs (App. A.4 and Alg. 1; pilora.py's default).
 - TASO: r 8 at density 1/8, the rank-1 LoRA budget (taso-notes §3; the method's defaults).
 - SPSFT: --spsft_rows chosen so its trainable parameters match lora-r8 (rows = round(r · Σ(d_in + d_out)
-  / Σ d_in) over the adapted matrices: Σ rows·d_in ≈ Σ 8·(d_in + d_out)); its learning rate is the
-  shared one × 0.2, the paper's ratio (004 §4.3: LoRA 1e-4, SPSFT 2e-5 on Llama) and weight decay 0.01
+  / Σ d_in) over the adapted matrices: Σ rows·d_in ≈ Σ 8·(d_in + d_out)); its learning rate (centre) is
+  --lr × 0.2, the paper's ratio (004 §4.3: LoRA 1e-4, SPSFT 2e-5 on Llama) and weight decay 0.01
   ("decay rate 0.01", read as AdamW's); importance ℓ2 for causal LMs (§4.3), Taylor otherwise (Table 5).
 - Ablations from the papers: g2r2-random (Table 5's random module choice), pilora-random (Table 4),
   taso-random (uniform importance).

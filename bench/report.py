@@ -403,7 +403,9 @@ def lr_table(run):
 def progress(run):
     """'k of n planned runs finished' and the CPU hours the rest needs at the finished runs' mean pace."""
     grid = run.get("lr_grid") or []
-    own = [n for n in run["rows"] if not (run.get("lr_select", {}).get(n, {}).get("tied_to"))] if grid else []
+    import accuracy
+    tied = accuracy.LR_TIED
+    own = [n for n in run["rows"] if not (n in tied and tied[n] in run["rows"])] if grid else []
     planned = len(run["rows"]) * len(run["seeds"]) + len(grid) * len(own)
     walls = [r.get("wall_s") for r in run.get("cache", {}).values() if r.get("wall_s")]
     done = sum(len(r["runs"]) for r in run["rows"].values()) + \
