@@ -3,8 +3,11 @@
 # holds, so rerunning this script (here or on another machine, after `git pull`) continues it.
 #   nohup nice -n 19 bash bench/accuracy_sweep.sh > out/accuracy_sweep.log 2>&1 &
 # COMMIT=1 commits the JSONs after every stage (the branch's worktree; only those files).
+# THREADS (default 1): torch's threads per run. On a shared, busy CPU one thread is ~10-40x faster per step
+# than two (two threads wait on each other whenever one is descheduled); on an idle machine use its cores.
 set -u
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
 GLUE=${GLUE:-../shared/data/glue}
 MAIN="lora-r1 lora-r8 g2r2-pf0.7 pilora taso spsft"
 ABL="g2r2-pf0.2 g2r2-random pilora-random taso-random"
