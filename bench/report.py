@@ -475,7 +475,9 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
         budget_txt = ("full training set" if "--max_samples" not in run["base_argv"] else
                       f"first {int(run['base_argv'][run['base_argv'].index('--max_samples') + 1]):,} examples")
         ep = run["base_argv"][run["base_argv"].index("--epochs") + 1] if "--epochs" in run["base_argv"] else "?"
-        lines += [f"## {run['model']} · {task} · {budget_txt}, {float(ep):g} epochs", "", "```bash", run["command"], "```", "",
+        ba = run["base_argv"]
+        length = f"{ba[ba.index('--max_steps') + 1]} steps" if "--max_steps" in ba else f"{float(ep):g} epochs"
+        lines += [f"## {run['model']} · {task} · {budget_txt}, {length}", "", "```bash", run["command"], "```", "",
                   f"Seeds {' '.join(map(str, run['seeds']))}; train.py flags shared by every row: "
                   f"`{' '.join(run['base_argv'])}`; per-row fills {json.dumps(run['fills'])}. "
                   f"Measured {run['date']} on {m['device']} ({m['cpu_count']} cores, torch "
