@@ -328,6 +328,9 @@ def budget_line(run):
              f"constant predictor {b['constant']:.3f}" if b["constant"] is not None else None]
     trivial = " / ".join(p for p in parts if p)
     got = f"`{run['reference']}` {b['reference']:.3f} vs the better trivial predictor {b['trivial']:.3f} ({trivial})"
+    if b.get("from_check"):
+        got += " — from its budget-check runs (" + ", ".join(f"lr {c['lr']:.3g} seed {c['seed']}"
+                                                            for c in run["budget_check"]) + "), its row is pending"
     if b["ok"]:
         return f"Budget rule **passed**: {got}, margin {b['margin']:+.2f} {b['metric']} required."
     return (f"**Budget too small to rank the methods**: {got}; the rule needs {b['margin']:+.2f} {b['metric']} "
