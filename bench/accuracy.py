@@ -414,7 +414,7 @@ def lr_centre(args, name):
     return args.lr * LR_RATIO.get(name.split("-")[0], 1.0)
 
 
-def select_lr(args, task, fill, run, log, out=None):
+def select_lr(args, task, fill, run, log, out=None, after_run=lambda cached: None):
     """{row: {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed"} or {"tied_to", "chosen"}}:
     every row not in LR_TIED trains once per grid factor on carve(); the best held-out primary metric wins
     (the first of equals). A tied row whose partner is not in the sweep keeps its own centre. `out` is
@@ -429,9 +429,10 @@ def select_lr(args, task, fill, run, log, out=None):
                      "seed": args.select_seed}
         for f in args.lr_grid:
             lr = float(lr_str(lr_centre(args, name) * f))
-            res, _ = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
+            res, cached = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
             after = flat(res["metrics"].get("after", {}))
             grid.append([lr, after.get(primary_metric(after))])
+            after_run(cached)
             log(f"  lr grid {name} lr {lr_str(lr)}: held-out {primary_metric(after)} {grid[-1][1]}")
         scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
         chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
@@ -486,8 +487,6 @@ def main(argv=None):
         res, cached = run_one(argv_run, args.runs_dir, args.save_every, cache)
         done["ran"] += not cached
         done["n"] += 1
-        if not cached:
-            write()  # the committed cache keeps every finished run, however the sweep ends
         after = flat(res["metrics"].get("after", {}))
         pm = primary_metric(after)
         print(f"[{done['n']}] {name} seed {seed} lr {argv_run[argv_run.index('--lr') + 1]}"
@@ -497,13 +496,16 @@ def main(argv=None):
 
     if args.lr_grid:
         out["lr_select"] = {}
-        select_lr(args, task, fill, run, print, out["lr_select"])
+        # the JSON (its cache, committed) is rewritten after every finished run, however the sweep ends
+        select_lr(args, task, fill, run, print, out["lr_select"], lambda cached: cached or write())
         base = base_argv(args)
         runs = [(name, seed, run_argv(base, name, fill, out["lr_select"][name]["chosen"], seed))
                 for seed in args.seeds for name in args.rows]
     for name, seed, argv_run in runs:
         res, cached = run(name, seed, argv_run)
         rows[name]["runs"].append(res | {"seed": seed, "cached": cached})
+        if not cached:
+            write()
     write(final=True)
     print(f"wrote {path}; budget rule: {out['budget']}")
     return out
