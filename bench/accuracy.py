@@ -7,12 +7,15 @@
         --eval_mode loglik --eval_limit 100
     python bench/report.py                      # bench/results/accuracy-*.json -> RESULTS.md (+ charts)
 
-Every run goes through train.main with the same data order (--seed), steps, shared learning rate and
-evaluation; flags this script does not know pass through to every row (e.g. --eval_limit, --max_len).
+    bash bench/accuracy_sweep.sh                # issue 25: full training sets, each row at its own learning rate
+
+Every run goes through train.main with the same data order (--seed), steps and evaluation; flags this
+script does not know pass through to every row (e.g. --eval_limit, --max_len).
 A row = a method and its own settings from its paper (ROWS below; the readings are in RESULTS.md):
 
 - shared by every row: --r 8 --alpha 16 --dropout 0.05 (G²R² Table 10 / PiLoRA Table 6: rank 8,
-  dropout 0.05; α = 16 is PiLoRA's and is kept fixed when r changes, as LoRA's authors do), --lr,
+  dropout 0.05; α = 16 is PiLoRA's and is kept fixed when r changes, as LoRA's authors do), --lr (or each
+  row's own, --lr_grid),
   linear schedule with 6 % warmup, AdamW, batch 8, no weight decay.
 - G²R²: weight decay 0.01 for NLU, 0.05 for commonsense (000 §4 Implementation details); T_w = T_p =
   10 % of the steps (Table 10: 3 + 3 of SST-2's 30 epochs); p_f 0.2 and 0.7 (the paper's NLU settings).
@@ -20,23 +23,40 @@ A row = a method and its own settings from its paper (ROWS below; the readings a
   epoch before stage 2's own epochs (App. A.4 and Alg. 1; pilora.py's default).
 - TASO: r 8 at density 1/8, the rank-1 LoRA budget (taso-notes §3; the method's defaults).
 - SPSFT: --spsft_rows chosen so its trainable parameters match lora-r8 (rows = round(r · Σ(d_in + d_out)
-  / Σ d_in) over the adapted matrices: Σ rows·d_in ≈ Σ 8·(d_in + d_out)); its learning rate is the
-  shared one × 0.2, the paper's ratio (004 §4.3: LoRA 1e-4, SPSFT 2e-5 on Llama) and weight decay 0.01
+  / Σ d_in) over the adapted matrices: Σ rows·d_in ≈ Σ 8·(d_in + d_out)); its learning rate (centre) is
+  --lr × 0.2, the paper's ratio (004 §4.3: LoRA 1e-4, SPSFT 2e-5 on Llama) and weight decay 0.01
   ("decay rate 0.01", read as AdamW's); importance ℓ2 for causal LMs (§4.3), Taylor otherwise (Table 5).
 - Ablations from the papers: g2r2-random (Table 5's random module choice), pilora-random (Table 4),
   taso-random (uniform importance).
 
-Runs are cached under --runs_dir by their full train.py argument list: a finished run (result.json)
-is skipped, an unfinished one resumes from its checkpoint (--resume, bit-exact). The JSON in
-bench/results/ holds the command, versions, machine, every run's summary fields and per-row mean ± std;
-a row's difference to lora-r8 smaller than the larger of the two stds is a tie, not a win.
+Each row at its own learning rate (issue 25): --lr_grid 0.3 1 3 first trains every row once (seed
+--select_seed) at lr_row × each factor on the training set minus a held-out --val_frac of it (carve(): a
+fixed shuffle of train.tsv, dev.tsv is never opened), picks the factor with the best primary metric on that
+held-out part, then trains every seed at it and reports the dev set. lr_row is --lr, SPSFT's --lr × 0.2.
+Rows whose paper ties their learning rate to another row's take that row's choice (LR_TIED: TASO runs
+at LoRA r = 8's learning rate and scales it by ρ^(-1/2) itself, taso.py T7; ablations at their method's).
+
+The budget rule (budget_rule): a table ranks the methods only if the reference beats the better of the
+`trivial` predictors, the untuned model (the "before" evaluation) and a constant one (the training set's
+majority class; a constant has Matthews 0 and no Pearson correlation, counted as 0), by MARGIN of its
+primary metric: 10 accuracy points, Matthews +0.2, Pearson +0.3. Otherwise bench/report.py prints "budget
+too small to rank the methods" instead of verdicts.
+
+Runs are cached twice, by their train.py argument list: in the output JSON ("cache", committed with it, so
+a sweep continued on another machine skips what any earlier sitting finished; the JSON is rewritten after
+every finished run) and under --runs_dir (result.json skipped; an unfinished run resumes from its
+checkpoint, --resume, bit-exact). The JSON in bench/results/ holds the command, versions, machine, every
+run's summary fields and per-row mean ± std; a row's difference to lora-r8 smaller than the larger of the
+two stds is a tie, not a win.
 """
 import argparse
+import collections
 import datetime
 import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import statistics
@@ -57,16 +77,22 @@ ROWS = {
     "pilora": ["--method", "pilora"],
     "taso": ["--method", "taso"],
     "spsft": ["--method", "spsft", "--spsft_rows", "{rows}", "--spsft_importance", "{spsft_imp}",
-              "--lr", "{lr_spsft}", "--weight_decay", "0.01"],
+              "--weight_decay", "0.01"],
     "g2r2-random": ["--method", "g2r2", "--g2r2_pf", "0.2", "--g2r2_score", "random", "--weight_decay", "{wd_g2r2}"],
     "pilora-random": ["--method", "pilora", "--pilora_partition", "random"],
     "taso-random": ["--method", "taso", "--taso_metric", "random"],
 }
+LR_RATIO = {"spsft": SPSFT_LR_RATIO}  # a row's learning rate centre: --lr × this (1 when absent)
+# rows that take another row's chosen learning rate instead of a grid of their own (see the docstring)
+LR_TIED = {"taso": "lora-r8", "taso-random": "lora-r8", "g2r2-random": "g2r2-pf0.2", "pilora-random": "pilora"}
+MAIN_ROWS = ["lora-r1", "lora-r8", "g2r2-pf0.7", "pilora", "taso", "spsft"]
 ALIASES = {"g2r2": "g2r2-pf0.2"}  # --rows g2r2 means the paper's main setting
 # the metric a row is judged on, first present wins (all higher-is-better)
 PRIMARY = ["commonsense_loglik.average", "commonsense_generate.average", "matthews", "pearson", "accuracy",
            "exact_match"]
 LOWER_IS_BETTER = {"eval_loss"}
+# the budget rule: the reference must beat the best trivial predictor by this much (metric's last part)
+MARGIN = {"accuracy": 0.10, "average": 0.10, "exact_match": 0.10, "matthews": 0.20, "pearson": 0.30}
 
 
 def parse_args(argv=None):
@@ -75,7 +101,11 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="anything train.py --data accepts")
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"subset of: {', '.join(ROWS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--lr", type=float, default=1e-3, help="shared learning rate (SPSFT gets × 0.2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (SPSFT gets × 0.2); the grid's centre")
+    p.add_argument("--lr_grid", nargs="*", type=float, default=[], help="factors of each row's learning rate to "
+                   "choose from on a held-out part of the training set, e.g. 0.3 1 3 (none: no choice)")
+    p.add_argument("--val_frac", type=float, default=0.1, help="share of the training set held out for --lr_grid")
+    p.add_argument("--select_seed", type=int, default=0, help="the seed of the --lr_grid runs")
     p.add_argument("--max_samples", type=int, default=1000, help="training examples (0: all)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--save_every", type=int, default=50, help="checkpoint interval of every run (resume)")
@@ -88,6 +118,8 @@ def parse_args(argv=None):
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     if REFERENCE not in args.rows:
         print(f"note: {REFERENCE} is not among --rows; ratios and ties need it and are left empty")
+    if any(f <= 0 for f in args.lr_grid) or not 0 < args.val_frac < 1:
+        p.error("--lr_grid factors must be > 0 and --val_frac in (0, 1)")
     args.passthrough = passthrough
     return args
 
@@ -124,14 +156,103 @@ def row_argv(name, fill):
 def sweep_fill(args, task, shapes):
     causal = task == "causal"
     return {"wd_g2r2": 0.05 if causal else 0.01, "rows": spsft_rows(shapes),
-            "lr_spsft": f"{args.lr * SPSFT_LR_RATIO:.3g}", "spsft_imp": "l2" if causal else "taylor"}
+            "lr_spsft": lr_str(args.lr * SPSFT_LR_RATIO), "spsft_imp": "l2" if causal else "taylor"}
+
+
+def lr_str(lr):
+    return f"{lr:.3g}"
 
 
 def base_argv(args):
-    out = ["--model", args.model, "--data", args.data, "--lr", str(args.lr), "--epochs", str(args.epochs)]
+    out = ["--model", args.model, "--data", args.data, "--epochs", str(args.epochs)]
     if args.max_samples:
         out += ["--max_samples", str(args.max_samples)]
     return out + args.passthrough
+
+
+def run_argv(base, name, fill, lr, seed, val_frac=None):
+    """One run's argument list, the cache key: held-out runs carry --val_split (exec_argv resolves it)."""
+    return base + row_argv(name, fill) + ["--lr", lr_str(lr), "--seed", str(seed)] + \
+        ([] if val_frac is None else ["--val_split", str(val_frac)])
+
+
+# ----------------------------------------------------------------- held-out part of the training set
+
+def carve(data, out_root, frac):
+    """A GLUE directory whose train.tsv is `data`'s train.tsv minus a fixed random `frac` of its lines and
+    whose dev.tsv is that held-out part (same header, same folder name). `data`'s dev.tsv is never read."""
+    import data as D
+    src = os.path.normpath(data)
+    if not os.path.isfile(os.path.join(src, "train.tsv")):
+        raise SystemExit(f"error: --lr_grid needs a GLUE directory with train.tsv, got {data}; give one")
+    dst = os.path.join(out_root, f"{slug(src)}-val{frac}", os.path.basename(src))
+    if os.path.isfile(os.path.join(dst, "dev.tsv")):
+        return dst
+    with open(os.path.join(src, "train.tsv"), encoding="utf-8") as f:
+        lines = [ln for ln in f.read().split("\n") if ln.strip()]
+    from pathlib import Path
+    head = [] if D.glue_task(Path(src)) == "cola" else lines[:1]  # CoLA's TSVs have no header
+    body = lines[len(head):]
+    order = list(range(len(body)))
+    random.Random(0).shuffle(order)
+    n_val = max(1, round(frac * len(body)))
+    val = set(order[:n_val])
+    os.makedirs(dst + ".tmp", exist_ok=True)
+    for split, keep in (("train", lambda i: i not in val), ("dev", lambda i: i in val)):
+        with open(os.path.join(dst + ".tmp", f"{split}.tsv"), "w", encoding="utf-8") as f:
+            f.write("\n".join(head + [ln for i, ln in enumerate(body) if keep(i)]) + "\n")
+    os.replace(dst + ".tmp", dst) if not os.path.exists(dst) else None
+    return dst
+
+
+def exec_argv(argv, carve_root):
+    """The argv train.py runs: --val_split f becomes --data <carve(data, f)>."""
+    if "--val_split" not in argv:
+        return argv
+    i = argv.index("--val_split")
+    frac, out = float(argv[i + 1]), argv[:i] + argv[i + 2:]
+    j = out.index("--data")
+    return out[:j + 1] + [carve(out[j + 1], carve_root, frac)] + out[j + 2:]
+
+
+# ------------------------------------------------------------------------------- trivial predictors
+
+def constant_score(data, metric):
+    """The primary metric of the best constant prediction on the dev set: the training set's majority
+    class for accuracy; a constant has Matthews 0 and Pearson undefined (counted 0). None: not known."""
+    if metric.rsplit(".", 1)[-1] in ("matthews", "pearson", "spearman"):
+        return 0.0
+    if metric != "accuracy" or not os.path.isdir(data):
+        return None
+    import data as D
+    from pathlib import Path
+
+    def labels(split):
+        task = D.glue_task(Path(data))
+        ds = D.read_table(D.split_file(Path(data), split, task), task)
+        return [str(v) for v in ds[D.find_columns(ds.column_names, data)[1]]]
+    majority = collections.Counter(labels("train")).most_common(1)[0][0]
+    dev = labels("validation")
+    return sum(y == majority for y in dev) / len(dev)
+
+
+def budget_rule(run):
+    """{"ok", "reference", "untuned", "constant", "trivial", "margin", "metric"} of a sweep JSON: ok when the
+    reference's mean primary metric after training ≥ max(untuned, constant) + MARGIN; None fields unknown."""
+    pmet, ref = run.get("primary_metric"), run.get("rows", {}).get(run.get("reference"), {})
+    st = ref.get("stats", {})
+    refm = (st.get("after", {}).get(pmet) or (None, None))[0]
+    untuned = (st.get("before", {}).get(pmet) or (None, None))[0]
+    check = run.get("budget_check") or []
+    if refm is None and check and pmet:  # the reference row has no runs yet: its budget-check runs
+        refm = mean_std([flat(c["metrics"].get("after", {})).get(pmet) for c in check])[0]
+        untuned = mean_std([flat(c["metrics"].get("before", {})).get(pmet) for c in check])[0]
+    constant = run.get("trivial", {}).get("constant")
+    margin = MARGIN.get((pmet or "").rsplit(".", 1)[-1])
+    best = max((x for x in (untuned, constant) if x is not None), default=None)
+    ok = None if refm is None or best is None or margin is None else refm >= best + margin
+    return {"ok": ok, "metric": pmet, "reference": refm, "untuned": untuned, "constant": constant,
+            "trivial": best, "margin": margin, "from_check": bool(refm is not None and not st.get("after") and check)}
 
 
 def run_key(argv):
@@ -144,22 +265,38 @@ KEEP = ("method", "steps", "losses", "trainable_params_start", "trainable_params
         "stage_times_s", "peak_memory_bytes", "metrics", "dtype", "device")
 
 
-def run_one(argv, runs_dir, save_every):
-    """train.main(argv) in runs_dir/<key>; cached: a finished run is read back, an unfinished one resumes."""
+MAX_LOSSES = 100  # a longer loss curve is kept every k-th step ("losses_stride": k) to keep the JSON small
+
+
+def run_one(argv, runs_dir, save_every, cache=None):
+    """train.main(argv) in runs_dir/<key>; cached: a run in `cache` (the committed JSON's) or with a
+    result.json is read back, an unfinished one resumes. Adds a finished run to `cache`."""
     import train
-    out_dir = os.path.join(runs_dir, run_key(argv))
+    key = run_key(argv)
+    if cache is not None and key in cache:
+        return cache[key], True
+    out_dir = os.path.join(runs_dir, key)
     done = os.path.join(out_dir, "result.json")
     if os.path.exists(done):
         with open(done) as f:
-            return json.load(f), True
-    os.makedirs(out_dir, exist_ok=True)
-    resumed, t0 = os.path.exists(os.path.join(out_dir, "ckpt.pt")), time.time()
-    summary = train.main(argv + ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
-    res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
-                                                "resumed": resumed}
-    res["metrics"] = {k: v for k, v in res["metrics"].items() if k in ("before", "after")}
-    train.write_json(res, done)
-    return res, False
+            res, cached = json.load(f), True
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        resumed, t0 = os.path.exists(os.path.join(out_dir, "ckpt.pt")), time.time()
+        summary = train.main(exec_argv(argv, os.path.join(runs_dir, "carved")) +
+                             ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
+        res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
+                                                    "resumed": resumed}
+        res["metrics"] = {k: v for k, v in res["metrics"].items() if k in ("before", "after")}
+        losses = res.get("losses") or []
+        if len(losses) > MAX_LOSSES:
+            k = -(-len(losses) // MAX_LOSSES)
+            res["losses"], res["losses_stride"] = losses[::k], k
+        train.write_json(res, done)
+        cached = False
+    if cache is not None:
+        cache[key] = res
+    return res, cached
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -262,45 +399,115 @@ def fmt_eta(s):
 
 
 def plan(args):
-    """(task, fills, [(row, seed, train.py argv)]): seed by seed, the rows in --rows order."""
+    """(task, fill, [(row, seed, train.py argv)]): seed by seed, the rows in --rows order, each at its
+    learning-rate centre (--lr, SPSFT's × 0.2)."""
     import train
     base = base_argv(args)
     # the task decides the per-row fills (G²R²'s weight decay, SPSFT's importance); resolve reads configs only
     _, task, _ = train.resolve(train.parse_args(base))
     fill = sweep_fill(args, task, target_shapes(args.model, task))
-    return task, fill, [(name, seed, base + row_argv(name, fill) + ["--seed", str(seed)])
+    return task, fill, [(name, seed, run_argv(base, name, fill, lr_centre(args, name), seed))
                         for seed in args.seeds for name in args.rows]
+
+
+def lr_centre(args, name):
+    return args.lr * LR_RATIO.get(name.split("-")[0], 1.0)
+
+
+def select_lr(args, task, fill, run, log, out=None, after_run=lambda cached: None):
+    """{row: {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed"} or {"tied_to", "chosen"}}:
+    every row not in LR_TIED trains once per grid factor on carve(); the best held-out primary metric wins
+    (the first of equals). A tied row whose partner is not in the sweep keeps its own centre. `out` is
+    filled as the grid runs (an interrupted sweep's JSON shows the part that finished)."""
+    base = base_argv(args)
+    out = {} if out is None else out
+    for name in args.rows:
+        if name in LR_TIED and LR_TIED[name] in args.rows:
+            continue
+        grid = []
+        out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac,
+                     "seed": args.select_seed}
+        for f in args.lr_grid:
+            lr = float(lr_str(lr_centre(args, name) * f))
+            res, cached = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
+            after = flat(res["metrics"].get("after", {}))
+            grid.append([lr, after.get(primary_metric(after))])
+            after_run(cached)
+            log(f"  lr grid {name} lr {lr_str(lr)}: held-out {primary_metric(after)} {grid[-1][1]}")
+        scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
+        chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
+        out[name].update(chosen=chosen, metric=primary_metric(after))
+    for name in args.rows:
+        if name not in out:
+            out[name] = {"tied_to": LR_TIED[name], "chosen": out[LR_TIED[name]]["chosen"]}
+    return out
+
+
+def load_cache(path):
+    """The finished runs of an earlier sitting: the "cache" of the JSON at `path`, {} when there is none."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f).get("cache", {})
+    return {}
 
 
 def main(argv=None):
     args = parse_args(argv)
     import train
     argv_shown = sys.argv[1:] if argv is None else argv
+    path = args.json or os.path.join(ROOT, "bench", "results", f"accuracy-{slug(args.model)}-{slug(args.data)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     task, fill, runs = plan(args)
+    cache = load_cache(path)
     rows = {name: {"flags": row_argv(name, fill), "runs": []} for name in args.rows}
-    t0, ran = time.time(), 0
-    for i, (name, seed, argv_run) in enumerate(runs, 1):
-        t = time.time()
-        res, cached = run_one(argv_run, args.runs_dir, args.save_every)
-        rows[name]["runs"].append(res | {"seed": seed, "cached": cached})
-        ran += not cached
-        left = len(runs) - i
-        eta = (time.time() - t0) / max(ran, 1) * left if ran else 0.0
-        after = flat(res["metrics"].get("after", {}))
-        pm = primary_metric(after)
-        print(f"[{i}/{len(runs)}] {name} seed {seed}: {pm} {after.get(pm, float('nan')):.4f} "
-              f"({'cached' if cached else f'{time.time() - t:.0f} s'}); sweep ETA {fmt_eta(eta)}", flush=True)
-    summarize(rows)
-    names = set().union(*(r["stats"]["after"] for r in rows.values()))
+    t0, done = time.time(), {"ran": 0, "n": 0}
     out = {"command": "python bench/accuracy.py " + shlex.join(argv_shown), "model": args.model,
            "data": args.data, "task": task, "seeds": args.seeds, "reference": REFERENCE,
-           "primary_metric": primary_metric(names), "base_argv": base_argv(args), "fills": fill,
-           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
-           "machine": machine(), "wall_s": round(time.time() - t0, 1), "rows": rows}
-    path = args.json or os.path.join(ROOT, "bench", "results", f"accuracy-{slug(args.model)}-{slug(args.data)}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    train.write_json(out, path)
-    print(f"wrote {path}")
+           "primary_metric": None, "base_argv": base_argv(args), "fills": fill, "lr_grid": args.lr_grid,
+           "trivial": {}, "rows": rows, "cache": cache}
+    ref_prefix = base_argv(args) + row_argv(REFERENCE, fill)
+
+    def write(final=False):
+        names = set().union(*(r["stats"]["after"] for r in summarize(rows).values()))
+        # the reference's finished dev-set runs at any learning rate, for the budget rule while its row is empty
+        out["budget_check"] = [{"lr": float(r["argv"][-3]), "seed": int(r["argv"][-1]), "metrics": r["metrics"]}
+                               for r in cache.values() if r["argv"][:len(ref_prefix)] == ref_prefix
+                               and r["argv"][len(ref_prefix):][::2] == ["--lr", "--seed"]]
+        if not names and out["budget_check"]:
+            names = set(flat(out["budget_check"][0]["metrics"].get("after", {})))
+        out.update(primary_metric=primary_metric(names), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+                   versions=versions(), machine=machine(), wall_s=round(time.time() - t0, 1), complete=final)
+        if out["primary_metric"] and "constant" not in out["trivial"]:
+            out["trivial"] = {"constant": constant_score(args.data, out["primary_metric"])}
+        out["budget"] = budget_rule(out)
+        train.write_json(out, path)
+
+    def run(name, seed, argv_run):
+        t = time.time()
+        res, cached = run_one(argv_run, args.runs_dir, args.save_every, cache)
+        done["ran"] += not cached
+        done["n"] += 1
+        after = flat(res["metrics"].get("after", {}))
+        pm = primary_metric(after)
+        print(f"[{done['n']}] {name} seed {seed} lr {argv_run[argv_run.index('--lr') + 1]}"
+              f"{' (held-out)' if '--val_split' in argv_run else ''}: {pm} {after.get(pm, float('nan')):.4f} "
+              f"({'cached' if cached else f'{time.time() - t:.0f} s'})", flush=True)
+        return res, cached
+
+    if args.lr_grid:
+        out["lr_select"] = {}
+        # the JSON (its cache, committed) is rewritten after every finished run, however the sweep ends
+        select_lr(args, task, fill, run, print, out["lr_select"], lambda cached: cached or write())
+        base = base_argv(args)
+        runs = [(name, seed, run_argv(base, name, fill, out["lr_select"][name]["chosen"], seed))
+                for seed in args.seeds for name in args.rows]
+    for name, seed, argv_run in runs:
+        res, cached = run(name, seed, argv_run)
+        rows[name]["runs"].append(res | {"seed": seed, "cached": cached})
+        if not cached:
+            write()
+    write(final=True)
+    print(f"wrote {path}; budget rule: {out['budget']}")
     return out
 
 

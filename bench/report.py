@@ -313,24 +313,113 @@ def count(n):
     return "–" if n is None else f"{n:,.0f}"
 
 
+def budget(run):
+    """bench/accuracy.py's budget rule on a sweep JSON (older JSONs without it included)."""
+    import accuracy
+    return accuracy.budget_rule(run)
+
+
+def budget_line(run):
+    """One sentence: does the table count as evidence (the budget rule), with its numbers."""
+    b = budget(run)
+    if b["ok"] is None:
+        return "**Budget rule: not decidable** (no reference result or no margin for this metric yet)."
+    parts = [f"untuned {b['untuned']:.3f}" if b["untuned"] is not None else None,
+             f"constant predictor {b['constant']:.3f}" if b["constant"] is not None else None]
+    trivial = " / ".join(p for p in parts if p)
+    got = f"`{run['reference']}` {b['reference']:.3f} vs the better trivial predictor {b['trivial']:.3f} ({trivial})"
+    if b.get("from_check"):
+        got += " — from its budget-check runs (" + ", ".join(f"lr {c['lr']:.3g} seed {c['seed']}"
+                                                            for c in run["budget_check"]) + "), its row is pending"
+    if b["ok"]:
+        return f"Budget rule **passed**: {got}, margin {b['margin']:+.2f} {b['metric']} required."
+    return (f"**Budget too small to rank the methods**: {got}; the rule needs {b['margin']:+.2f} {b['metric']} "
+            "over it, so the verdict column is left empty.")
+
+
+def lr_cell(run, name):
+    sel = run.get("lr_select", {}).get(name)
+    if sel and sel.get("chosen") is not None:
+        return f"{sel['chosen']:.3g}" + (f" (= `{sel['tied_to']}`)" if sel.get("tied_to") else "")
+    r = run["rows"][name]["runs"]
+    argv = r[0].get("argv", []) if r else []
+    if "--lr" in argv:
+        return argv[len(argv) - 1 - argv[::-1].index("--lr") + 1]
+    lr = re.search(r"--lr (\S+)", " ".join(run.get("base_argv", [])))
+    return lr.group(1) + (" × 0.2" if name.startswith("spsft") else "") if lr else "–"
+
+
 def accuracy_table(run):
-    """One markdown table of an accuracy JSON: rows × (primary before / after, other metrics after,
-    verdict vs the reference, parameters, ratios, step time ratio, wall)."""
+    """One markdown table of an accuracy JSON: rows × (learning rate, primary before / after, other metrics
+    after, verdict vs the reference, parameters, ratios, step time ratio, wall), a `trivial` row first;
+    verdicts only where the budget rule passes."""
     rows, ref, pmet = run["rows"], run["reference"], run["primary_metric"]
+    ok = budget(run)["ok"]
     others = sorted({m for r in rows.values() for m in r["stats"]["after"] if m != pmet})
-    head = ["row", f"{pmet} before", f"{pmet} after", f"vs {ref}"] + [f"{m} after" for m in others] + \
+    head = ["row", "lr", "seeds", f"{pmet} before", f"{pmet} after", f"vs {ref}"] + [f"{m} after" for m in others] + \
            ["trainable start → end", f"× {ref} (end)", f"adapter × {ref}", f"step time × {ref}", "steps", "wall / run"]
-    body = []
+    b = budget(run)
+    body = [["`trivial`", "–", "–", pm((b["untuned"], None)) + " (untuned)",
+             ("–" if b["constant"] is None else f"{b['constant']:.3f}") + " (constant)", "–"]
+            + ["–"] * (len(head) - 6)]
     for name, r in rows.items():
         st, v = r["stats"], r.get("verdict", {}).get(pmet)
-        body.append([f"`{name}`", pm(st["before"].get(pmet)), pm(st["after"].get(pmet)),
-                     "(reference)" if name == ref else (v or "– (1 seed)")]
+        if not r["runs"]:
+            body.append([f"`{name}`", lr_cell(run, name), "0", "pending"] + [""] * (len(head) - 4))
+            continue
+        body.append([f"`{name}`", lr_cell(run, name), str(len(r["runs"])), pm(st["before"].get(pmet)),
+                     pm(st["after"].get(pmet)),
+                     "(reference)" if name == ref else ("–" if not ok else v or "– (1 seed)")]
                     + [pm(st["after"].get(m)) for m in others]
                     + [f"{count(st.get('trainable_params_start'))} → {count(st.get('trainable_params_end'))}",
                        fx(st.get("trainable_params_end_ratio")), fx(st.get("adapter_params_end_ratio")),
                        fx(st.get("step_time_ratio")), count(st.get("steps")),
                        "–" if st.get("wall_s") is None else f"{st['wall_s']:.0f} s"])
-    return table(head, body)
+    return [budget_line(run), ""] + table(head, body)
+
+
+def lr_table(run):
+    """The learning-rate choice per row: each grid value's held-out score, the chosen value."""
+    sel = run.get("lr_select")
+    if not sel:
+        return []
+    grid = run.get("lr_grid") or []
+    body = []
+    for name, s in sel.items():
+        if s.get("tied_to"):
+            body.append([f"`{name}`", f"tied to `{s['tied_to']}`" + (" (taso.py scales it by ρ^(-1/2), T7)"
+                                                                     if name.startswith("taso") else ""),
+                         "–" if s.get("chosen") is None else f"{s['chosen']:.3g}"])
+            continue
+        cells = ", ".join(f"{lr:.3g}: {'–' if sc is None else f'{sc:.3f}'}" for lr, sc in s["grid"])
+        left = len(grid) - len(s["grid"])
+        body.append([f"`{name}`", cells + (f" ({left} pending)" if left else ""),
+                     "pending" if s.get("chosen") is None else f"**{s['chosen']:.3g}**"])
+    any_sel = next((s for s in sel.values() if s.get("val_frac")), {})
+    return [f"Learning rates: each row's centre (--lr, SPSFT's × 0.2) × {' / '.join(f'{f:g}' for f in grid)}, one "
+            f"run each (seed {any_sel.get('seed', 0)}) on the training set minus a held-out "
+            f"{100 * any_sel.get('val_frac', 0.1):.0f} % of it; the best held-out {run['primary_metric'] or 'score'} "
+            "is chosen and used for every seed. The reported dev set is never read for this.", ""] + \
+        table(["row", "held-out score per learning rate", "chosen"], body) + [""]
+
+
+def progress(run):
+    """'k of n planned runs finished' and the CPU hours the rest needs at the finished runs' mean pace."""
+    grid = run.get("lr_grid") or []
+    import accuracy
+    tied = accuracy.LR_TIED
+    own = [n for n in run["rows"] if not (n in tied and tied[n] in run["rows"])] if grid else []
+    planned = len(run["rows"]) * len(run["seeds"]) + len(grid) * len(own)
+    walls = [r.get("wall_s") for r in run.get("cache", {}).values() if r.get("wall_s")]
+    done = sum(len(r["runs"]) for r in run["rows"].values()) + \
+        sum(len(s.get("grid", [])) for s in run.get("lr_select", {}).values())
+    if done >= planned:
+        return f"All {planned} planned runs finished."
+    pace = sum(walls) / len(walls) if walls else None
+    est = "" if pace is None else (f"; the {planned - done} pending need about {(planned - done) * pace / 3600:.1f} "
+                                   f"h of this machine's wall time at the finished runs' mean ({pace / 60:.0f} min/run; a plan, "
+                                   "not a measurement)")
+    return f"**Sweep unfinished: {done} of {planned} planned runs finished{est}.** Rerun the command to continue it."
 
 
 def accuracy_plot(run, path):
@@ -365,29 +454,47 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
     """RESULTS.md: one section per (model, data) with its command, setting, table and chart."""
     lines = ["# RESULTS: the four methods and LoRA, head to head", "",
              "Generated by `python bench/report.py` from the JSONs `bench/accuracy.py` writes to `bench/results/` "
-             "(committed beside it). Each row is one method with its paper's own settings (the rules are in "
-             "`bench/accuracy.py`'s docstring), trained through `train.main` with the same data order, shared "
-             "learning rate and evaluation as every other row. Cells are mean ± std (sample std) over the seeds; "
-             "a difference to the reference smaller than the larger of the two stds is a **tie**. `× ref` columns "
+             "(committed beside it, with every finished run's summary: a sweep continues where it stopped). Each row "
+             "is one method with its paper's own settings (the rules are in `bench/accuracy.py`'s docstring), "
+             "trained through `train.main` with the same data order and evaluation as every other row, at its own "
+             "learning rate where the table says so. Cells are mean ± std (sample std) over the seeds; a difference "
+             "to the reference smaller than the larger of the two stds is a **tie**. **Budget rule**: a table ranks "
+             "the methods only if the reference beats the better `trivial` predictor (the untuned model, or a "
+             "constant: the training set's majority class; a constant scores Matthews 0 and Pearson 0) by 10 "
+             "accuracy points, Matthews +0.2 or Pearson +0.3; otherwise it says so and gives no verdicts. `× ref` columns "
              "are ratios to the reference row (`adapter ×` leaves out the classifier / pooler head, trained fully "
              "by every row); step time ratios pair each seed with the reference's run of the same seed.", ""]
-    for run in sorted(runs, key=lambda r: (r["model"], r["data"])):
+    runs = sorted(runs, key=lambda r: ("cache" not in r, r["model"], r["data"]))
+    for k, run in enumerate(runs):
         task = os.path.basename(os.path.normpath(run["data"]))
         m = run["machine"]
-        lines += [f"## {run['model']} · {task}", "", "```bash", run["command"], "```", "",
+        if "cache" not in run and (k == 0 or "cache" in runs[k - 1]):
+            lines += ["## Reading", "", BEGIN, notes.strip("\n"), END, ""]
+            notes = None
+            lines += ["# Earlier short-budget tables", "",
+                      "The first sweep (issue 14): at most the first 1,000 training examples × 2 epochs, every row at "
+                      "the same learning rate (SPSFT at 0.2× of it). Kept for the record; only tables that pass the "
+                      "budget rule rank the methods, and none of these chose its learning rates.", ""]
+        budget_txt = ("full training set" if "--max_samples" not in run["base_argv"] else
+                      f"first {int(run['base_argv'][run['base_argv'].index('--max_samples') + 1]):,} examples")
+        ep = run["base_argv"][run["base_argv"].index("--epochs") + 1] if "--epochs" in run["base_argv"] else "?"
+        ba = run["base_argv"]
+        length = f"{ba[ba.index('--max_steps') + 1]} steps" if "--max_steps" in ba else f"{float(ep):g} epochs"
+        lines += [f"## {run['model']} · {task} · {budget_txt}, {length}", "", "```bash", run["command"], "```", "",
                   f"Seeds {' '.join(map(str, run['seeds']))}; train.py flags shared by every row: "
                   f"`{' '.join(run['base_argv'])}`; per-row fills {json.dumps(run['fills'])}. "
                   f"Measured {run['date']} on {m['device']} ({m['cpu_count']} cores, torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}); the runs' wall "
                   f"time in all {sum(r.get('wall_s') or 0 for row in run['rows'].values() for r in row['runs']) / 60:.0f} "
                   f"min (each run's own, cached or not).", ""]
-        lines += accuracy_table(run) + [""]
+        lines += ([progress(run), ""] if "cache" in run else []) + accuracy_table(run) + [""] + lr_table(run)
         if png_dir:
             name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + task).lower())}.png"
             if accuracy_plot(run, os.path.join(png_dir, name)):
                 lines += [f"![{run['primary_metric']} per row, {run['model']} on {task}]"
                           f"({os.path.relpath(os.path.join(png_dir, name), md_dir)})", ""]
-    lines += ["## Reading", "", BEGIN, notes.strip("\n"), END, ""]
+    if notes is not None:
+        lines += ["## Reading", "", BEGIN, notes.strip("\n"), END, ""]
     return "\n".join(lines)
 
 

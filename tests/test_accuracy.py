@@ -113,3 +113,97 @@ def test_flat_keeps_numeric_leaves_only():
     m = {"accuracy": 0.5, "eval_time_s": 3.0,
          "commonsense_loglik": {"boolq": 0.6, "average": 0.55, "n": {"boolq": 10}, "mode": "loglik"}}
     assert accuracy.flat(m) == {"accuracy": 0.5, "commonsense_loglik.boolq": 0.6, "commonsense_loglik.average": 0.55}
+
+
+# ----------------------------------------------------------------------------- issue 25
+
+def hand_run(ref_after, before, constant, metric="pearson"):
+    """A sweep JSON by hand: lora-r8 (reference) and taso, 3 seeds each, taso clearly above the reference."""
+    def row(after):
+        return {"runs": [{"seed": s} for s in range(3)],
+                "stats": {"before": {metric: (before, 0.01)}, "after": {metric: (after, 0.01)}}}
+    rows = {"lora-r8": row(ref_after), "taso": row(ref_after + 0.1)}
+    rows["taso"]["verdict"] = {metric: "better"}
+    return {"command": "python bench/accuracy.py ...", "model": "m", "data": "d/STS-B", "seeds": [0, 1, 2],
+            "reference": "lora-r8", "primary_metric": metric, "base_argv": ["--epochs", "3", "--lr", "0.001"],
+            "fills": {}, "date": "2026-12-04", "machine": {"device": "cpu", "cpu_count": 2},
+            "versions": {"torch": "t", "transformers": "x"}, "trivial": {"constant": constant}, "rows": rows}
+
+
+def test_budget_rule_on_hand_made_jsons():
+    # Pearson: the reference must beat max(untuned, constant 0) by 0.3
+    assert accuracy.budget_rule(hand_run(0.35, 0.06, 0.0))["ok"] is False   # 0.35 < 0.06 + 0.3
+    assert accuracy.budget_rule(hand_run(0.37, 0.06, 0.0))["ok"] is True    # 0.37 ≥ 0.36
+    # accuracy: the better trivial predictor is the majority class here (0.68 > untuned 0.50), margin 0.10
+    below = hand_run(0.75, 0.50, 0.68, "accuracy")
+    assert accuracy.budget_rule(below).items() >= {"ok": False, "metric": "accuracy", "reference": 0.75,
+                                                   "untuned": 0.50, "constant": 0.68, "trivial": 0.68,
+                                                   "margin": 0.10}.items()
+    assert accuracy.budget_rule(hand_run(0.79, 0.50, 0.68, "accuracy"))["ok"] is True
+    # Matthews: +0.2 over max(untuned, 0)
+    assert accuracy.budget_rule(hand_run(0.19, -0.02, 0.0, "matthews"))["ok"] is False
+    assert accuracy.budget_rule(hand_run(0.21, -0.02, 0.0, "matthews"))["ok"] is True
+
+    # the reference row still pending (a grid running): its finished dev-set runs decide, two seeds averaged
+    pending = hand_run(0.0, 0.0, 0.0)
+    pending["rows"]["lora-r8"] = {"runs": [], "stats": {"before": {}, "after": {}}}
+    pending["budget_check"] = [{"lr": 1e-3, "seed": s, "metrics": {"before": {"pearson": 0.05},
+                                                                   "after": {"pearson": p}}} for s, p in ((0, 0.3), (1, 0.36))]
+    b = accuracy.budget_rule(pending)
+    assert b["ok"] is False and b["reference"] == pytest.approx(0.33) and b["from_check"]  # 0.33 < 0.05 + 0.3
+    pending["budget_check"][0]["metrics"]["after"]["pearson"] = 0.5
+    assert accuracy.budget_rule(pending)["ok"] is True  # 0.43 ≥ 0.35
+
+    text = "\n".join(report.accuracy_table(below))
+    assert "budget too small to rank the methods" in text.lower() and "`trivial`" in text
+    assert "better" not in text.replace("the better trivial", "") and "worse" not in text and "| tie" not in text
+    above = "\n".join(report.accuracy_table(hand_run(0.95, 0.50, 0.68, "accuracy")))
+    assert "budget too small" not in above.lower() and "| better |" in above
+
+
+def test_carve_holds_out_part_of_train_only(tmp_path):
+    for task, header in (("STS-B", ["a\tb\tscore"]), ("CoLA", [])):
+        d = tmp_path / task
+        d.mkdir()
+        body = [f"s{i}\tx{i}\t{i % 5}" for i in range(40)]
+        (d / "train.tsv").write_text("\n".join(header + body) + "\n")
+        (d / "dev.tsv").write_text("never read\n")
+        out = accuracy.carve(str(d), str(tmp_path / "carved"), 0.1)
+        assert os.path.basename(out) == task
+        tr = open(os.path.join(out, "train.tsv")).read().splitlines()
+        va = open(os.path.join(out, "dev.tsv")).read().splitlines()
+        assert tr[:len(header)] == header and va[:len(header)] == header
+        tr, va = tr[len(header):], va[len(header):]
+        assert len(va) == 4 and sorted(tr + va) == sorted(body) and not set(tr) & set(va)
+
+
+def test_lr_choice_ignores_dev_set_and_committed_cache_runs_nothing(tmp_path, monkeypatch):
+    """The same training file with the dev labels flipped (and dev made lopsided so the reported accuracy
+    must differ) gives the same held-out scores and learning rate; the JSON alone replays the sweep."""
+    data = glue_dir(tmp_path)
+    flipped = tmp_path / "flipped" / "SST-2"
+    flipped.mkdir(parents=True)
+    (flipped / "train.tsv").write_text(open(os.path.join(data, "train.tsv")).read())
+    dev = ["sentence\tlabel"] + [f"good fine film {i}\t1" for i in range(12)] + [f"bad poor film {i}\t0" for i in range(4)]
+    open(os.path.join(data, "dev.tsv"), "w").write("\n".join(dev) + "\n")
+    (flipped / "dev.tsv").write_text("\n".join(dev[:1] + [ln[:-1] + str(1 - int(ln[-1])) for ln in dev[1:]]) + "\n")
+
+    def sweep(d, runs, out):
+        return ["--model", "tiny-bert", "--data", str(d), "--rows", "lora-r8", "--seeds", "0", "--lr_grid", "0.3", "3",
+                "--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "4", "--max_samples", "0",
+                "--val_frac", "0.25", "--runs_dir", str(runs), "--json", str(out)]
+    a = accuracy.main(sweep(data, tmp_path / "ra", tmp_path / "a.json"))
+    b = accuracy.main(sweep(flipped, tmp_path / "rb", tmp_path / "b.json"))
+    ga, gb = a["lr_select"]["lora-r8"], b["lr_select"]["lora-r8"]
+    assert [lr for lr, _ in ga["grid"]] == [0.0003, 0.003]
+    assert ga["grid"] == gb["grid"] and ga["chosen"] == gb["chosen"]
+    acc = lambda o: o["rows"]["lora-r8"]["runs"][0]["metrics"]["after"]["accuracy"]
+    assert acc(a) == pytest.approx(1 - acc(b))  # the reported dev set is the flipped one
+    assert acc(a) != pytest.approx(0.5)
+
+    # another machine: no runs_dir, only the committed JSON -> the whole sweep, grid included, trains nothing
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("a run in the committed JSON was trained"))
+    again = accuracy.main(sweep(data, tmp_path / "fresh", tmp_path / "a.json"))
+    assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
+    assert again["lr_select"]["lora-r8"]["grid"] == ga["grid"]
+    assert all(r["cached"] for r in again["rows"]["lora-r8"]["runs"]) and acc(again) == acc(a)
