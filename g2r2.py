@@ -43,7 +43,7 @@ Deviations and readings (each also beside its line):
     |·| of Eq 5: uses are counted in its forwards outside a checkpoint's recompute, and the module
     reduces once every use came back.
   - The EMA start below matters, with scoring at every warmup step, only for a module that first gets
-    a gradient late.
+    a gradient late. Evaluated at t instead of t + 1, Eq 12 would start refinement one step short.
   - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.07·100 = 7.000000000000001 keeps 7, not 8.
   - The EMAs of Eq 8–9 start at their first value (the paper gives no R̄⁰, Ū⁰): a module scored once
     has R̄ = R, U = 0, so Ū = 0 and R̂ = 0, the least redundant possible, and is kept until it is

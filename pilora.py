@@ -32,6 +32,7 @@ Readings of the paper and deviations:
   ordered by their last score S_i, then by row index.
 - With the shared s = α / r a supplementary row's update s·B_s A_s is scaled like a dominant row's;
   α / r′ would make it r / r′ = 16× larger at r = 32, r′ = 2.
+- Table 4 gives `random` top-half's parameter count (0.66 %), not the hit rule's (0.63 %).
 - Both groups use the same s = α / r (the paper does not say how the rank-r′ group is scaled), and
   share one dropout of x. r′ = 0 freezes the supplementary rows (Fig. 4's left point); a group with no
   rows (|M| = 0 or |M| = m) gets no adapter.
