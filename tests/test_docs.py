@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ LANDING = {"docs/own-code.md", "docs/run-safety.md", "examples/own_loop.py", "ex
 
 def prose(text):
     """The text outside fenced code blocks."""
-    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M)
 
 
 def code_spans(text):
@@ -109,6 +110,18 @@ def test_named_code_exists(doc):
         if not any((base / p).exists() for base in (ROOT, doc.parent)) and p not in LANDING:
             bad.append(f"{p}: no such file")
     assert not bad, f"{doc.name} names what does not exist: {bad}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_commands_parse(doc):
+    """Every `python train.py ...` / `torchrun ... train.py ...` line of a bash block is a command
+    train.py accepts (flags only; nothing runs)."""
+    text = doc.read_text(encoding="utf-8")
+    for block in re.findall(r"^ *```bash\n(.*?)^ *```", text, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "train.py" in words and words[0] in ("python", "torchrun"):
+                train.parse_args(words[words.index("train.py") + 1:])
 
 
 # ------------------------------------------------------------------ equation table -> running code
