@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -211,6 +212,9 @@ def load_classification(source, split, tokenizer, max_len):
     if path.exists():
         task = glue_task(path if path.is_dir() else path.parent)
         file = split_file(path, split, task) if path.is_dir() else path
+        if path.is_file() and SPLITS.get(split, split) != "train":
+            print(f"warning: {source} is one file, so it is also the evaluation set (metrics on training "
+                  "examples); for held-out metrics pass a folder with train and dev files", file=sys.stderr)
         ds, names = read_table(file, task), GLUE.get(task)
     else:
         name, _, config = str(source).partition(":")  # "name:config", or "glue/<task>"

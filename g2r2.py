@@ -41,6 +41,15 @@ Deviations and readings (each also beside its line):
     A pruned module's branch is skipped in forward from the step it is pruned (bit-identical to
     adding B A x = 0), so its tensors get no gradient and AdamW leaves them (and their moments)
     alone; they are also zeroed again after every optimizer step.
+  - Eq 11 (the update rule [A, B] ← [0, 0] outside the lowest p^t %; unnumbered in our copy, between
+    Eq 10 and 12) is applied after the optimizer step. At the end of pruning a pruned module is replaced
+    by its plain base Linear and its tensors leave the optimizer (§3.3.2).
+  - A module applied more than once per forward (DeBERTa-v3's query_proj / key_proj, reused on the
+    relative position embeddings with share_att_key) gets ∂ℒ/∂ΔW summed over all its uses before the
+    |·| of Eq 5: uses are counted in its forwards outside a checkpoint's recompute, and the module
+    reduces once every use came back.
+  - The EMA start below matters, with scoring at every warmup step, only for a module that first gets
+    a gradient late. Evaluated at t instead of t + 1, Eq 12 would start refinement one step short.
   - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.07·100 = 7.000000000000001 keeps 7, not 8.
   - The EMAs of Eq 8–9 start at their first value (the paper gives no R̄⁰, Ū⁰): a module scored once
     has R̄ = R, U = 0, so Ū = 0 and R̂ = 0, the least redundant possible, and is kept until it is

@@ -22,10 +22,17 @@ W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear 
 
 Readings of the paper and deviations:
 - K = 10 is ours: Alg. 1 names the interval K but the paper gives no value.
+  With a one-epoch stage 1 of N steps that is N / 10 scorings; an interval of 1 scores every step.
 - G̃ is Eq 7 without LoRA's scaling s. The model computes s·BA, so the exact first-order change of ΔW
   is s·(B Gᴬ + Gᴮ A); a positive per-matrix constant changes neither the hits (S against its own mean)
   nor the tie order. Gᴬ, Gᴮ are the step's gradients summed over micro-batches, before clipping.
 - G̃ is never held whole: the scores are taken in row chunks of G̃ = [B, Gᴮ]·[Gᴬ; A] (Eq 7 as one product).
+- "Consistently engaged" (§3.3) is read as Fig. 6's cumulative threshold with a 1e-9 tolerance, as
+  G²R²'s ⌈p·M⌉ (τ = 0.07, ΣH = 100 keeps 1 row with 7 hits, not 2); rows with equal hit counts are
+  ordered by their last score S_i, then by row index.
+- With the shared s = α / r a supplementary row's update s·B_s A_s is scaled like a dominant row's;
+  α / r′ would make it r / r′ = 16× larger at r = 32, r′ = 2.
+- Table 4 gives `random` top-half's parameter count (0.66 %), not the hit rule's (0.63 %).
 - Both groups use the same s = α / r (the paper does not say how the rank-r′ group is scaled), and
   share one dropout of x. r′ = 0 freezes the supplementary rows (Fig. 4's left point); a group with no
   rows (|M| = 0 or |M| = m) gets no adapter.

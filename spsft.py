@@ -20,6 +20,10 @@ Deviations and readings:
 - Parameter dependencies (§4.3, App. B: fine-tuning dependent columns of the next layer together) are
   out of scope: the paper's own conclusion (§5.2, Tables 4–5) is not to search for them.
 - Scores use the weight row only; biases are neither scored nor tuned (W_f is r × d_in, §3.1).
+- Against LoRA, the summary reports the rank-matched LoRA: the rank whose Σ r·(d_in + d_out) over
+  the targets is nearest SPSFT's parameter count.
+- Eq 7's quantiles are linear-interpolation quantiles over the classes seen. A Kaiming-uniform W_f (as
+  the authors' code is reported to draw it) would move every selected row of W before the first step.
 - Eq 6 writes η_i^t = |wᵀ∇_w L(D^t)| (|·| of the sum over j); we use App. A's final per-element form
   Σ_j |w_j ∂L(D^t)/∂w_j| for both Taylor variants, so QM-Taylor differs from Taylor only by the class split.
 - "mean over x" is the mean over calibration examples: each batch's loss weighted by its number of

@@ -26,6 +26,9 @@ Our readings and deviations (each is a flag):
   once per run of about 1/G of the target weights (common.weight_groups): 1/G of those buffers at a
   time, the same importance, G passes over the same batches (each backward stops at its lowest layer).
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
+- The fp32 sum of T1: summed in bf16, a bf16 model's gradients moved the chosen rows and columns
+  (issue 18 measured a min overlap of 0.875 against fp64).
+- T7 scales the LR of the adapter tensors only (B_R, A_C); trained heads keep the base LR.
 - A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
   LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
 - ρ = p in T7; `--taso_lr_scale linear` uses ρ^(-1), `none` uses 1.
