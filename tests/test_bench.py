@@ -217,28 +217,27 @@ def test_gpu_check_runs_without_pytest(tmp_path):
 
 def test_a_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch, tmp_path):
     """efficiency.main: a row that raises, and one that runs past --row_timeout, each become a row with its error;
-    the rows after them still run, and the JSON holds all of them."""
+    the rows after them still run, and the JSON holds all of them (run_row stands in: no model is built)."""
     import time
-    real = efficiency.run_row
 
-    def run_row(name, *a):
+    def run_row(name, model, seq, *a):
         if name == "lora-r1":
             raise KeyError("boom")
         if name == "lora-r8-qkvud":
-            time.sleep(120)
-        return real(name, *a)
+            time.sleep(60)
+        return {"row": name, "model": model, "seq_len": seq, "grad_ckpt": False, "trainable_params": 1,
+                "step_time_median_s": 1.0, "aux_bytes": 0, "attach_s": 0.0}
     monkeypatch.setattr(efficiency, "run_row", run_row)
     out = tmp_path / "r.json"
     t0 = time.time()
-    res = efficiency.main(["--model", "tiny-llama", "--seq_len", "8", "--steps", "1", "--warmup_steps", "0",
-                           "--grad_ckpt", "off", "--rows", "lora-r1", "lora-r8-qkvud", "lora-r8",
-                           "--row_timeout", "10", "--out", str(out)])
-    assert time.time() - t0 < 100
+    res = efficiency.main(["--model", "tiny-llama", "--seq_len", "8", "--grad_ckpt", "off", "--rows", "lora-r1",
+                           "lora-r8-qkvud", "lora-r8", "--row_timeout", "2", "--out", str(out)])
+    assert time.time() - t0 < 30
     rows = json.loads(out.read_text())["rows"]
     assert rows == res["rows"] and [r["row"] for r in rows] == ["lora-r1", "lora-r8-qkvud", "lora-r8"]
     assert rows[0]["error"].startswith("KeyError: 'boom' at test_bench.py")
-    assert rows[1]["error"] == "RowTimeout: timed out after 10 s"
-    assert "error" not in rows[2] and rows[2]["step_time_median_s"] > 0
+    assert rows[1]["error"] == "RowTimeout: timed out after 2 s"
+    assert "error" not in rows[2] and rows[2]["row_s"] < 2
 
 
 def test_checkpointing_on_older_transformers():

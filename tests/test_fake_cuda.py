@@ -16,8 +16,9 @@ checkpoint's method state is loaded into a fake CUDA model (attach with the stat
 PiLoRA's partition, G²R²'s pruning rebuilt from CPU values; adapters left uninitialised, as random init and a
 copy from the CPU need the device guard too) and a training-mode forward runs without autograd (dropout
 active, its generator asked for "cuda") through each adapter layer. What this cannot
-cover: CUDA kernels and their numerics, bf16 autocast on CUDA (the step runs in fp32: autocast does not act on
-meta tensors), the CUDA generator's real streams and their save / restore, streams and host syncs, memory
+cover: load_trainable's copy into the resumed model (torch skips copies into meta parameters, with a warning),
+CUDA kernels and their numerics, bf16 autocast on CUDA (the step runs in fp32: autocast does not act on meta
+tensors), the CUDA generator's real streams and their save / restore, streams and host syncs, memory
 (bench/memory.py counts it) and NCCL; bench/gpu_check.sh checks those on a GPU.
 """
 import os
