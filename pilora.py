@@ -363,7 +363,7 @@ class PiLoRA(common.Method):
         ax1.imshow(img.numpy(), aspect="auto", interpolation="nearest", cmap="coolwarm")
         ax1.set_yticks(range(len(self.names)), self.names, fontsize=6)
         ax1.set_xlabel("output neuron (red: dominant, blue: supplementary)")
-        hits = torch.cat(list(self.hits.values()))
+        hits = torch.cat([h.cpu() for h in self.hits.values()])
         ax2.hist(hits.numpy(), bins=[b - 0.5 for b in range(int(hits.max()) + 2)])
         ax2.set_xlabel(f"hit count H ({self.scorings} scorings)")
         return common.save_figure(fig, out_dir, "pilora_partition.png")
