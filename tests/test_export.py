@@ -27,11 +27,11 @@ from safetensors.torch import load_file  # noqa: E402
 STEPS = 5
 METHODS = {  # small settings that reach every stage in STEPS steps
     "lora": lambda: common.LoRA(r=4),
-    "g2r2": lambda: g2r2.G2R2(r=4, total_steps=STEPS, g2r2_warmup=1, g2r2_prune=2, g2r2_pf=0.3),
-    "pilora": lambda: pilora.PiLoRA(r=4, total_steps=STEPS, pilora_phase=2, pilora_interval=1),
-    "taso": lambda: taso.TASO(r=4, taso_calib_batches=2),
-    "spsft": lambda: spsft.SPSFT(spsft_ratio=0.1),  # rows ∝ d_out: per-module ranks (rank_pattern)
-    "spsft_norms": lambda: spsft.SPSFT(spsft_rows=4, spsft_norms=True),  # norms whole: modules_to_save
+    "g2r2": lambda: g2r2.G2R2(r=4, total_steps=STEPS, warmup=1, prune=2, pf=0.3),
+    "pilora": lambda: pilora.PiLoRA(r=4, total_steps=STEPS, phase=2, interval=1),
+    "taso": lambda: taso.TASO(r=4, calib_batches=2),
+    "spsft": lambda: spsft.SPSFT(ratio=0.1),  # rows ∝ d_out: per-module ranks (rank_pattern)
+    "spsft_norms": lambda: spsft.SPSFT(rows=4, norms=True),  # norms whole: modules_to_save
 }
 FAMILIES = ["tiny-llama", "tiny-deberta", "tiny-vit"]
 
