@@ -491,19 +491,20 @@ class Method:
 
     def changed(self, before):
         """after_step is about to return True; `before` were the trainable tensors until now. The next
-        optimizer step (a torch step post-hook, removed when it has run) notes whether it holds every
-        tensor trained now and none of those that left; the next hook raises if not."""
+        optimizer step (a torch step post-hook) notes whether it holds every tensor trained now and none
+        of those that left; the next hook removes the post-hook and raises if not."""
         now = {id(p) for p in self.parameters()}
         left = {id(p) for p in before} - now
 
         def note(opt, args, kwargs):
-            held = {id(p) for g in opt.param_groups for p in g["params"]}
-            self._held = (len(now - held), len(left & held), len(now))
-            handle.remove()
+            if self._held is None:
+                held = {id(p) for g in opt.param_groups for p in g["params"]}
+                self._held = (len(now - held), len(left & held), len(now), handle)
         handle = register_optimizer_step_post_hook(note)
 
     def check_optimizer(self):
-        missing, stale, n = self._held
+        missing, stale, n, handle = self._held
+        handle.remove()
         self._held = None
         if missing or stale:
             raise RuntimeError(f"{type(self).__name__}: the optimizer step after after_step() returned True "

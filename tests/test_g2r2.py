@@ -124,7 +124,7 @@ def test_exact_refuses_more_backward_passes_than_micro_batches():
     meth = g2r2.G2R2(dropout=0.0, total_steps=10, warmup=2, prune=2)  # 1 micro-batch
     meth.attach(model)
     model(**lm_batch(0)).loss.backward()
-    with pytest.raises(RuntimeError, match="micro_batch_size"):
+    with pytest.raises(RuntimeError, match="micro_batches"):
         model(**lm_batch(1)).loss.backward()
 
 
@@ -323,7 +323,7 @@ def test_flag_validation():
         g2r2.G2R2(total_steps=100, p0=0.5, pf=0.6)
     with pytest.raises(ValueError, match="p0"):
         g2r2.G2R2(total_steps=100, pf=0.0)
-    with pytest.raises(ValueError, match="g2r2_warmup"):
+    with pytest.raises(ValueError, match="lower `warmup`"):
         g2r2.G2R2(total_steps=100, warmup=60, prune=40)
     with pytest.raises(ValueError, match="score_every"):
         g2r2.G2R2(total_steps=100, score_every=0)
