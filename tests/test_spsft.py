@@ -240,7 +240,7 @@ def test_qm_taylor_refuses_tasks_without_class_labels():
     reg = build_tiny("tiny-vit", num_labels=1)
     reg.config.problem_type = "regression"
     b = dict(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randn(2))
-    with pytest.raises(ValueError, match="use --spsft_importance taylor or l2"):
+    with pytest.raises(ValueError, match="use `importance` taylor or l2"):
         spsft.SPSFT(importance="qm_taylor", rows=4).attach(reg, iter([b]))
 
 
@@ -278,9 +278,9 @@ def test_ratio_to_rows_on_non_square_matrices():
 
 
 def test_bad_flags_raise_one_line_errors():
-    for kw, msg in [(dict(rows=0), "--spsft_rows"), (dict(ratio=2.0), "--spsft_ratio"),
-                    (dict(importance="fisher"), "--spsft_importance"),
-                    (dict(calib_batches=0), "--spsft_calib_batches")]:
+    for kw, msg in [(dict(rows=0), "`rows`"), (dict(ratio=2.0), "`ratio`"),
+                    (dict(importance="fisher"), "`importance`"),
+                    (dict(calib_batches=0), "`calib_batches`")]:
         with pytest.raises(ValueError, match=msg):
             spsft.SPSFT(**kw)
 
@@ -290,7 +290,7 @@ def test_bad_flags_raise_one_line_errors():
 def test_attach_trains_only_W_f_and_heads_mlp_only_and_norms():
     model = build_tiny("tiny-vit", num_labels=3)
     mlp = sorted(n for n in common.find_targets(model) if "mlp" in n)
-    m = spsft.SPSFT(rows=6, mlp_only=True)
+    m = spsft.SPSFT(rows=6, mlp_only=True, heads=["classifier"])
     m.attach(model, iter(()))
     layers = common.adapters(model, spsft.SPSFTLinear)
     assert sorted(layers) == mlp and len(mlp) == 4

@@ -130,7 +130,7 @@ def test_importance_pass_shows_a_progress_bar(capsys, monkeypatch):
 
 def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
     model = ckpt(models.build_tiny("tiny-bert", num_labels=2))  # hidden dropout 0.1, a trainable head
-    common.prepare(model)
+    common.prepare(model, ["classifier"])
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 260, (4, 10), generator=g)
@@ -303,7 +303,7 @@ def test_no_tokens_by_rows_tensor_saved(autocast):
 
 def test_param_count_summary_and_lr_groups():
     model = models.build_tiny("tiny-bert", num_labels=3)  # has a head that keeps lr × 1
-    m = taso.TASO(metric="w")  # r = 8, p = 1/8: out + in per matrix
+    m = taso.TASO(metric="w", heads=["classifier"])  # r = 8, p = 1/8: out + in per matrix
     m.attach(model, iter([]))
     per = common.params_per_module(model, m.prefix)
     mods = common.adapters(model, taso.TASOLinear)
@@ -324,7 +324,7 @@ def test_param_count_summary_and_lr_groups():
         assert mod.taso_A.numel() + mod.taso_B.numel() == 4 * (math.ceil(0.3 * out) + math.ceil(0.3 * inn))
     for rule, p, expect in (("sqrt", None, 8 ** 0.5), ("linear", None, 8.0), ("none", None, 1.0),
                             ("sqrt", 0.25, 2.0), ("linear", 0.25, 4.0)):
-        m = taso.TASO(metric="w", lr_scale=rule, density=p)
+        m = taso.TASO(metric="w", lr_scale=rule, density=p, heads=["classifier"])
         model = m.attach(models.build_tiny("tiny-bert", num_labels=3), iter([]))
         assert m.summary()["lr_scale"] == pytest.approx(expect)
         opt = train.build_optimizer(model, m, SimpleNamespace(lr=1e-3, weight_decay=0.0))  # the trainer's
@@ -337,13 +337,13 @@ def test_param_count_summary_and_lr_groups():
 
 
 def test_bad_flags():
-    with pytest.raises(ValueError, match="--taso_density must be in"):
+    with pytest.raises(ValueError, match="`density` must be in"):
         taso.TASO(density=2)
-    with pytest.raises(ValueError, match="--taso_topk must be in"):
+    with pytest.raises(ValueError, match="`topk` must be in"):
         taso.TASO(topk=0)
-    with pytest.raises(ValueError, match="--taso_metric"):
+    with pytest.raises(ValueError, match="`metric`"):
         taso.TASO(metric="fisher")
-    with pytest.raises(ValueError, match="--taso_calib_batches"):
+    with pytest.raises(ValueError, match="`calib_batches`"):
         taso.TASO(calib_batches=0)
 
 
