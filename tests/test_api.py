@@ -204,7 +204,7 @@ def test_own_loop_trains_every_method_to_train_py_losses(method, tmp_path, monke
     ref = train.main(["--method", method, "--model", "tiny-llama", "--max_steps", str(steps), "--dtype", "fp32",
                       "--schedule", "constant", "--warmup", "0", "--eval_limit", "1",
                       "--output_dir", str(tmp_path / "train"), *flags])["losses"]
-    assert len(own) == steps and max(abs(a - b) for a, b in zip(own, ref)) <= 1e-6, (own, ref)
+    assert len(own) == steps and max(abs(a - b) / b for a, b in zip(own, ref)) <= 1e-6, (own, ref)  # fp32 sum orders
     assert os.path.isfile(tmp_path / "own" / "config.json")  # the merged export
 
 
