@@ -218,3 +218,22 @@ def test_trainer_example_runs_every_method_with_num_train_epochs(method, tmp_pat
     assert m.next_step == 3 if method in ("g2r2", "pilora") else True
     assert {"g2r2": lambda: m.refined, "pilora": lambda: m.stage == "stage2"}.get(method, lambda: True)()
     assert os.path.isfile(tmp_path / "peft" / "adapter_config.json") and os.path.isdir(tmp_path / "merged")
+
+
+def test_trainer_refuses_a_method_built_for_another_length(tmp_path):
+    """num_train_epochs: Trainer's max_steps is its own count (-1 in TrainingArguments); a G²R² whose stages
+    were cut from another total stops before the first step, naming total_steps and Trainer's count."""
+    transformers = pytest.importorskip("transformers")
+    import data
+    import interop
+    model = build_tiny("tiny-llama")
+    model.config.use_cache = False
+    examples = [dict(input_ids=[5, 6, 7, 8], labels=[-100, 6, 7, 8])] * 8
+    method = g2r2.G2R2(r=2, total_steps=3, warmup=1, prune=1)
+    method.attach(model)
+    targs = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=4,
+                                           save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=examples,
+                                   data_collator=lambda f: data.collate(f, 0), callbacks=[interop.MethodCallback(method)])
+    with pytest.raises(common.UserError, match=r"built for total_steps=3 but Trainer runs 2 optimizer steps"):
+        trainer.train()
