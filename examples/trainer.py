@@ -26,7 +26,7 @@ args = p.parse_args()
 
 torch.manual_seed(args.seed)
 path, _, tok = models.resolve(argparse.Namespace(model=args.model, task="causal"))
-model = models.load_model(argparse.Namespace(model=args.model, seed=args.seed), path, "causal")
+model = models.load_model(argparse.Namespace(model=args.model, seed=args.seed, dtype="fp32"), path, "causal")
 model.config.use_cache = False
 examples = data.tokenize_instructions(data.builtin_task(args.seed)[0], tok, 256)[:args.max_samples]
 collate = lambda rows: data.collate(rows, tok.pad_token_id)  # noqa: E731
