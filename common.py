@@ -434,7 +434,7 @@ class Method:
                                         changed: rebuild the optimizer over parameters() / param_groups().
     state_dict()                        everything attach(state=...) needs to rebuild this run.
     export(model)                       merge adapters into plain Linears (no extra latency).
-    summary()                           the method's fields of summary.json (plots.py draws from them).
+    summary()                           the method's fields of summary.json (plots.py draws its state).
 
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
     `schedule_start` is the step at which the current learning-rate schedule (warmup) began; `stage` is
