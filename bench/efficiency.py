@@ -281,6 +281,7 @@ def row_method(name, mbs, dtype_name, seed, calib, steps):
     total = pre + 2 * steps + 40  # the schedule never ends inside the measurement
     args = method_args(kind, r, targets, extra + stage_flags(kind, stage, pre, total), mbs, dtype_name, seed, calib)
     method = PeftLoRA(**vars(args)) if kind == "peft" else train.build_method(args, "causal", total, total)
+    method.heads = list(train.HEADS)  # bench/memory.py's image rows train their head (a causal LM has none)
     return args, method, pre, total
 
 
