@@ -1,13 +1,12 @@
 """What two or more methods share: the LoRA layer, target discovery, the "mask mapping" scatter of
-compact row blocks, merging, an EMA, parameter counting, and the Method interface with plain LoRA
-(`--method lora`) as the baseline.
+compact row blocks, merging, an EMA, parameter counting, and the Method interface (hooks, misuse
+checks) with plain LoRA (`--method lora`) as the baseline.
 
 LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Kaiming-uniform a=√5),
 B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
 """
 import hashlib
 import math
-import os
 from contextlib import contextmanager
 from functools import partial
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.checkpoint import checkpoint
 
 # Default targets by module-name suffix, per architecture (config.model_type). `--targets` overrides.
@@ -26,13 +26,47 @@ VIT = BERT + ["attention.q_proj", "attention.k_proj", "attention.v_proj", "atten
               "mlp.fc1", "mlp.fc2"]  # transformers ≥ 5 names ViT's layers like this
 DEFAULT_TARGETS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "deberta-v2": DEBERTA,
                    "vit": VIT, "bert": BERT, "roberta": BERT}
-# New task heads are trained fully and saved with the adapter (never adapted, never frozen).
-HEAD_NAMES = ("classifier", "score", "pooler.dense")
 
 
 class UserError(ValueError):
     """Bad input (a flag, file, folder, model, checkpoint): train.py prints `error: <message>` and
     exits 2. The message is one line, what is wrong then `; ` and the fix."""
+
+
+def need(ok, message):
+    """A bad constructor argument: ValueError(message), which names the keyword in backticks (`r`);
+    train.py writes the flag (--r) in its place."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_lora(r, alpha, dropout):
+    """LoRA's rank r (int ≥ 1), α (finite, > 0) and adapter dropout p (in [0, 1))."""
+    need(isinstance(r, int) and r >= 1, f"`r` (the rank) must be an integer >= 1, got {r!r}")
+    need(isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0,
+         f"`alpha` must be a finite number > 0 (s = alpha / r), got {alpha!r}")
+    need(isinstance(dropout, (int, float)) and 0 <= dropout < 1, f"`dropout` must be in [0, 1), got {dropout!r}")
+
+
+def check_names(value, kw):
+    """`value` as a list of module-name suffixes (None stays None); a bare string is refused."""
+    ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value))
+    need(ok, f"`{kw}` must be a list of module-name suffixes, e.g. [\"q_proj\", \"v_proj\"], got {value!r}")
+    return None if value is None else list(value)
+
+
+def check_linear(base):
+    need(isinstance(base, nn.Linear), f"`base` must be an nn.Linear, got {type(base).__name__}")
+
+
+def check_index(idx, size, kw):
+    """idx as a sorted long tensor of distinct indices in [0, size)."""
+    idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+    if torch._subclasses.fake_tensor.is_fake(idx):  # bench/memory.py counts on fake tensors: no values
+        return idx.sort().values
+    ok = bool(((idx >= 0) & (idx < size)).all()) and len(idx.unique()) == len(idx)
+    need(ok, f"`{kw}` must hold distinct indices in [0, {size}), got {idx.tolist()[:8]}")
+    return idx.sort().values
 
 
 # ----------------------------------------------------------------------------- the LoRA layer
@@ -42,6 +76,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
+        check_linear(base)
+        check_lora(r, alpha, dropout)
         check_rank(base, r)
         self.base = base.requires_grad_(False)
         dev = base.weight.device
@@ -156,12 +192,11 @@ class _DropoutLinear(torch.autograd.Function):
 def check_rank(base: nn.Linear, r: int):
     if not 1 <= r <= min(base.in_features, base.out_features):
         raise UserError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "
-                        f"pass --r between 1 and {min(base.in_features, base.out_features)}")
+                        f"pass `r` between 1 and {min(base.in_features, base.out_features)}")
 
 
 def check_fraction(name: str, value: float):
-    if not 0 < value <= 1:
-        raise UserError(f"--{name} must be in (0, 1], got {value}")
+    need(isinstance(value, (int, float)) and 0 < value <= 1, f"`{name}` must be in (0, 1], got {value!r}")
 
 
 # ----------------------------------------------------------------- compact blocks: scatter, merge
@@ -228,19 +263,19 @@ def linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
+def find_targets(model, targets=None, defaults=DEFAULT_TARGETS, heads=()):
     """Names of the nn.Linear modules whose name ends with one of `targets` (a list of suffixes,
     matched on whole dotted components); architecture defaults when None. Heads are never targets."""
     if targets is None:
         kind = getattr(getattr(model, "config", None), "model_type", None)
         if kind not in defaults:
-            raise UserError(f"no default targets for model type {kind!r}; pass --targets "
+            raise UserError(f"no default targets for model type {kind!r}; pass `targets` "
                             f"(this model's linear layers end in: {', '.join(suffixes(model))})")
         targets = defaults[kind]
     names = [n for n in linear_names(model)
-             if any(n == t or n.endswith("." + t) for t in targets) and not is_head(n)]
+             if any(n == t or n.endswith("." + t) for t in targets) and not is_head(n, heads)]
     if not names:
-        raise UserError(f"no linear layer matches targets {list(targets)}; pass --targets with "
+        raise UserError(f"no linear layer matches targets {list(targets)}; pass `targets` with "
                         f"some of this model's linear-layer suffixes: {', '.join(suffixes(model))}")
     return names
 
@@ -254,9 +289,10 @@ def suffixes(model):
     return seen
 
 
-def is_head(name):
+def is_head(name, heads):
+    """True when module or tensor `name` is (in) one of the modules named by `heads` (suffixes)."""
     return any(name == h or name.startswith(h + ".") or name.endswith("." + h) or ("." + h + ".") in name
-               for h in HEAD_NAMES)
+               for h in heads)
 
 
 def replace_module(model, name, new):
@@ -264,10 +300,11 @@ def replace_module(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def prepare(model):
-    """Freeze every base weight; heads (HEAD_NAMES) stay trainable and are saved with the adapter."""
+def prepare(model, heads=()):
+    """Freeze every base weight; the modules named by `heads` (a new task head, e.g. ["classifier"])
+    stay trainable and are saved with the adapter."""
     for n, p in model.named_parameters():
-        p.requires_grad_(is_head(n))
+        p.requires_grad_(is_head(n, heads))
     return model
 
 
@@ -395,42 +432,94 @@ def check_same(decision, what):
 # ---------------------------------------------------------------------------- method interface
 
 class Method:
-    """The hooks train.py calls, identical in every method file:
+    """The hooks a training loop calls, identical in every method file (examples/own_loop.py):
 
     attach(model, batches, state=None)  inject adapters; may run a scoring pass on `batches` (an
                                         iterator of ready batches, `model(**batch).loss` is the task
                                         loss). With `state` (from state_dict()) restore, don't score.
-    after_backward(step)                gradients of optimizer step `step` are complete (all micro-batches).
+    after_backward(step)                gradients of optimizer step `step` (0, 1, 2, ...) are complete
+                                        (all micro-batches), before clipping and optimizer.step().
     after_step(step) -> bool            after optimizer.step(); True when the set of trainable tensors
-                                        changed and the trainer must rebuild its optimizer.
+                                        changed: rebuild the optimizer over parameters() / param_groups().
     state_dict()                        everything attach(state=...) needs to rebuild this run.
     export(model)                       merge adapters into plain Linears (no extra latency).
-                                        (Adapter layers carry .merge() and .lora_factors(): the PEFT
-                                        export, save_peft, and merge_adapters walk them; no hook needed.)
-    summary() / plot(out_dir)           the method's fields of summary.json, its optional picture.
+    summary()                           the method's fields of summary.json (plots.py draws its state).
 
     `prefix` names the method's trainable tensors; `lr_scale` multiplies their learning rate;
-    `schedule_start` is the step at which the current learning-rate schedule (warmup) began;
-    `stage` is shown in the progress bar; `unused_params` says that some trainable tensors may get no
-    gradient in a step (under torchrun DDP then looks for them: find_unused_parameters). Constructors
-    take keyword arguments named as the CLI flags (train.py calls Method(**vars(args), total_steps=..., steps_per_epoch=...)); `run_steps(steps)` is
-    the number of optimizer steps the run takes given the trainer's count (--max_steps, else --epochs
-    epochs); a method with steps of its own (PiLoRA's stage 1) adds them there.
+    `schedule_start` is the step at which the current learning-rate schedule (warmup) began; `stage` is
+    shown in the progress bar; `unused_params`: some trainable tensors may get no gradient in a step
+    (DDP's find_unused_parameters). `run_steps(steps)` is the number of optimizer steps the run takes
+    given the loop's count (PiLoRA's stage 1 may add its own). Constructors take keywords only, named by
+    the paper and checked at once (ValueError naming the keyword); train.py maps its flags to them.
+    Misuse is loud and costs an int compare per hook: a step that goes back, and, once after a True
+    from after_step, an optimizer step that lacks the new tensors or keeps the dropped ones.
     """
     prefix = "lora_"
     lr_scale = 1.0
     schedule_start = 0
     stage = "train"
     unused_params = False
+    model = None
+    next_step = 0  # the step the next hook call is for: after_step(t) sets t + 1
+    _held = None   # after a change: (missing, stale, steps) noted by the next optimizer step
 
     def run_steps(self, steps):
         return steps
 
     def after_backward(self, step):
-        pass
+        self.check_step(step, "after_backward")
 
     def after_step(self, step):
+        self.check_step(step, "after_step")
+        self.next_step = step + 1
         return False
+
+    def parameters(self):
+        """The tensors that train now (adapters and heads): what the optimizer must hold."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}.parameters(): call attach(model) first")
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def param_groups(self, lr, weight_decay=0.0):
+        """parameters() as AdamW groups: decay for matrices, none for vectors; the method's tensors (leaf
+        name starts with `prefix`) at lr · lr_scale. Each group carries its "lr_scale"."""
+        groups = {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                scale = self.lr_scale if n.rpartition(".")[2].startswith(self.prefix) else 1.0
+                groups.setdefault((scale, weight_decay if p.dim() >= 2 else 0.0), []).append(p)
+        return [{"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": d} for (s, d), ps in groups.items()]
+
+    def check_step(self, step, hook, exact=False):
+        """Hooks get the 0-based optimizer step counting up (exact: each step once, after_step included)."""
+        if step < self.next_step or (exact and step > self.next_step):
+            raise RuntimeError(f"{type(self).__name__}.{hook}({step}): expected step {self.next_step}; call "
+                               f"after_backward(step) then after_step(step) once per optimizer step, step = 0, 1, ...")
+        if self._held is not None:
+            self.check_optimizer()
+
+    def changed(self, before):
+        """after_step is about to return True; `before` were the trainable tensors until now. The next
+        optimizer step (a torch step post-hook) notes whether it holds every tensor trained now and none
+        of those that left; the next hook removes the post-hook and raises if not."""
+        now = {id(p) for p in self.parameters()}
+        left = {id(p) for p in before} - now
+
+        def note(opt, args, kwargs):
+            if self._held is None:
+                held = {id(p) for g in opt.param_groups for p in g["params"]}
+                self._held = (len(now - held), len(left & held), len(now), handle)
+        handle = register_optimizer_step_post_hook(note)
+
+    def check_optimizer(self):
+        missing, stale, n, handle = self._held
+        handle.remove()
+        self._held = None
+        if missing or stale:
+            raise RuntimeError(f"{type(self).__name__}: the optimizer step after after_step() returned True "
+                               f"lacks {missing} of the {n} tensors that train now and holds {stale} that left; "
+                               f"when after_step() returns True, rebuild the optimizer over method.parameters() "
+                               f"(or method.param_groups(lr))")
 
     def state_dict(self):
         return {}
@@ -441,19 +530,23 @@ class Method:
     def summary(self):
         return {}
 
-    def plot(self, out_dir):
-        return None
-
 
 class LoRA(Method):
-    """Plain LoRA on the targets: the baseline every benchmark compares against."""
+    """Plain LoRA on the targets: the baseline every benchmark compares against.
 
-    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, **unused):
-        self.r, self.alpha, self.dropout, self.targets = r, alpha, dropout, targets
+    r, alpha, dropout  rank r, α (s = α / r) and the adapter's input dropout (Hu et al. 2021)
+    targets            module-name suffixes to adapt (None: common.DEFAULT_TARGETS for the model type)
+    heads              module names that train fully (a new task head, e.g. ["classifier"]); never adapted
+    """
+
+    def __init__(self, *, r=8, alpha=16.0, dropout=0.05, targets=None, heads=()):
+        check_lora(r, alpha, dropout)
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.targets, self.heads = check_names(targets, "targets"), check_names(heads, "heads")
 
     def attach(self, model, batches=(), state=None):
-        prepare(model)
-        self.names = find_targets(model, self.targets)
+        prepare(model, self.heads)
+        self.names = find_targets(model, self.targets, heads=self.heads)
         for n in self.names:
             replace_module(model, n, LoRALinear(model.get_submodule(n), self.r, self.alpha, self.dropout))
         self.model = model
@@ -461,25 +554,3 @@ class LoRA(Method):
 
     def summary(self):
         return {"r": self.r, "alpha": self.alpha, "adapted_modules": len(self.names)}
-
-
-# ------------------------------------------------------------------- pictures (optional matplotlib)
-
-def pyplot():
-    """matplotlib.pyplot on the file backend, or None when matplotlib (optional) is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def save_figure(fig, out_dir, name, dpi=120):
-    """Write fig to out_dir/name (tight layout), close it, return the path."""
-    import matplotlib.pyplot as plt
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path

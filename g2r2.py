@@ -10,7 +10,7 @@ Layout: PyTorch keeps ΔW = s·B A as (out × in); the paper writes L = A B as (
 paper's A is our Aᵀ and its B is our Bᵀ (its B starts at zero, as ours does). S and R do not
 depend on whether s is folded into L (S = |∂ℒ/∂l · l| is scale invariant), so L = ΔW = s·B A here.
 
-Estimators of ∂ℒ/∂ΔW for Eq 5 (--g2r2_score):
+Estimators of ∂ℒ/∂ΔW for Eq 5 (`score`):
   exact    Σ_tokens δ_out ⊗ x_in per module, from the adapter's input and the gradient at its output,
            taken in backward (a recomputed forward under gradient checkpointing cannot double count)
            and summed over the micro-batches of one optimizer step before the |·| of Eq 5. With one
@@ -53,7 +53,7 @@ Deviations and readings (each also beside its line):
   - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.07·100 = 7.000000000000001 keeps 7, not 8.
   - The EMAs of Eq 8–9 start at their first value (the paper gives no R̄⁰, Ū⁰): a module scored once
     has R̄ = R, U = 0, so Ū = 0 and R̂ = 0, the least redundant possible, and is kept until it is
-    scored again (with --g2r2_score_every K, at its next scoring).
+    scored again (with score_every = K, at its next scoring).
 """
 import math
 import weakref
@@ -65,18 +65,6 @@ import common
 SCORES = ("exact", "paper", "random", "product")
 # Paper's LLaMA targets (Table 9: Q, K, V, Up, Down); DeBERTa: all linear layers (common.DEBERTA).
 TARGETS = {**common.DEFAULT_TARGETS, "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}
-
-
-def add_args(parser):
-    g = parser.add_argument_group("g2r2")
-    g.add_argument("--g2r2_warmup", type=float, default=0.1, help="T_w: steps if >= 1, else fraction of steps")
-    g.add_argument("--g2r2_prune", type=float, default=0.1, help="T_p: steps if >= 1, else fraction of steps")
-    g.add_argument("--g2r2_p0", type=float, default=1.0, help="initial retention fraction p_0")
-    g.add_argument("--g2r2_pf", type=float, default=0.2, help="final retention fraction p_f")
-    g.add_argument("--g2r2_beta1", type=float, default=0.85, help="EMA of the redundancy (Eq 8)")
-    g.add_argument("--g2r2_beta2", type=float, default=0.95, help="EMA of its uncertainty (Eq 9)")
-    g.add_argument("--g2r2_score", choices=SCORES, default="exact", help="estimator of dL/dDeltaW")
-    g.add_argument("--g2r2_score_every", type=int, default=1, help="score every K optimizer steps")
 
 
 # ------------------------------------------------------------------------ the adapter (Eq 1–3)
@@ -210,9 +198,9 @@ def select(R_hat, live, k):
     return set(sorted(live, key=key)[:k])
 
 
-def stage_length(value, total, flag):
-    if value < 0:
-        raise ValueError(f"--{flag} must be >= 0 (steps if >= 1, fraction of steps if < 1), got {value}")
+def stage_length(value, total, kw):
+    common.need(isinstance(value, (int, float)) and value >= 0,
+                f"`{kw}` must be >= 0 (steps if >= 1, fraction of the steps if < 1), got {value!r}")
     return int(round(value)) if value >= 1 else int(round(value * total))
 
 
@@ -222,35 +210,41 @@ class G2R2(common.Method):
     """Warmup (score), progressive pruning (score, zero), refinement (pruned modules removed)."""
     unused_params = True  # a pruned module skips its branch until refinement removes it
 
-    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, total_steps=None,
-                 steps_per_epoch=None, g2r2_warmup=0.1, g2r2_prune=0.1, g2r2_p0=1.0, g2r2_pf=0.2,
-                 g2r2_beta1=0.85, g2r2_beta2=0.95, g2r2_score="exact", g2r2_score_every=1,
-                 batch_size=None, micro_batch_size=None, **unused):
-        if total_steps is None:
-            raise ValueError("G2R2 needs total_steps (the trainer passes it)")
-        if not 0 < g2r2_pf <= g2r2_p0 <= 1:
-            raise ValueError(f"--g2r2_pf and --g2r2_p0 must satisfy 0 < pf <= p0 <= 1, "
-                             f"got p0={g2r2_p0}, pf={g2r2_pf}")
-        for name, b in (("g2r2_beta1", g2r2_beta1), ("g2r2_beta2", g2r2_beta2)):
-            if not 0 <= b < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {b}")
-        if g2r2_score not in SCORES:
-            raise ValueError(f"--g2r2_score must be one of {', '.join(SCORES)}, got {g2r2_score!r}")
-        if g2r2_score_every < 1:
-            raise ValueError(f"--g2r2_score_every must be >= 1, got {g2r2_score_every}")
-        self.T = total_steps
-        self.T_w = stage_length(g2r2_warmup, total_steps, "g2r2_warmup")
-        self.T_p = max(1, stage_length(g2r2_prune, total_steps, "g2r2_prune"))
-        if self.T_w + self.T_p >= self.T:
-            raise ValueError(f"warmup + pruning must leave refinement steps: T_w={self.T_w} + T_p={self.T_p} "
-                             f">= {self.T} total steps; lower --g2r2_warmup / --g2r2_prune")
+    def __init__(self, *, total_steps=None, r=8, alpha=16.0, dropout=0.05, targets=None, heads=(), seed=0,
+                 warmup=0.1, prune=0.1, p0=1.0, pf=0.2, beta1=0.85, beta2=0.95, score="exact", score_every=1,
+                 micro_batches=1):
+        """total_steps   T, optimizer steps of the whole run (required: the stages are cut from it)
+        warmup, prune    T_w and T_p (App. A.1): steps if >= 1, else fractions of T; refinement is the rest
+        p0, pf           retention p_0 at the start and p_f at the end of pruning (Eq 12), 0 < p_f <= p_0 <= 1
+        beta1, beta2     β1, β2 of the EMAs of R and U (Eq 8–9), in [0, 1)
+        score            estimator of ∂ℒ/∂ΔW: "exact", "paper" (Eq 6), "random", "product" (Table 4)
+        score_every      K: score every K optimizer steps during warmup and pruning
+        micro_batches    backward passes per optimizer step (gradient accumulation): `exact` sums them
+        r, alpha, dropout, targets, heads: LoRA's (common.LoRA); seed: the `random` ablation's draws."""
+        common.check_lora(r, alpha, dropout)
+        common.need(isinstance(total_steps, int) and total_steps >= 1,
+                    f"G2R2 needs `total_steps`, the run's optimizer steps (an integer >= 1), got {total_steps!r}; "
+                    f"pass it (a Trainer with num_train_epochs: len(train_dataloader) // accumulation × epochs)")
+        common.need(isinstance(p0, (int, float)) and isinstance(pf, (int, float)) and 0 < pf <= p0 <= 1,
+                    f"`pf` and `p0` must satisfy 0 < pf <= p0 <= 1, got p0={p0}, pf={pf}")
+        for kw, b in (("beta1", beta1), ("beta2", beta2)):
+            common.need(isinstance(b, (int, float)) and 0 <= b < 1, f"`{kw}` must be in [0, 1), got {b!r}")
+        common.need(score in SCORES, f"`score` must be one of {', '.join(SCORES)}, got {score!r}")
+        common.need(isinstance(score_every, int) and score_every >= 1, f"`score_every` must be an integer >= 1, got {score_every!r}")
+        common.need(isinstance(micro_batches, int) and micro_batches >= 1,
+                    f"`micro_batches` must be an integer >= 1, got {micro_batches!r}")
+        self.T = self.total_steps = total_steps
+        self.T_w = stage_length(warmup, total_steps, "warmup")
+        self.T_p = max(1, stage_length(prune, total_steps, "prune"))
+        common.need(self.T_w + self.T_p < self.T, f"warmup + pruning must leave refinement steps: T_w={self.T_w} + "
+                    f"T_p={self.T_p} >= {self.T} total steps; lower `warmup` / `prune`")
         self.r, self.alpha, self.dropout, self.seed = r, alpha, dropout, seed
-        self.targets = targets.split(",") if isinstance(targets, str) else targets
-        self.p0, self.pf, self.beta1, self.beta2 = g2r2_p0, g2r2_pf, g2r2_beta1, g2r2_beta2
-        self.score, self.score_every = g2r2_score, g2r2_score_every
-        # micro-batches per optimizer step (and process, under torchrun): backward passes `exact` sums before the abs
-        self.micro_batches = batch_size // micro_batch_size if batch_size and micro_batch_size else 1
-        self.micro_batches = max(1, self.micro_batches // common.world()[1])
+        self.targets, self.heads = common.check_names(targets, "targets"), common.check_names(heads, "heads")
+        self.p0, self.pf, self.beta1, self.beta2 = p0, pf, beta1, beta2
+        self.score, self.score_every = score, score_every
+        # micro-batches per optimizer step and process (torchrun): backward passes `exact` sums before the abs
+        self.micro_batches = max(1, micro_batches // common.world()[1])
+        self.scored = -1  # the last step after_backward scored
 
     # -- stages
     def stage_of(self, t):
@@ -261,10 +255,10 @@ class G2R2(common.Method):
 
     # -- hooks
     def attach(self, model, batches=(), state=None):
-        common.prepare(model)
+        common.prepare(model, self.heads)
         self.model = model
         model.register_forward_pre_hook(_weak_hook(self))  # weakly: no model <-> method cycle
-        self.names = common.find_targets(model, self.targets, defaults=TARGETS)
+        self.names = common.find_targets(model, self.targets, defaults=TARGETS, heads=self.heads)
         self.layers = []
         for n in self.names:
             layer = G2R2Linear(model.get_submodule(n), self.r, self.alpha, self.dropout)
@@ -278,12 +272,13 @@ class G2R2(common.Method):
         self.refined, self.next_step = False, 0
         if state is not None:
             if state["names"] != self.names:
-                raise ValueError("checkpoint adapts other modules than this model/--targets; same --model?")
+                raise ValueError("the saved state adapts other modules than this model and `targets`; "
+                                 "restore it into the model and targets it was trained with")
             f = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
             self.R_bar, self.U_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
             self.R_hat = [None if a is None or b is None else a * b for a, b in zip(self.R_bar, self.U_bar)]
             self.pruned_at = {int(i): s for i, s in state["pruned_at"].items()}
-            self.next_step = state["next_step"]
+            self.next_step, self.scored = state["next_step"], state.get("scored", state["next_step"] - 1)
             for i in self.pruned_at:
                 self.prune(i)
             if state["refined"]:
@@ -293,8 +288,10 @@ class G2R2(common.Method):
         return model
 
     def after_backward(self, step):
+        self.check_step(step, "after_backward", exact=True)
         if not self.scores_at(step):
             return
+        self.scored = step
         live = [i for i in range(len(self.names)) if i not in self.pruned_at]
         sums = {}  # module -> ΣS (one value) or (ΣS_A, ΣS_B) for product, on the model's device
         if self.score == "exact":
@@ -335,6 +332,10 @@ class G2R2(common.Method):
                     self.R_bar[i], self.U_bar[i], torch.tensor(R_i, dtype=torch.float64), self.beta1, self.beta2)
 
     def after_step(self, step):
+        self.check_step(step, "after_step", exact=True)
+        if self.scores_at(step) and self.scored != step:
+            raise RuntimeError(f"G2R2: step {step} scores the modules but after_backward({step}) was not called; "
+                               f"call method.after_backward(step) after the backward passes, before optimizer.step()")
         self.stage = self.stage_of(step)  # the stage this step belonged to (progress bar, stage times)
         self.next_step = step + 1
         changed = False
@@ -351,7 +352,9 @@ class G2R2(common.Method):
                 self.zero(i)
             common.check_same(self.pruned_at, "g2r2 pruned modules")
             if step + 1 == self.T_w + self.T_p:
+                before = self.parameters()
                 self.refine()
+                self.changed(before)
                 changed = True
         self.set_sinks(step + 1)
         return changed
@@ -377,8 +380,8 @@ class G2R2(common.Method):
             self.forwards += 1
             if self.score == "exact" and self.forwards > self.micro_batches and any(
                     L is not None and L.sink is not None for L in self.layers):
-                raise RuntimeError(f"g2r2 exact scoring: more than {self.micro_batches} forward passes in one "
-                                   "optimizer step; pass batch_size and micro_batch_size")
+                raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one "
+                                   "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
 
     def capture(self, i, delta_out, x):
         """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
@@ -429,7 +432,7 @@ class G2R2(common.Method):
         f = lambda v: None if v is None else v.item()
         return {"names": self.names, "r_bar": [f(v) for v in self.R_bar], "u_bar": [f(v) for v in self.U_bar],
                 "pruned_at": dict(self.pruned_at), "refined": self.refined, "next_step": self.next_step,
-                "stage": self.stage}
+                "scored": self.scored, "stage": self.stage}
 
     def export(self, model):
         if not self.refined:
@@ -449,23 +452,3 @@ class G2R2(common.Method):
                 "adapter_params_start": sum(self.adapter_params),
                 "adapter_params_end": sum(self.adapter_params[i] for i in kept),
                 "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.R_hat)}}
-
-    def plot(self, out_dir):
-        """Layers × module-type grid: the step at which each module was pruned (retained: blank)."""
-        plt = common.pyplot()
-        if plt is None:
-            return None
-        layer_of = lambda n: next((int(p) for p in n.split(".") if p.isdigit()), 0)
-        types = list(dict.fromkeys(n.split(".")[-1] for n in self.names))
-        layers = sorted({layer_of(n) for n in self.names})
-        grid = torch.full((len(layers), len(types)), float("nan"))
-        for i, n in enumerate(self.names):
-            grid[layers.index(layer_of(n)), types.index(n.split(".")[-1])] = self.pruned_at.get(i, float("nan"))
-        fig, ax = plt.subplots(figsize=(1 + 0.8 * len(types), 1 + 0.25 * len(layers)))
-        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
-        ax.set_yticks(range(len(layers)), layers)
-        ax.set_ylabel("layer")
-        ax.set_title(f"G²R²: pruned at step (blank = retained, {len(self.retained())}/{len(self.names)})")
-        fig.colorbar(im, ax=ax, label="step")
-        return common.save_figure(fig, out_dir, "g2r2_modules.png")

@@ -127,6 +127,11 @@ def MethodCallback(method):
                 raise UserError(f"Trainer resumes at step {state.global_step} but the method was attached "
                                 f"afresh; call interop.resume(trainer, method, checkpoint) instead of "
                                 f"method.attach(model) before trainer.train(resume_from_checkpoint=...)")
+            planned = getattr(method, "total_steps", None)  # G²R²'s stages, PiLoRA's stage 2 are cut from it
+            if planned is not None and planned != state.max_steps:
+                raise UserError(f"MethodCallback: {type(method).__name__} was built for total_steps={planned} but "
+                                f"Trainer runs {state.max_steps} optimizer steps; pass total_steps={state.max_steps} "
+                                f"(with num_train_epochs: ceil(epochs × len(train_dataloader) / accumulation))")
             self.clip, args.max_grad_norm = args.max_grad_norm, 0.0
             sync_optimizer(model, method, optimizer, lr_scheduler, args.learning_rate, args.weight_decay)
             if method.schedule_start:  # resumed after a restart (PiLoRA stage 2): the lambdas are not saved

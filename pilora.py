@@ -1,16 +1,16 @@
 """PiLoRA: Parameter-Importance-Aware LoRA (paper 001: §3.2–3.3, Algorithm 1, App. A.2, A.4).
 
 Stage 1 (Alg. 1 lines 3–13): a standard rank-r LoRA (common.LoRALinear) on the targets (LLaMA: Q, K, V,
-Up, Down per Table 5; encoders / ViT: common's defaults). Every K = --pilora_interval optimizer steps
+Up, Down per Table 5; encoders / ViT: common's defaults). Every K = `interval` optimizer steps
 (t mod K == 0, from t = 0), between backward and the optimizer step, each module's reconstructed
 full-weight gradient G̃ = B·Gᴬ + Gᴮ·A (Eq 7, derived in App. A.2) gives neuron (row) scores
 S_i = Σ_j |G̃_ij| (Eq 8), and every row with S_i above the mean of S over its matrix gets a hit:
-H_i += 1 (Alg. 1 lines 10–12). Stage 1 lasts --pilora_phase steps (default one epoch, App. A.4); stage 2
-then runs for --epochs of its own (Alg. 1 line 19), so the run is one epoch longer than --epochs says.
---max_steps counts the whole run, both stages.
+H_i += 1 (Alg. 1 lines 10–12). Stage 1 lasts `phase` steps (default one epoch, App. A.4); with `extend`
+(train.py's --epochs) stage 2 then runs for the trainer's epochs of its own (Alg. 1 line 19), so the run is
+one epoch longer than --epochs says. Otherwise (own loops, --max_steps) `total_steps` is the whole run.
 
 Partition (line 14): the dominant set M is the smallest set of rows, taken in decreasing H, whose
-cumulative hit count reaches τ·ΣH (--pilora_tau, 0.7: where Fig. 6 saturates). Table 4's ablations:
+cumulative hit count reaches τ·ΣH (`tau`, 0.7: where Fig. 6 saturates). Table 4's ablations:
 `random` (⌊m/2⌋ rows drawn uniformly: Table 4 gives it top-half's parameter count, 0.66 %) and `top-half`
 (the ⌊m/2⌋ highest rows in that order).
 
@@ -37,17 +37,16 @@ Readings of the paper and deviations:
   share one dropout of x. r′ = 0 freezes the supplementary rows (Fig. 4's left point); a group with no
   rows (|M| = 0 or |M| = m) gets no adapter.
 - Stage 2 starts from Θ₀ (Alg. 1 line 15): new adapters with standard init (A Kaiming, B = 0) drawn
-  from a generator seeded with --seed, and task heads reset to their values at attach (new tensors, so
-  their Adam state goes too). --pilora_warm_start instead copies B_d = B[M], A_d = A from stage 1 (so
+  from a generator seeded with `seed`, and task heads reset to their values at attach (new tensors, so
+  their Adam state goes too). `warm_start` instead copies B_d = B[M], A_d = A from stage 1 (so
   the dominant rows keep exactly their stage-1 update s·B[M]A), starts the supplementary group fresh
   (B_s = 0) and keeps the heads with their Adam state.
 - The LR schedule restarts at stage 2 with its own warmup (schedule_start): stage 2 is a new
   fine-tuning run of new zero-initialised adapters with empty Adam moments, as stage 1 was.
-- Steps: stage 1 comes before the --epochs of stage 2 (Alg. 1); --pilora_stage1_in_epochs instead
-  carves stage 1 out of --epochs (the run is --epochs long in all). --max_steps is the whole run. When
-  the run is fixed (--max_steps, --pilora_stage1_in_epochs) and at most one epoch long, the default
-  stage length falls back to half the run, so that a stage 2 exists; an explicit --pilora_phase that
-  leaves no stage 2 is an error.
+- Steps: with `extend` stage 1 comes before the epochs of stage 2 (Alg. 1); `stage1_in_epochs` instead
+  carves stage 1 out of them (the run is `total_steps` long in all, as without `extend`). When the run
+  is fixed and at most one epoch long, the default stage length falls back to half the run, so that a
+  stage 2 exists; an explicit `phase` that leaves no stage 2 is an error.
 """
 import math
 
@@ -59,21 +58,6 @@ import common
 
 TARGETS = {**common.DEFAULT_TARGETS, "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}  # Table 5
 PARTITIONS = ("hits", "random", "top-half")
-
-
-def add_args(p):
-    g = p.add_argument_group("pilora")
-    g.add_argument("--pilora_interval", type=int, default=10, help="K: score every K optimizer steps in stage 1")
-    g.add_argument("--pilora_phase", type=int, default=None,
-                   help="stage-1 length in optimizer steps (default: one epoch)")
-    g.add_argument("--pilora_stage1_in_epochs", action="store_true",
-                   help="take stage 1 out of --epochs instead of running it before them (Alg. 1)")
-    g.add_argument("--pilora_tau", type=float, default=0.7, help="dominant rows hold this fraction of all hits")
-    g.add_argument("--pilora_partition", choices=PARTITIONS, default="hits", help="hits, or Table 4's ablations")
-    g.add_argument("--pilora_r_supp", type=int, default=None,
-                   help="r′ of the supplementary rows (default 2 for causal LMs, 1 otherwise; 0 freezes them)")
-    g.add_argument("--pilora_warm_start", action="store_true",
-                   help="stage 2 starts from B[M], A of stage 1 on the dominant rows and keeps the heads")
 
 
 # -------------------------------------------------------------- stage 1: importance scores (§3.2)
@@ -127,7 +111,7 @@ def select_rows(H, S, tau, how="hits", generator=None):
     elif how == "hits":
         rows = importance_order(H, S)[:dominant_size(H, S, tau)]
     else:
-        raise ValueError(f"--pilora_partition must be one of {', '.join(PARTITIONS)}, got {how!r}")
+        raise ValueError(f"`partition` must be one of {', '.join(PARTITIONS)}, got {how!r}")
     return rows.sort().values
 
 
@@ -139,10 +123,13 @@ class PiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, dominant, r, r_supp, alpha, dropout=0.0, generator=None):
         super().__init__()
+        common.check_linear(base)
+        common.check_lora(r, alpha, dropout)
+        common.need(isinstance(r_supp, int) and 0 <= r_supp, f"`r_supp` (r′) must be an integer >= 0, got {r_supp!r}")
         self.base = base.requires_grad_(False)
         m, n, dev = base.out_features, base.in_features, base.weight.device
         mask = torch.zeros(m, dtype=torch.bool)
-        mask[torch.as_tensor(dominant, dtype=torch.long).cpu()] = True  # M
+        mask[common.check_index(torch.as_tensor(dominant).cpu(), m, "dominant")] = True  # M
         # ascending rows: compact row k(i) − 1 of B holds row i, k(i) = Σ_{j≤i} M_j (Eq 9)
         self.register_buffer("idx_d", mask.nonzero().flatten().to(dev), persistent=False)
         self.register_buffer("idx_s", (~mask).nonzero().flatten().to(dev), persistent=False)
@@ -206,42 +193,50 @@ def param_count(m, n, k, r, r_supp):
 # ------------------------------------------------------------------------------- the method object
 
 class PiLoRA(common.Method):
-    """Stage 1: LoRA + hit counting; at the end of --pilora_phase, partition and switch to PiLoRALinear."""
+    """Stage 1: LoRA + hit counting; after `phase` steps, partition and switch to PiLoRALinear."""
     prefix = "lora_"  # stage 1: LoRALinear's lora_A/B; stage 2: lora_A_d, lora_B_d, lora_A_s, lora_B_s
 
-    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, total_steps=None,
-                 steps_per_epoch=None, max_steps=None, pilora_interval=10, pilora_phase=None, pilora_tau=0.7,
-                 pilora_partition="hits", pilora_r_supp=None, pilora_warm_start=False,
-                 pilora_stage1_in_epochs=False, **unused):
-        if pilora_interval < 1:
-            raise ValueError(f"--pilora_interval must be ≥ 1 step, got {pilora_interval}")
-        if pilora_phase is not None and pilora_phase < 1:
-            raise ValueError(f"--pilora_phase must be ≥ 1 step, got {pilora_phase}")
-        common.check_fraction("pilora_tau", pilora_tau)
-        if pilora_partition not in PARTITIONS:
-            raise ValueError(f"--pilora_partition must be one of {', '.join(PARTITIONS)}, got {pilora_partition!r}")
-        if pilora_r_supp is not None and not 0 <= pilora_r_supp <= r:
-            raise ValueError(f"--pilora_r_supp must be between 0 and --r ({r}), got {pilora_r_supp}")
-        self.r, self.alpha, self.dropout, self.targets, self.seed = r, alpha, dropout, targets, seed
-        stage1 = pilora_phase or steps_per_epoch
-        if total_steps is not None and stage1 is not None and not (max_steps or pilora_stage1_in_epochs):
-            total_steps += stage1  # Alg. 1: stage 1, then stage 2 for the trainer's --epochs
+    def __init__(self, *, r=8, alpha=16.0, dropout=0.05, targets=None, heads=(), seed=0, phase=None,
+                 steps_per_epoch=None, total_steps=None, extend=False, stage1_in_epochs=False, interval=10,
+                 tau=0.7, partition="hits", r_supp=None, causal=False, warm_start=False):
+        """phase            stage-1 length in optimizer steps; None: one epoch, `steps_per_epoch` (App. A.4)
+        total_steps      optimizer steps of the whole run (checks that a stage 2 exists); with `extend`, of
+                         stage 2, which then follows stage 1 (Alg. 1; train.py's --epochs): run_steps() is the run
+        stage1_in_epochs with `extend`: take stage 1 out of total_steps instead
+        interval         K: score every K optimizer steps in stage 1 (Alg. 1 line 7; K = 10 is ours)
+        tau              τ: the dominant rows hold this fraction of all hits (Fig. 6), in (0, 1]
+        partition        "hits" (§3.3), or Table 4's ablations "random", "top-half"
+        r_supp           r′ of the supplementary rows, 0 <= r′ <= r; None: 2 if `causal` else 1 (Tables 5–7)
+        causal           the model is a causal LM (only chooses r′'s default)
+        warm_start       stage 2 starts from B[M], A of stage 1 on the dominant rows and keeps the heads
+        r, alpha, dropout, targets, heads: LoRA's (common.LoRA), both stages; seed: stage 2's init and `random`."""
+        common.check_lora(r, alpha, dropout)
+        common.need(isinstance(interval, int) and interval >= 1, f"`interval` must be an integer >= 1 step, got {interval!r}")
+        common.need(phase is None or (isinstance(phase, int) and phase >= 1), f"`phase` must be an integer >= 1 step, got {phase!r}")
+        common.check_fraction("tau", tau)
+        common.need(partition in PARTITIONS, f"`partition` must be one of {', '.join(PARTITIONS)}, got {partition!r}")
+        r_supp = (2 if causal else 1) if r_supp is None else r_supp  # Tables 5–7: 2 for the LLMs, 1 for RoBERTa, ViT
+        common.need(isinstance(r_supp, int) and 0 <= r_supp <= r, f"`r_supp` must be between 0 and `r` ({r}), got {r_supp!r}")
+        stage1 = phase or steps_per_epoch
+        common.need(stage1 is not None, "PiLoRA needs its stage-1 length: pass `phase` (optimizer steps) or "
+                    "`steps_per_epoch` (stage 1 is then one epoch)")
+        if total_steps is not None and extend and not stage1_in_epochs:
+            total_steps += stage1  # Alg. 1: stage 1, then stage 2 for the trainer's epochs
+        self.r, self.alpha, self.dropout, self.seed = r, alpha, dropout, seed
+        self.targets, self.heads = common.check_names(targets, "targets"), common.check_names(heads, "heads")
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.interval, self.phase, self.tau = pilora_interval, pilora_phase, pilora_tau
-        self.partition, self.r_supp, self.warm_start = pilora_partition, pilora_r_supp, pilora_warm_start
-        self.stage, self.schedule_start, self.scorings = "stage1", 0, 0
+        self.interval, self.tau, self.partition, self.r_supp, self.warm_start = interval, tau, partition, r_supp, warm_start
+        self.phase = self.stage1_length(phase)
+        self.stage, self.schedule_start, self.scorings, self.scored = "stage1", 0, 0, -1
         self.dominant = None
 
     def attach(self, model, batches=(), state=None):
-        common.prepare(model)
+        common.prepare(model, self.heads)
         self.model = model
-        self.names = common.find_targets(model, self.targets, defaults=TARGETS)
+        self.names = common.find_targets(model, self.targets, defaults=TARGETS, heads=self.heads)
         base = {n: model.get_submodule(n) for n in self.names}
         self.shapes = {n: (b.out_features, b.in_features) for n, b in base.items()}
         if state is None:
-            self.phase = self.stage1_length()
-            if self.r_supp is None:  # Tables 5–7: r′ = 2 for the LLMs, 1 for RoBERTa and ViT
-                self.r_supp = 2 if "CausalLM" in type(model).__name__ else 1
             self.hits = {n: torch.zeros(m, dtype=torch.long, device=base[n].weight.device)  # on the model's
                          for n, (m, _) in self.shapes.items()}  # device: scoring never waits for the host
             self.scores = {n: torch.zeros(m, device=base[n].weight.device) for n, (m, _) in self.shapes.items()}
@@ -250,6 +245,8 @@ class PiLoRA(common.Method):
             for k in ("stage", "phase", "r_supp", "scorings", "schedule_start", "hits", "scores", "heads0",
                       "dominant"):
                 setattr(self, k, state[k])
+            self.next_step = state.get("next_step", 0)
+            self.scored = state.get("scored", self.next_step - 1)
         if self.stage == "stage1":
             for n in self.names:
                 common.replace_module(model, n, common.LoRALinear(base[n], self.r, self.alpha, self.dropout))
@@ -261,30 +258,28 @@ class PiLoRA(common.Method):
         return model
 
     def run_steps(self, steps):
-        """The whole run: stage 1 plus the trainer's `steps` of stage 2 (Alg. 1), or `steps` itself when
-        they are --max_steps or --pilora_stage1_in_epochs is set."""
+        """The whole run: `total_steps` (with `extend`, stage 1 plus stage 2's), else the loop's `steps`."""
         return steps if self.total_steps is None else self.total_steps
 
-    def stage1_length(self):
-        if self.phase is not None:
-            if self.total_steps is not None and self.phase >= self.total_steps:
-                raise ValueError(f"--pilora_phase {self.phase} leaves no stage 2 in {self.total_steps} steps; "
-                                 f"pass a smaller --pilora_phase or train longer")
-            return self.phase
-        if self.steps_per_epoch is None:
-            raise ValueError("the epoch length is unknown; pass --pilora_phase (stage-1 steps)")
-        if self.total_steps is not None and self.steps_per_epoch >= self.total_steps:
-            if self.total_steps < 2:
-                raise ValueError("PiLoRA needs ≥ 2 steps (one per stage); pass a larger --max_steps")
-            print(f"pilora: one epoch ({self.steps_per_epoch} steps) leaves no stage 2 in {self.total_steps} "
-                  f"steps; stage 1 takes {self.total_steps // 2} (set --pilora_phase)")
-            return self.total_steps // 2
-        return self.steps_per_epoch
+    def stage1_length(self, phase):
+        T, epoch = self.total_steps, self.steps_per_epoch
+        if phase is not None:
+            common.need(T is None or phase < T, f"`phase` {phase} leaves no stage 2 in {T} steps; pass a smaller "
+                        f"`phase` or train longer")
+            return phase
+        if T is not None and epoch >= T:
+            common.need(T >= 2, "PiLoRA needs >= 2 steps (one per stage); pass a larger `total_steps`")
+            print(f"pilora: one epoch ({epoch} steps) leaves no stage 2 in {T} steps; stage 1 takes {T // 2} "
+                  f"(set `phase`)")
+            return T // 2
+        return epoch
 
     @torch.no_grad()
     def after_backward(self, step):
+        self.check_step(step, "after_backward", exact=True)
         if self.stage != "stage1" or step % self.interval:  # Alg. 1 line 7: t mod K == 0
             return
+        self.scored = step
         for n in self.names:
             mod = self.model.get_submodule(n)
             A, B = mod.lora_A, mod.lora_B
@@ -296,9 +291,16 @@ class PiLoRA(common.Method):
         self.scorings += 1
 
     def after_step(self, step):
+        self.check_step(step, "after_step", exact=True)
+        self.next_step = step + 1
+        if self.stage == "stage1" and step % self.interval == 0 and self.scored != step:
+            raise RuntimeError(f"PiLoRA: step {step} counts hits but after_backward({step}) was not called; call "
+                               f"method.after_backward(step) after the backward passes, before optimizer.step()")
         if self.stage != "stage1" or step + 1 < self.phase:
             return False
+        before = self.parameters()
         self.switch()
+        self.changed(before)
         self.schedule_start = step + 1  # stage 2: a fresh warmup + decay for the fresh adapters
         return True
 
@@ -329,7 +331,7 @@ class PiLoRA(common.Method):
         return {"stage": self.stage, "phase": self.phase, "r_supp": self.r_supp, "scorings": self.scorings,
                 "schedule_start": self.schedule_start, "hits": {n: h.cpu() for n, h in self.hits.items()},
                 "scores": {n: s.cpu() for n, s in self.scores.items()},
-                "heads0": self.heads0, "dominant": self.dominant}
+                "heads0": self.heads0, "dominant": self.dominant, "next_step": self.next_step, "scored": self.scored}
 
     def summary(self):
         out = {"r": self.r, "alpha": self.alpha, "r_supp": self.r_supp, "tau": self.tau,
@@ -345,25 +347,3 @@ class PiLoRA(common.Method):
                        dominant_fraction=sum(k.values()) / sum(m for m, _ in self.shapes.values()),
                        pilora_params=pilora, param_ratio=pilora / lora)
         return out
-
-    def plot(self, out_dir):
-        """Fig. 3 style: each matrix's dominant (1) / supplementary (0) rows as a stripe; hit histogram."""
-        plt = common.pyplot()
-        if plt is None:
-            return None
-        if self.dominant is None:
-            return None
-        width = max(m for m, _ in self.shapes.values())
-        img = torch.full((len(self.names), width), float("nan"))
-        for i, n in enumerate(self.names):
-            img[i, :self.shapes[n][0]] = 0.0
-            img[i, self.dominant[n]] = 1.0
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 2 + 0.25 * len(self.names)),
-                                       gridspec_kw={"width_ratios": [3, 1]})
-        ax1.imshow(img.numpy(), aspect="auto", interpolation="nearest", cmap="coolwarm")
-        ax1.set_yticks(range(len(self.names)), self.names, fontsize=6)
-        ax1.set_xlabel("output neuron (red: dominant, blue: supplementary)")
-        hits = torch.cat([h.cpu() for h in self.hits.values()])
-        ax2.hist(hits.numpy(), bins=[b - 0.5 for b in range(int(hits.max()) + 2)])
-        ax2.set_xlabel(f"hit count H ({self.scorings} scorings)")
-        return common.save_figure(fig, out_dir, "pilora_partition.png")

@@ -10,8 +10,8 @@ Paper: ../shared/papers/004_584a2078842cda78.txt. Per target weight W (d_out × 
   Eq 5          h = f(W, x) + f(M W_f, x) = base(x) + M (W_f x): W_f x is scattered into the selected
                 output features in place (common.scatter_rows), so autograd keeps x and W_f
                 only, never the tokens × r activation W_f x that LoRA keeps as A x (§5.4, App. D.4).
-  §4.2, §5.3    all attention + MLP linear layers, or MLP only (`--spsft_mlp_only`, the "FA" rows of
-                Tables 6–9: attention frozen). Classification heads train fully. No dropout.
+  §4.2, §5.3    all attention + MLP linear layers, or MLP only (`mlp_only`, the "FA" rows of
+                Tables 6–9: attention frozen). Heads (`heads`) train fully. No dropout.
   Merge         W[idx] += W_f in fp32, cast once: a plain Linear, no extra latency.
 
 Deviations and readings:
@@ -32,17 +32,17 @@ Deviations and readings:
   calibration batches are left out of the quantiles. For causal LMs a batch's loss is its token mean.
 - Both Taylor passes score with dropout off (eval mode, gradient checkpointing kept): the importance
   of the pretrained model, not of one random sub-network.
-- `--spsft_ratio`: the paper gives no rounding ("approximately 5 %", §4.2); r = ratio·d_out rounded
+- `ratio`: the paper gives no rounding ("approximately 5 %", §4.2); r = ratio·d_out rounded
   to the nearest whole row, halves up (2.5 → 3), at least 1.
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
   last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's
-  gradients, which is why §5.3 uses ℓ2 for LLMs. With `--spsft_calib_batches 1` nothing is kept;
-  `--spsft_score_groups G` keeps 1/G of it at a time (G passes over the same batches, the same rows).
-- `--spsft_rows` larger than a matrix's d_out selects all its rows (top-r of fewer than r rows).
-- `--spsft_norms` (optional, §1.1 bullet 2) trains every LayerNorm / RMSNorm affine vector in full
+  gradients, which is why §5.3 uses ℓ2 for LLMs. With `calib_batches` = 1 nothing is kept;
+  `score_groups` = G keeps 1/G of it at a time (G passes over the same batches, the same rows).
+- `rows` larger than a matrix's d_out selects all its rows (top-r of fewer than r rows).
+- `norms` (optional, §1.1 bullet 2) trains every LayerNorm / RMSNorm affine vector in full
   (d values each) instead of selecting elements of them.
-- The trainer's shared `--r`, `--alpha`, `--dropout` are LoRA's and are ignored: rows come from
-  `--spsft_rows` / `--spsft_ratio`, and the paper's Llama settings pair SPSFT r with LoRA r/2 (Table 8).
+- LoRA's r, alpha, dropout are not SPSFT's keywords (train.py's --r, --alpha, --dropout do not reach it):
+  rows come from `rows` / `ratio`, and the paper's Llama settings pair SPSFT r with LoRA r/2 (Table 8).
 """
 import math
 import time
@@ -57,22 +57,6 @@ import common
 IMPORTANCE = ("l2", "taylor", "qm_taylor")
 
 
-def add_args(parser):
-    g = parser.add_argument_group("spsft")
-    g.add_argument("--spsft_importance", choices=IMPORTANCE, default="l2",
-                   help="neuron importance: l2 (data-free), taylor, qm_taylor (classification only)")
-    g.add_argument("--spsft_rows", type=int, default=128,
-                   help="rows r tuned per matrix (paper's Llama setting r=128, Tables 6-10)")
-    g.add_argument("--spsft_ratio", type=float, default=None,
-                   help="instead of --spsft_rows: fraction of each matrix's parameters (paper: 0.05)")
-    g.add_argument("--spsft_calib_batches", type=int, default=8, help="batches for taylor/qm_taylor")
-    g.add_argument("--spsft_score_groups", type=int, default=1,
-                   help="taylor/qm_taylor: score the targets in this many runs of layers, one pass each: "
-                        "the fp32 gradient sums ÷ this, the pass time × about this (same rows)")
-    g.add_argument("--spsft_mlp_only", action="store_true", help="freeze attention (the FA setting)")
-    g.add_argument("--spsft_norms", action="store_true", help="also train LayerNorm/RMSNorm affine vectors")
-
-
 # ----------------------------------------------------------------------------- the adapter layer
 
 class SPSFTLinear(nn.Module):
@@ -80,6 +64,9 @@ class SPSFTLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, idx: torch.Tensor):
         super().__init__()
+        common.check_linear(base)
+        idx = common.check_index(idx, base.out_features, "idx")
+        common.need(len(idx) > 0, "`idx` (the selected rows) must not be empty")
         self.base = base.requires_grad_(False)
         dev = base.weight.device
         self.register_buffer("idx", idx.to(device=dev, dtype=torch.long), persistent=False)  # i_1 … i_r
@@ -171,8 +158,8 @@ def class_labels(batches, model):
         if y is None or y.dim() != 1 or y.is_floating_point() or problem in ("regression",
                                                                             "multi_label_classification"):
             shape = None if y is None else tuple(y.shape)
-            raise ValueError(f"--spsft_importance qm_taylor needs one class label per example (Eq 6), but this "
-                             f"task's labels have shape {shape}; use --spsft_importance taylor or l2")
+            raise ValueError(f"`importance` qm_taylor needs one class label per example (Eq 6), but this "
+                             f"task's labels have shape {shape}; use `importance` taylor or l2")
     return [b["labels"] for b in batches]
 
 
@@ -195,7 +182,7 @@ def row_importance(model, weights, batches, kind, groups=1):
         return {n: l2_rows(w) for n, w in weights.items()}
     n_batches = int(common.all_reduce(torch.tensor(len(batches))))  # torchrun: each process has its share
     if not n_batches:
-        raise ValueError(f"--spsft_importance {kind} needs calibration batches; got none (or use l2)")
+        raise ValueError(f"`importance` {kind} needs calibration batches; give attach() some (or use l2)")
     if kind == "taylor":  # mean over x: each batch's mean loss weighted by its share of the examples
         sizes = [num_examples(b) for b in batches]
         total = int(common.all_reduce(torch.tensor(sum(sizes))))  # torchrun: the examples of all processes
@@ -244,32 +231,40 @@ class SPSFT(common.Method):
     """Score neurons once at attach, tune the top-r rows of every target through W_f, merge at export."""
     prefix = "spsft_"
 
-    def __init__(self, targets=None, spsft_importance="l2", spsft_rows=128, spsft_ratio=None,
-                 spsft_calib_batches=8, spsft_mlp_only=False, spsft_norms=False, spsft_score_groups=1, **unused):
-        if spsft_importance not in IMPORTANCE:
-            raise ValueError(f"--spsft_importance must be one of {', '.join(IMPORTANCE)}, got {spsft_importance!r}")
-        if spsft_rows < 1:
-            raise ValueError(f"--spsft_rows must be >= 1, got {spsft_rows}")
-        if spsft_ratio is not None:
-            common.check_fraction("spsft_ratio", spsft_ratio)
-        if spsft_calib_batches < 1:
-            raise ValueError(f"--spsft_calib_batches must be >= 1, got {spsft_calib_batches}")
-        if spsft_score_groups < 1:
-            raise ValueError(f"--spsft_score_groups must be >= 1, got {spsft_score_groups}")
-        self.score_groups = spsft_score_groups
-        self.targets, self.importance, self.rows, self.ratio = targets, spsft_importance, spsft_rows, spsft_ratio
-        self.calib_batches, self.mlp_only, self.norms = spsft_calib_batches, spsft_mlp_only, spsft_norms
+    def __init__(self, *, targets=None, heads=(), importance="l2", rows=128, ratio=None, calib_batches=8,
+                 mlp_only=False, norms=False, score_groups=1):
+        """importance     neuron score η: "l2" (data-free), "taylor" (App. A), "qm_taylor" (Eq 6–7, classification)
+        rows           r: rows tuned per matrix (the paper's Llama setting r = 128, Tables 6–10)
+        ratio          instead of `rows`: this fraction of each matrix's parameters as whole rows (paper: 0.05)
+        calib_batches  batches of attach's iterator for taylor / qm_taylor
+        score_groups   taylor / qm_taylor: score the targets in this many runs of layers, one pass each
+        mlp_only       adapt MLP layers only, attention frozen (the "FA" setting, §5.3)
+        norms          also train every LayerNorm / RMSNorm affine vector in full (§1.1)
+        targets, heads: as LoRA's (common.LoRA)."""
+        common.need(importance in IMPORTANCE, f"`importance` must be one of {', '.join(IMPORTANCE)}, got {importance!r}")
+        common.need(isinstance(rows, int) and rows >= 1, f"`rows` must be an integer >= 1, got {rows!r}")
+        if ratio is not None:
+            common.check_fraction("ratio", ratio)
+        common.need(isinstance(calib_batches, int) and calib_batches >= 1,
+                    f"`calib_batches` must be an integer >= 1, got {calib_batches!r}")
+        common.need(isinstance(score_groups, int) and score_groups >= 1,
+                    f"`score_groups` must be an integer >= 1, got {score_groups!r}")
+        self.targets, self.heads = common.check_names(targets, "targets"), common.check_names(heads, "heads")
+        self.importance, self.rows, self.ratio, self.score_groups = importance, rows, ratio, score_groups
+        self.calib_batches, self.mlp_only, self.norms = calib_batches, mlp_only, norms
         self.importance_time_s = 0.0
 
     def attach(self, model, batches=(), state=None):
-        common.prepare(model)
-        names = [n for n in common.find_targets(model, self.targets) if not (self.mlp_only and is_attention(n))]
+        common.prepare(model, self.heads)
+        self.model = model
+        names = [n for n in common.find_targets(model, self.targets, heads=self.heads)
+                 if not (self.mlp_only and is_attention(n))]
         if not names:
-            raise ValueError("--spsft_mlp_only left no target; drop it or pass MLP layers in --targets")
+            raise ValueError("`mlp_only` left no target; drop it or pass MLP layers in `targets`")
         if state is not None:  # resume: the saved rows, no re-scoring
             if sorted(state["idx"]) != sorted(names):
-                raise ValueError("the checkpoint's SPSFT layers differ from --targets/--spsft_mlp_only; "
-                                 "resume with the flags of the original run")
+                raise ValueError("the saved state's SPSFT layers differ from `targets` / `mlp_only`; "
+                                 "restore it with the settings of the original run")
             idx = {n: torch.as_tensor(state["idx"][n]) for n in names}
             self.importance_time_s = state["importance_time_s"]
         else:
@@ -303,18 +298,3 @@ class SPSFT(common.Method):
                 "adapted_modules": len(self.idx), "mlp_only": self.mlp_only,
                 "rows_per_matrix": {n: len(i) for n, i in self.idx.items()},
                 "spsft_params": params, "lora_rank_matched": rank, "lora_params_matched": rank * sides}
-
-    def plot(self, out_dir):
-        """Selected rows per adapted matrix (x: output neuron / d_out, y: matrix), spsft_rows.png."""
-        plt = common.pyplot()
-        if plt is None:
-            return None
-        names = list(self.idx)
-        fig, ax = plt.subplots(figsize=(8, 0.18 * len(names) + 1.5))
-        for y, n in enumerate(names):
-            pos = self.idx[n].float() / self.shapes[n][0]
-            ax.scatter(pos, torch.full_like(pos, y), s=2, marker="|")
-        ax.set_yticks(range(len(names)), [n.split("layers.")[-1] for n in names], fontsize=5)
-        ax.set_xlabel("selected output neuron i / d_out")
-        ax.set_title(f"SPSFT rows ({self.importance})")
-        return common.save_figure(fig, out_dir, "spsft_rows.png", dpi=150)

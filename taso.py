@@ -17,12 +17,12 @@ B_R (|R| × r, zeros) and A_C (r × |C|, Kaiming-uniform over the kept columns) 
 no out × in mask and no zero-padded A or B exists. Trainable parameters per matrix: r·(|R| + |C|);
 with the defaults r = 8, p = 1/r that is out + in, the budget of dense LoRA with rank 1.
 
-Our readings and deviations (each is a flag):
+Our readings and deviations (each is a keyword of TASO):
 - N = 64 batches (or the whole iterator if shorter); gradients summed, |·| taken after the sum; no
   optimizer step. The pass holds one weight-sized fp32 buffer per target (also for a bf16 model: the
   sum of 64 bf16 terms in bf16 moves the chosen rows and columns) and frees each `.grad` as soon as
   it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
-  random sub-network) while gradient checkpointing stays on. `--taso_score_groups G` runs the pass
+  random sub-network) while gradient checkpointing stays on. `score_groups` = G runs the pass
   once per run of about 1/G of the target weights (common.weight_groups): 1/G of those buffers at a
   time, the same importance, G passes over the same batches (each backward stops at its lowest layer).
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
@@ -31,11 +31,11 @@ Our readings and deviations (each is a flag):
 - T7 scales the LR of the adapter tensors only (B_R, A_C); trained heads keep the base LR.
 - A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
   LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
-- ρ = p in T7; `--taso_lr_scale linear` uses ρ^(-1), `none` uses 1.
+- ρ = p in T7; `lr_scale="linear"` uses ρ^(-1), `"none"` uses 1.
 - Adapter dropout is applied to x[..., C] after the gather: the same distribution as dropping x
   first, and the mask is |C| wide instead of in wide.
-- Ablations: `--taso_metric g|w|random` replace T1 by |G|, |W| or uniform noise (w and random need no
-  pass); `--taso_select rows|cols` choose only that axis by T3–T4 and draw the other at random with
+- Ablations: `metric` g|w|random replace T1 by |G|, |W| or uniform noise (w and random need no
+  pass); `select` rows|cols choose only that axis by T3–T4 and draw the other at random with
   the same size, so every variant has the same shape and budget (keeping the other axis whole
   cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
 """
@@ -51,23 +51,6 @@ from tqdm import tqdm
 import common
 
 
-def add_args(parser):
-    parser.add_argument("--taso_calib_batches", type=int, default=64,
-                        help="batches summed for the importance pass (fewer if the train set is smaller)")
-    parser.add_argument("--taso_score_groups", type=int, default=1,
-                        help="score the targets in this many runs of layers, one pass each: the fp32 "
-                             "importance sums ÷ this, the pass time × about this (same importance)")
-    parser.add_argument("--taso_topk", type=float, default=0.01, help="fraction k of entries marked in S (T2)")
-    parser.add_argument("--taso_density", type=float, default=None,
-                        help="fraction p of rows and of columns kept (T4); default 1/r")
-    parser.add_argument("--taso_metric", choices=["wg", "g", "w", "random"], default="wg",
-                        help="importance: |W*G| (T1), |G|, |W| or random")
-    parser.add_argument("--taso_select", choices=["both", "rows", "cols"], default="both",
-                        help="axes chosen by importance; the other is random with the same size")
-    parser.add_argument("--taso_lr_scale", choices=["sqrt", "linear", "none"], default="sqrt",
-                        help="adapter LR multiplier p^-1/2, p^-1 or 1 (T7)")
-
-
 # ----------------------------------------------------------------------- the block-sparse LoRA layer
 
 class TASOLinear(nn.Module):
@@ -75,7 +58,11 @@ class TASOLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rows, cols, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
+        common.check_linear(base)
+        common.check_lora(r, alpha, dropout)
         common.check_rank(base, r)
+        rows, cols = common.check_index(rows, base.out_features, "rows"), common.check_index(cols, base.in_features, "cols")
+        common.need(len(rows) and len(cols), f"`rows` and `cols` must not be empty, got {len(rows)} and {len(cols)}")
         self.base = base.requires_grad_(False)
         dev = base.weight.device
         self.register_buffer("rows", rows.to(dev, torch.long), persistent=False)  # R, sorted
@@ -142,7 +129,7 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise ValueError(f"TASO's importance pass got loss {float(loss)} on calibration batch "
-                                     f"{used}; check the data (no target tokens left? raise --max_len)")
+                                     f"{used}; check the data (no target tokens left? keep longer sequences)")
                 loss.backward()
                 used += 1
     finally:
@@ -152,8 +139,8 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             p.requires_grad_(f)
     used = int(common.all_reduce(torch.tensor(used)))  # torchrun: batches of all processes
     if used == 0:
-        raise ValueError("TASO's importance pass got no batches; give the run a non-empty train set "
-                         "or pass --taso_metric w (no pass)")
+        raise ValueError("TASO's importance pass got no batches; give attach() calibration batches "
+                         "or pass `metric`=\"w\" (no pass)")
     for b in bufs.values():  # torchrun: Σ_b over all processes' batches before the |·| of T1
         common.all_reduce(b)
     return {n: b.abs_() for n, b in bufs.items()}, used
@@ -207,33 +194,38 @@ class TASO(common.Method):
     """Score the targets once (§1), fix their core blocks (§2), train compact B_R, A_C (§3)."""
     prefix = "taso_"
 
-    def __init__(self, r=8, alpha=16.0, dropout=0.05, targets=None, seed=0, taso_calib_batches=64,
-                 taso_topk=0.01, taso_density=None, taso_metric="wg", taso_select="both",
-                 taso_lr_scale="sqrt", taso_score_groups=1, **unused):
-        if r < 1:
-            raise ValueError(f"--r must be a positive integer, got {r}")
-        if taso_calib_batches < 1:
-            raise ValueError(f"--taso_calib_batches must be at least 1, got {taso_calib_batches}")
-        if taso_score_groups < 1:
-            raise ValueError(f"--taso_score_groups must be at least 1, got {taso_score_groups}")
-        self.score_groups = taso_score_groups
-        for flag, value, allowed in [("taso_metric", taso_metric, ("wg", "g", "w", "random")),
-                                     ("taso_select", taso_select, ("both", "rows", "cols")),
-                                     ("taso_lr_scale", taso_lr_scale, ("sqrt", "linear", "none"))]:
-            if value not in allowed:
-                raise ValueError(f"--{flag} must be one of {', '.join(allowed)}, got {value!r}")
-        self.p = 1.0 / r if taso_density is None else float(taso_density)
-        common.check_fraction("taso_density", self.p)
-        common.check_fraction("taso_topk", taso_topk)
-        self.r, self.alpha, self.dropout, self.targets, self.seed = r, alpha, dropout, targets, seed
-        self.calib_batches, self.topk = taso_calib_batches, taso_topk
-        self.metric, self.select, self.lr_rule = taso_metric, taso_select, taso_lr_scale
-        self.lr_scale = lr_multiplier(self.p, taso_lr_scale)  # T7: trainer gives taso_* lr·lr_scale
+    def __init__(self, *, r=8, alpha=16.0, dropout=0.05, targets=None, heads=(), seed=0, calib_batches=64,
+                 topk=0.01, density=None, metric="wg", select="both", lr_scale="sqrt", score_groups=1):
+        """calib_batches  N: batches summed for the importance pass T1 (fewer if attach's iterator is shorter)
+        topk           k: fraction of entries marked in S (T2), in (0, 1]
+        density        p: fraction of rows and of columns kept (T4), in (0, 1]; None: 1/r
+        metric         importance: "wg" |W⊙G| (T1), "g" |G|, "w" |W| or "random"
+        select         "both" axes by importance, or only "rows" / "cols" (the other random, same size)
+        lr_scale       T7's rule for the adapters' lr multiplier: "sqrt" p^-1/2, "linear" p^-1 or "none"
+        score_groups   score the targets in this many runs of layers, one pass each (1/G of the sums at a time)
+        r, alpha, dropout, targets, heads: LoRA's (common.LoRA) on the compact block; seed: the random draws."""
+        common.check_lora(r, alpha, dropout)
+        common.need(isinstance(calib_batches, int) and calib_batches >= 1,
+                    f"`calib_batches` must be an integer >= 1, got {calib_batches!r}")
+        common.need(isinstance(score_groups, int) and score_groups >= 1,
+                    f"`score_groups` must be an integer >= 1, got {score_groups!r}")
+        for kw, value, allowed in [("metric", metric, ("wg", "g", "w", "random")),
+                                   ("select", select, ("both", "rows", "cols")),
+                                   ("lr_scale", lr_scale, ("sqrt", "linear", "none"))]:
+            common.need(value in allowed, f"`{kw}` must be one of {', '.join(allowed)}, got {value!r}")
+        self.p = 1.0 / r if density is None else density
+        common.check_fraction("density", self.p)
+        common.check_fraction("topk", topk)
+        self.r, self.alpha, self.dropout, self.seed = r, alpha, dropout, seed
+        self.targets, self.heads = common.check_names(targets, "targets"), common.check_names(heads, "heads")
+        self.calib_batches, self.topk, self.score_groups = calib_batches, topk, score_groups
+        self.metric, self.select, self.lr_rule = metric, select, lr_scale
+        self.lr_scale = lr_multiplier(self.p, lr_scale)  # T7: trainer gives taso_* lr·lr_scale
         self.importance_time_s, self.calib_used, self.example = 0.0, 0, None
 
     def attach(self, model, batches=(), state=None):
-        common.prepare(model)
-        self.names = common.find_targets(model, self.targets)
+        common.prepare(model, self.heads)
+        self.names = common.find_targets(model, self.targets, heads=self.heads)
         bases = {n: model.get_submodule(n) for n in self.names}
         if state is not None:  # resume: the saved structure, no re-scoring
             self.rows, self.cols = dict(state["rows"]), dict(state["cols"])
@@ -254,7 +246,7 @@ class TASO(common.Method):
 
     def score(self, model, bases, batches):
         """(name, importance matrix) of every target in order, by the chosen metric (T1); with
-        --taso_score_groups one run of layers is scored, handed out and dropped before the next.
+        score_groups > 1 one run of layers is scored, handed out and dropped before the next.
         Times the passes."""
         weights = {n: m.weight for n, m in bases.items()}
         dev = next(iter(weights.values())).device
@@ -297,24 +289,3 @@ class TASO(common.Method):
                 "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used,
                 "importance_buffer_bytes": sum(m.base.weight.numel() * torch.promote_types(
                     m.base.weight.dtype, torch.float32).itemsize for m in mods.values()) * (self.metric in ("wg", "g"))}
-
-    def plot(self, out_dir):
-        """The importance map of the first target with its core rows (red) and columns (cyan)."""
-        if self.example is None:
-            return None  # resumed runs keep no importance map
-        plt = common.pyplot()
-        if plt is None:
-            return None
-        name, I = self.example
-        R, C = self.rows[name], self.cols[name]
-        fig, ax = plt.subplots(figsize=(7, 7 * I.shape[0] / I.shape[1] + 0.5))
-        floor = I[I > 0].min() if (I > 0).any() else torch.tensor(1.0)
-        ax.imshow(torch.log10(I.clamp_min(floor)).numpy(), cmap="gray", aspect="auto", interpolation="nearest")
-        for i in R.tolist():
-            ax.axhspan(i - 0.5, i + 0.5, fill=False, edgecolor="red", linewidth=0.6)
-        for j in C.tolist():
-            ax.axvspan(j - 0.5, j + 0.5, fill=False, edgecolor="cyan", linewidth=0.6)
-        ax.set_title(f"TASO importance log10 |{self.metric}| of {name}: {len(R)} core rows, {len(C)} columns")
-        ax.set_xlabel("input column")
-        ax.set_ylabel("output row")
-        return common.save_figure(fig, out_dir, "taso_importance.png")

@@ -20,11 +20,13 @@ signal; a run never writes into a folder that holds another run (docs/run-safety
 rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
+import inspect
 import itertools
 import json
 import math
 import os
 import pickle
+import re
 import resource
 import signal
 import statistics
@@ -47,11 +49,14 @@ from models import TINY, cast_parameters, enable_checkpointing, load_model, mode
 import interop
 from interop import no_sync, on_rank0, wrap
 import pilora
+import plots
 import spsft
 import taso
 
 METHODS = {"lora": common.LoRA, "g2r2": g2r2.G2R2, "pilora": pilora.PiLoRA, "taso": taso.TASO,
            "spsft": spsft.SPSFT}
+SHARED = ("r", "alpha", "dropout", "targets", "seed")  # flags every method's constructor may take by their name
+HEADS = ("classifier", "score", "pooler.dense")  # a classification / image task's new head: trained fully
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -107,13 +112,97 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true", help="also save a merged model in <output_dir>/merged")
     p.add_argument("--export", choices=["peft"], help="also write <output_dir>/peft in PEFT's LoRA format "
                    "(peft.PeftModel.from_pretrained loads it); with --eval_only, the --adapter run's")
-    for mod in (g2r2, pilora, taso, spsft):
-        mod.add_args(p)
+    method_flags(p)
     args = p.parse_args(argv)
     if args.method not in METHODS:
         raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     check_args(args)
     return args
+
+
+def method_flags(p):
+    """--<method>_<keyword>: each reaches that keyword of the method's constructor (method_kwargs)."""
+    g = p.add_argument_group("g2r2 (g2r2.G2R2's keywords)")
+    g.add_argument("--g2r2_warmup", type=float, default=0.1, help="T_w: steps if >= 1, else fraction of steps")
+    g.add_argument("--g2r2_prune", type=float, default=0.1, help="T_p: steps if >= 1, else fraction of steps")
+    g.add_argument("--g2r2_p0", type=float, default=1.0, help="initial retention fraction p_0")
+    g.add_argument("--g2r2_pf", type=float, default=0.2, help="final retention fraction p_f")
+    g.add_argument("--g2r2_beta1", type=float, default=0.85, help="EMA of the redundancy (Eq 8)")
+    g.add_argument("--g2r2_beta2", type=float, default=0.95, help="EMA of its uncertainty (Eq 9)")
+    g.add_argument("--g2r2_score", choices=g2r2.SCORES, default="exact", help="estimator of dL/dDeltaW")
+    g.add_argument("--g2r2_score_every", type=int, default=1, help="score every K optimizer steps")
+    g = p.add_argument_group("pilora (pilora.PiLoRA's keywords)")
+    g.add_argument("--pilora_interval", type=int, default=10, help="K: score every K optimizer steps in stage 1")
+    g.add_argument("--pilora_phase", type=int, default=None,
+                   help="stage-1 length in optimizer steps (default: one epoch)")
+    g.add_argument("--pilora_stage1_in_epochs", action="store_true",
+                   help="take stage 1 out of --epochs instead of running it before them (Alg. 1)")
+    g.add_argument("--pilora_tau", type=float, default=0.7, help="dominant rows hold this fraction of all hits")
+    g.add_argument("--pilora_partition", choices=pilora.PARTITIONS, default="hits", help="hits, or Table 4's ablations")
+    g.add_argument("--pilora_r_supp", type=int, default=None,
+                   help="r′ of the supplementary rows (default 2 for causal LMs, 1 otherwise; 0 freezes them)")
+    g.add_argument("--pilora_warm_start", action="store_true",
+                   help="stage 2 starts from B[M], A of stage 1 on the dominant rows and keeps the heads")
+    g = p.add_argument_group("taso (taso.TASO's keywords)")
+    g.add_argument("--taso_calib_batches", type=int, default=64,
+                   help="batches summed for the importance pass (fewer if the train set is smaller)")
+    g.add_argument("--taso_score_groups", type=int, default=1,
+                   help="score the targets in this many runs of layers, one pass each: the fp32 "
+                        "importance sums ÷ this, the pass time × about this (same importance)")
+    g.add_argument("--taso_topk", type=float, default=0.01, help="fraction k of entries marked in S (T2)")
+    g.add_argument("--taso_density", type=float, default=None,
+                   help="fraction p of rows and of columns kept (T4); default 1/r")
+    g.add_argument("--taso_metric", choices=["wg", "g", "w", "random"], default="wg",
+                   help="importance: |W*G| (T1), |G|, |W| or random")
+    g.add_argument("--taso_select", choices=["both", "rows", "cols"], default="both",
+                   help="axes chosen by importance; the other is random with the same size")
+    g.add_argument("--taso_lr_scale", choices=["sqrt", "linear", "none"], default="sqrt",
+                   help="adapter LR multiplier p^-1/2, p^-1 or 1 (T7)")
+    g = p.add_argument_group("spsft (spsft.SPSFT's keywords)")
+    g.add_argument("--spsft_importance", choices=spsft.IMPORTANCE, default="l2",
+                   help="neuron importance: l2 (data-free), taylor, qm_taylor (classification only)")
+    g.add_argument("--spsft_rows", type=int, default=128,
+                   help="rows r tuned per matrix (paper's Llama setting r=128, Tables 6-10)")
+    g.add_argument("--spsft_ratio", type=float, default=None,
+                   help="instead of --spsft_rows: fraction of each matrix's parameters (paper: 0.05)")
+    g.add_argument("--spsft_calib_batches", type=int, default=8, help="batches for taylor/qm_taylor")
+    g.add_argument("--spsft_score_groups", type=int, default=1,
+                   help="taylor/qm_taylor: score the targets in this many runs of layers, one pass each: "
+                        "the fp32 gradient sums ÷ this, the pass time × about this (same rows)")
+    g.add_argument("--spsft_mlp_only", action="store_true", help="freeze attention (the FA setting)")
+    g.add_argument("--spsft_norms", action="store_true", help="also train LayerNorm/RMSNorm affine vectors")
+
+
+# The trainer's own quantities, passed to the constructors that name them, and the flags behind them.
+TRAINER = {"total_steps": "--max_steps / --epochs", "steps_per_epoch": "--max_samples / --batch_size",
+           "micro_batches": "--batch_size / --micro_batch_size", "extend": "--max_steps", "heads": "--task",
+           "causal": "--task"}
+
+
+def method_kwargs(args, **trainer):
+    """(keywords, {keyword: flag}) for --method's constructor, in one place for every method: flag
+    --<method>_<name> gives keyword <name>, the SHARED flags keep theirs, and of the trainer's
+    quantities (TRAINER) those its signature names."""
+    names = inspect.signature(METHODS[args.method]).parameters
+    kw, flags = {}, {}
+    for flag, value in vars(args).items():
+        key = flag.removeprefix(args.method + "_") if flag.startswith(args.method + "_") else flag
+        if key in names and (key != flag or flag in SHARED):
+            kw[key], flags[key] = value, "--" + flag
+    for key, value in trainer.items():
+        if key in names:
+            kw[key], flags[key] = value, TRAINER[key]
+    return kw, flags
+
+
+def build_method(args, task="causal", total_steps=None, steps_per_epoch=None):
+    """The --method object for this run; its ValueErrors become `error:` lines naming the flags."""
+    accum = args.batch_size // args.micro_batch_size
+    kw, flags = method_kwargs(args, total_steps=total_steps, steps_per_epoch=steps_per_epoch, micro_batches=accum,
+                              extend=args.max_steps is None, heads=HEADS if task != "causal" else (),
+                              causal=task == "causal")
+    with method_errors(flags):
+        return METHODS[args.method](**kw)
 
 
 def check_args(args):
@@ -270,18 +359,10 @@ def run_eval(args, model, proc, task, eval_set, info, ctx, device):
 # ------------------------------------------------------------------------ optimiser, schedule
 
 def build_optimizer(model, method, args, old=None):
-    """AdamW over the tensors that train now: decay for matrices, none for vectors; the method's
-    tensors (leaf name starts with method.prefix) at lr · method.lr_scale. Surviving tensors keep
-    their Adam state; dropped tensors leave with theirs."""
-    groups = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = method.lr_scale if n.rpartition(".")[2].startswith(method.prefix) else 1.0
-        decay = args.weight_decay if p.dim() >= 2 else 0.0
-        groups.setdefault((scale, decay), []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "lr_scale": s, "weight_decay": d}
-                             for (s, d), ps in groups.items()], lr=args.lr, betas=(0.9, 0.999))
+    """AdamW over the tensors that train now (method.param_groups: decay for matrices, none for vectors;
+    the method's tensors at lr · method.lr_scale). Surviving tensors keep their Adam state; dropped
+    tensors leave with theirs."""
+    opt = torch.optim.AdamW(method.param_groups(args.lr, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     if old is not None:
         for g in opt.param_groups:
             for p in g["params"]:
@@ -433,16 +514,18 @@ def model_id(name):
 
 
 @contextmanager
-def method_errors():
-    """Methods refuse bad flags and data with ValueError in their constructor and attach; report
-    those as user errors (any other exception is a bug and keeps its traceback)."""
+def method_errors(flags=None):
+    """Methods refuse bad keywords and data with ValueError in their constructor and attach, naming a
+    keyword in backticks: report those as user errors with the flag (`flags`: keyword -> flag, default
+    those of this run's method) in its place. Any other exception is a bug and keeps its traceback."""
     try:
         yield
-    except UserError:
-        raise
     except ValueError as e:
-        msg = str(e) if "; " in str(e) else f"{e}; see python train.py --help"
-        raise UserError(msg) from e
+        names = {"targets": "--targets", "r": "--r", **(flags or {})}
+        msg = re.sub(r"`(\w+)`", lambda m: names.get(m[1], m[1]), str(e))
+        if isinstance(e, UserError) and msg == str(e):
+            raise
+        raise UserError(msg if "; " in msg else f"{msg}; see python train.py --help") from e
 
 
 def load_trainable(model, tensors):
@@ -611,9 +694,8 @@ def run(args, stop):
     batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    with method_errors():
-        method = METHODS[args.method](**vars(args), total_steps=total, steps_per_epoch=steps_per_epoch)
-        total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
+    method = build_method(args, task, None if args.eval_only else total, steps_per_epoch)
+    total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
     total_params = common.count_params(model)[1]
     run_id = {"method": args.method, "model": model_id(args.model)}
 
@@ -643,7 +725,7 @@ def run(args, stop):
     with ctx:
         # scoring passes (TASO, SPSFT-Taylor) see at most one epoch of training batches
         calib = itertools.islice(batches.stream(), rank, batches.per_epoch, world)  # this process's share
-        with method_errors():
+        with method_errors(method_kwargs(args)[1]):
             method.attach(model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
     to_fp32(model)
@@ -753,13 +835,14 @@ def run(args, stop):
         "method": args.method, "model": args.model, "task": task, "data": args.data,
         "total_params": total_params, "trainable_params_start": trainable_start,
         "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak,
-        "head_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and common.is_head(n)),
+        "head_params": sum(p.numel() for n, p in model.named_parameters()
+                           if p.requires_grad and common.is_head(n, getattr(method, "heads", ()))),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
         "device": device, "world_size": world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
         **method.summary(),
     }
-    method.plot(args.output_dir)
+    plots.plot(method, args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers
         interop.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
     if args.merge:  # in fp32: adding ΔW into a bf16 W drops every update below half a bf16 step of W

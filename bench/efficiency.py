@@ -136,7 +136,8 @@ class PeftLoRA(common.Method):
         targets = self.targets or common.DEFAULT_TARGETS[model.config.model_type]
         cfg = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(targets),
                          bias="none")
-        return get_peft_model(model, cfg)  # injects into `model` in place; users call the PeftModel
+        self.model = get_peft_model(model, cfg)  # injects into `model` in place; users call the PeftModel
+        return self.model
 
 
 def have_peft():
@@ -287,8 +288,8 @@ def row_method(name, mbs, dtype_name, seed, calib, steps):
     pre = 3 if stage in ("refine", "stage2") else 0
     total = pre + 2 * steps + 40  # the schedule never ends inside the measurement
     args = method_args(kind, r, targets, extra + stage_flags(kind, stage, pre, total), mbs, dtype_name, seed, calib)
-    method = PeftLoRA(**vars(args)) if kind == "peft" else \
-        train.METHODS[kind](**vars(args), total_steps=total, steps_per_epoch=total)
+    method = PeftLoRA(**vars(args)) if kind == "peft" else train.build_method(args, "causal", total, total)
+    method.heads = list(train.HEADS)  # bench/memory.py's image rows train their head (a causal LM has none)
     return args, method, pre, total
 
 

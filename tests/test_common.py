@@ -83,9 +83,9 @@ def test_dropout_only_on_adapter_input():
 
 
 def test_rank_and_fraction_errors():
-    with pytest.raises(ValueError, match="--r between 1 and 4"):
+    with pytest.raises(ValueError, match="`r` between 1 and 4"):
         common.LoRALinear(nn.Linear(4, 8), 5, 1.0)
-    with pytest.raises(ValueError, match=r"--foo must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"`foo` must be in \(0, 1\]"):
         common.check_fraction("foo", 1.5)
     with pytest.raises(ValueError):
         common.check_fraction("foo", 0.0)
@@ -179,13 +179,13 @@ def test_targets_override_and_errors():
                                                       "model.layers.1.self_attn.v_proj"]
     with pytest.raises(ValueError, match="q_proj.*lm_head"):
         common.find_targets(model, ["qproj"])
-    with pytest.raises(ValueError, match="pass --targets"):
+    with pytest.raises(ValueError, match="pass `targets`"):
         common.find_targets(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_lora_attach_counts_and_state_filter():
     model = build_tiny("tiny-deberta")
-    method = common.LoRA(r=4, alpha=8, dropout=0.0)
+    method = common.LoRA(r=4, alpha=8, dropout=0.0, heads=["classifier", "pooler.dense"])
     method.attach(model)
     per = common.params_per_module(model, "lora_")
     assert len(per) == 12

@@ -356,7 +356,7 @@ def test_every_method_state_loads_weights_only(tmp_path, method, extra):
         torch.load(tmp_path / file, weights_only=True)  # tensors and plain values only
     model = models.build_tiny("tiny-llama")
     args = train.parse_args(TINY + ["--method", method, *extra])
-    m = train.METHODS[method](**vars(args), total_steps=4, steps_per_epoch=2)
+    m = train.build_method(args, "causal", 4, 2)
     train.load_adapter(model, m, tmp_path, expect={"method": method, "model": "tiny-llama"})
 
 

@@ -25,13 +25,13 @@ peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 STEPS = 5
-METHODS = {  # small settings that reach every stage in STEPS steps
-    "lora": lambda: common.LoRA(r=4),
-    "g2r2": lambda: g2r2.G2R2(r=4, total_steps=STEPS, g2r2_warmup=1, g2r2_prune=2, g2r2_pf=0.3),
-    "pilora": lambda: pilora.PiLoRA(r=4, total_steps=STEPS, pilora_phase=2, pilora_interval=1),
-    "taso": lambda: taso.TASO(r=4, taso_calib_batches=2),
-    "spsft": lambda: spsft.SPSFT(spsft_ratio=0.1),  # rows ∝ d_out: per-module ranks (rank_pattern)
-    "spsft_norms": lambda: spsft.SPSFT(spsft_rows=4, spsft_norms=True),  # norms whole: modules_to_save
+METHODS = {  # small settings that reach every stage in STEPS steps; heads: the task's (train.HEADS or none)
+    "lora": lambda heads: common.LoRA(r=4, heads=heads),
+    "g2r2": lambda heads: g2r2.G2R2(r=4, total_steps=STEPS, warmup=1, prune=2, pf=0.3, heads=heads),
+    "pilora": lambda heads: pilora.PiLoRA(r=4, total_steps=STEPS, phase=2, interval=1, heads=heads, causal=not heads),
+    "taso": lambda heads: taso.TASO(r=4, calib_batches=2, heads=heads),
+    "spsft": lambda heads: spsft.SPSFT(ratio=0.1, heads=heads),  # rows ∝ d_out: per-module ranks (rank_pattern)
+    "spsft_norms": lambda heads: spsft.SPSFT(rows=4, norms=True, heads=heads),  # norms whole: modules_to_save
 }
 FAMILIES = ["tiny-llama", "tiny-deberta", "tiny-vit"]
 
@@ -53,7 +53,8 @@ def batches(family, n=4, seed=1):
 
 def drive(family, name, steps=STEPS):
     """A fresh tiny model with method `name` attached and trained `steps` AdamW steps through its hooks."""
-    model, method, data = models.build_tiny(family), METHODS[name](), batches(family)
+    heads = () if family == "tiny-llama" else train.HEADS
+    model, method, data = models.build_tiny(family), METHODS[name](heads), batches(family)
     method.attach(model, iter(data))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for t in range(steps):

@@ -51,8 +51,7 @@ class DenseDelta(nn.Module):
 @pytest.mark.parametrize("ckpt,micro", [(False, 1), (True, 1), (False, 2), (True, 2)])
 def test_exact_grad_equals_autograd_of_explicit_delta(ckpt, micro):
     model = tiny_llama(ckpt)
-    meth = g2r2.G2R2(dropout=0.0, total_steps=10, g2r2_warmup=2, g2r2_prune=2, batch_size=2 * micro,
-                     micro_batch_size=2)
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, warmup=2, prune=2, micro_batches=micro)
     meth.attach(model)
     model.double()
     torch.manual_seed(1)
@@ -102,8 +101,8 @@ class SharedProj(nn.Module):
 @pytest.mark.parametrize("ckpt,micro", [(False, 1), (True, 1), (False, 2), (True, 2)])
 def test_exact_grad_of_a_module_used_twice_per_forward(ckpt, micro):
     model = SharedProj(ckpt)
-    meth = g2r2.G2R2(r=2, dropout=0.0, targets=["proj"], total_steps=10, g2r2_warmup=2, g2r2_prune=2,
-                     batch_size=micro, micro_batch_size=1)
+    meth = g2r2.G2R2(r=2, dropout=0.0, targets=["proj"], total_steps=10, warmup=2, prune=2,
+                     micro_batches=micro)
     meth.attach(model)
     model.double()
     with torch.no_grad():
@@ -122,10 +121,10 @@ def test_exact_grad_of_a_module_used_twice_per_forward(ckpt, micro):
 
 def test_exact_refuses_more_backward_passes_than_micro_batches():
     model = tiny_llama()
-    meth = g2r2.G2R2(dropout=0.0, total_steps=10, g2r2_warmup=2, g2r2_prune=2)  # 1 micro-batch
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, warmup=2, prune=2)  # 1 micro-batch
     meth.attach(model)
     model(**lm_batch(0)).loss.backward()
-    with pytest.raises(RuntimeError, match="micro_batch_size"):
+    with pytest.raises(RuntimeError, match="micro_batches"):
         model(**lm_batch(1)).loss.backward()
 
 
@@ -172,7 +171,7 @@ def test_exact_grad_with_dropout_uses_the_forward_mask(ckpt):
     """Dropout 0.3 on every adapter: the captured ∂ℒ/∂ΔW (mask drawn again in backward) equals autograd's
     D.grad of the dense reference that drops x with nn.Dropout from the same RNG stream."""
     model = tiny_llama(ckpt)
-    meth = g2r2.G2R2(dropout=0.3, total_steps=10, g2r2_warmup=2, g2r2_prune=2, batch_size=2, micro_batch_size=2)
+    meth = g2r2.G2R2(dropout=0.3, total_steps=10, warmup=2, prune=2, micro_batches=1)
     meth.attach(model)
     model.double()
     torch.manual_seed(1)
@@ -246,8 +245,8 @@ def test_paper_and_product_scorers_against_hand_computation(score):
     product: R(A)·R(B) = (|A| / Σ|gA ⊙ A|)·(|B| / Σ|gB ⊙ B|)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    meth = g2r2.G2R2(r=2, alpha=3.0, dropout=0.0, targets=["0", "2"], total_steps=10, g2r2_warmup=3,
-                     g2r2_prune=2, g2r2_score=score)
+    meth = g2r2.G2R2(r=2, alpha=3.0, dropout=0.0, targets=["0", "2"], total_steps=10, warmup=3,
+                     prune=2, score=score)
     meth.attach(model)
     with torch.no_grad():
         for L in meth.layers:
@@ -321,14 +320,14 @@ def test_retention_schedule_endpoints_monotone_and_counts():
 
 def test_flag_validation():
     with pytest.raises(ValueError, match="p0"):
-        g2r2.G2R2(total_steps=100, g2r2_p0=0.5, g2r2_pf=0.6)
+        g2r2.G2R2(total_steps=100, p0=0.5, pf=0.6)
     with pytest.raises(ValueError, match="p0"):
-        g2r2.G2R2(total_steps=100, g2r2_pf=0.0)
-    with pytest.raises(ValueError, match="g2r2_warmup"):
-        g2r2.G2R2(total_steps=100, g2r2_warmup=60, g2r2_prune=40)
+        g2r2.G2R2(total_steps=100, pf=0.0)
+    with pytest.raises(ValueError, match="lower `warmup`"):
+        g2r2.G2R2(total_steps=100, warmup=60, prune=40)
     with pytest.raises(ValueError, match="score_every"):
-        g2r2.G2R2(total_steps=100, g2r2_score_every=0)
-    m = g2r2.G2R2(total_steps=200, steps_per_epoch=20)  # defaults: Table 10's 10% / 10% / 80%
+        g2r2.G2R2(total_steps=100, score_every=0)
+    m = g2r2.G2R2(total_steps=200)  # defaults: Table 10's 10% / 10% / 80%
     assert (m.T_w, m.T_p) == (20, 20)
 
 
@@ -366,8 +365,7 @@ def run(model, meth, opt, start, stop, micro=2, check=None):
 
 def test_three_stages_tiny_llama_and_resume_mid_pruning():
     T, T_w, T_p, pf = 14, 3, 5, 0.2
-    kw = dict(dropout=0.05, total_steps=T, g2r2_warmup=T_w, g2r2_prune=T_p, g2r2_pf=pf, batch_size=4,
-              micro_batch_size=2)
+    kw = dict(dropout=0.05, total_steps=T, warmup=T_w, prune=T_p, pf=pf, micro_batches=2)
     torch.manual_seed(0)
     model = tiny_llama(ckpt=True)
     meth = g2r2.G2R2(**kw)
@@ -456,8 +454,8 @@ def test_three_stages_tiny_llama_and_resume_mid_pruning():
 def test_export_merges_retained_only():
     torch.manual_seed(0)
     model = tiny_llama()
-    meth = g2r2.G2R2(dropout=0.0, total_steps=8, g2r2_warmup=2, g2r2_prune=3, g2r2_pf=0.3,
-                     g2r2_score="paper")
+    meth = g2r2.G2R2(dropout=0.0, total_steps=8, warmup=2, prune=3, pf=0.3,
+                     score="paper")
     meth.attach(model)
     for step in range(5):  # stop inside refinement's first step
         model(**lm_batch(step)).loss.backward()
@@ -491,8 +489,8 @@ def test_module_without_gradient_does_not_crash():
     for score in g2r2.SCORES:
         torch.manual_seed(0)
         model = Three()
-        meth = g2r2.G2R2(r=2, dropout=0.0, targets=["a", "b", "c"], total_steps=10, g2r2_warmup=3,
-                         g2r2_prune=2, g2r2_pf=0.5, g2r2_score=score)
+        meth = g2r2.G2R2(r=2, dropout=0.0, targets=["a", "b", "c"], total_steps=10, warmup=3,
+                         prune=2, pf=0.5, score=score)
         meth.attach(model)
         opt = build_optimizer(model)
         for step in range(10):
@@ -536,7 +534,7 @@ def planted_run(score, seed, T=60):
             col = 8 * l + (0 if k == "q" else 4)
             Y[:, col:col + 4] += X @ (0.5 * torch.randn(4, 2) @ torch.randn(2, 16)).T
     meth = g2r2.G2R2(r=2, alpha=2.0, dropout=0.0, targets=["q", "v"], seed=seed, total_steps=T,
-                     g2r2_warmup=20, g2r2_prune=20, g2r2_pf=0.25, g2r2_score=score)
+                     warmup=20, prune=20, pf=0.25, score=score)
     meth.attach(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     g = torch.Generator().manual_seed(seed)

@@ -186,7 +186,7 @@ def test_scoring_pass_under_checkpointing_runs_without_dropout():
 def test_trained_norms_keep_a_bf16_stream_bf16():
     import spsft
     model = models.build_tiny("tiny-llama", dtype=BF16)
-    method = spsft.SPSFT(spsft_rows=4, spsft_norms=True)
+    method = spsft.SPSFT(rows=4, norms=True)
     method.attach(model)
     train.to_fp32(model)
     norm = model.model.layers[0].input_layernorm
@@ -198,6 +198,6 @@ def test_trained_norms_keep_a_bf16_stream_bf16():
         model(input_ids=ids, labels=ids).loss.backward()
     assert seen == [BF16] and norm.weight.grad is not None
     fp32 = models.build_tiny("tiny-llama")  # an fp32 model's norms stay fp32
-    spsft.SPSFT(spsft_rows=4, spsft_norms=True).attach(fp32)
+    spsft.SPSFT(rows=4, norms=True).attach(fp32)
     h = torch.randn(1, 3, 64)
     assert fp32.model.layers[0].input_layernorm(h).dtype == torch.float32

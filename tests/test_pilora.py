@@ -94,7 +94,7 @@ def test_method_scores_every_interval_in_stage1_only():
     model = build_tiny("tiny-llama")
     table5 = [n for n in common.linear_names(model)
               if n.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")]
-    method = pilora.PiLoRA(r=4, pilora_interval=2, pilora_phase=3, total_steps=6)
+    method = pilora.PiLoRA(r=4, interval=2, phase=3, total_steps=6)
     method.attach(model)
     assert method.names == table5 and len(table5) == 10  # LLaMA placement of Table 5
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_partition_ablations():
         assert len(rows) == 200 // 2 and len(set(rows.tolist())) == len(rows)  # Table 4: top-half's count
         assert torch.equal(rows, rows.sort().values)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-    with pytest.raises(ValueError, match="--pilora_partition"):
+    with pytest.raises(ValueError, match="`partition`"):
         pilora.select_rows(H, S, 0.7, "bottom")
 
 
@@ -317,8 +317,8 @@ def planted_run(partition, m=48, n=16, planted=12, phase=30):
     P = torch.randperm(m)[:planted].sort().values
     W = model.proj.weight.detach().clone()
     W[P] += torch.randn(planted, n)  # the target update touches only the rows P
-    method = pilora.PiLoRA(r=4, alpha=8.0, dropout=0.0, targets=["proj"], seed=1, pilora_interval=3,
-                           pilora_phase=phase, pilora_partition=partition, total_steps=phase + 5)
+    method = pilora.PiLoRA(r=4, alpha=8.0, dropout=0.0, targets=["proj"], seed=1, interval=3,
+                           phase=phase, partition=partition, total_steps=phase + 5)
     method.attach(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(phase):
@@ -344,7 +344,8 @@ def test_planted_signal_is_recovered_by_hits_and_not_by_random():
 
 def test_plot_writes_the_partition_picture_or_returns_none_without_matplotlib(tmp_path):
     _, _, method = planted_run("hits", phase=6)
-    path = method.plot(str(tmp_path))
+    import plots
+    path = plots.plot(method, str(tmp_path))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -353,36 +354,34 @@ def test_plot_writes_the_partition_picture_or_returns_none_without_matplotlib(tm
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_flags_raise_one_line_errors():
-    for kw, match in [(dict(pilora_tau=1.5), "--pilora_tau must be in"), (dict(pilora_interval=0), "--pilora_interval"),
-                      (dict(pilora_partition="half"), "--pilora_partition"), (dict(pilora_r_supp=9), "--pilora_r_supp"),
-                      (dict(pilora_phase=0), "--pilora_phase")]:
+def test_bad_keywords_raise_at_construction():
+    for kw, match in [(dict(tau=1.5), "`tau` must be in"), (dict(interval=0), "`interval`"),
+                      (dict(partition="half"), "`partition`"), (dict(r_supp=9), "`r_supp`"),
+                      (dict(phase=0), "`phase`")]:
         with pytest.raises(ValueError, match=match):
-            pilora.PiLoRA(r=8, **kw)
-    with pytest.raises(ValueError, match="pass a smaller --pilora_phase"):
-        pilora.PiLoRA(pilora_phase=10, total_steps=10, max_steps=10).attach(build_tiny("tiny-llama"))
-    with pytest.raises(ValueError, match="pass --pilora_phase"):
-        pilora.PiLoRA().attach(build_tiny("tiny-llama"))
+            pilora.PiLoRA(**{"r": 8, "phase": 5, **kw})
+    with pytest.raises(ValueError, match="pass a smaller `phase`"):
+        pilora.PiLoRA(phase=10, total_steps=10)
+    with pytest.raises(ValueError, match="pass `phase`"):
+        pilora.PiLoRA()
 
 
-def test_defaults_r_supp_by_model_kind_and_epoch_phase():
-    llama, bert = pilora.PiLoRA(total_steps=30, steps_per_epoch=10), pilora.PiLoRA(total_steps=30, steps_per_epoch=10)
-    llama.attach(build_tiny("tiny-llama"))
-    bert.attach(build_tiny("tiny-bert"))
+def test_defaults_r_supp_by_task_and_epoch_phase():
+    llama = pilora.PiLoRA(total_steps=30, steps_per_epoch=10, causal=True)
+    bert = pilora.PiLoRA(total_steps=30, steps_per_epoch=10)
     assert (llama.r_supp, bert.r_supp, llama.phase) == (2, 1, 10)  # Tables 5–7, App. A.4
-    short = pilora.PiLoRA(total_steps=9, steps_per_epoch=10, max_steps=9)
-    short.attach(build_tiny("tiny-llama"))
-    assert short.phase == 4  # --max_steps 9: one epoch would leave no stage 2, so half the run
+    short = pilora.PiLoRA(total_steps=9, steps_per_epoch=10)
+    assert short.phase == 4  # a 9-step run: one epoch would leave no stage 2, so half the run
 
 
 def test_stage1_comes_before_the_epochs_of_stage2():
-    """Alg. 1: one epoch of stage 1, then stage 2 for --epochs; --max_steps and
-    --pilora_stage1_in_epochs count the whole run."""
+    """Alg. 1: one epoch of stage 1, then stage 2 for --epochs (extend); without extend (--max_steps,
+    own loops) and with stage1_in_epochs total_steps is the whole run."""
     kw = dict(total_steps=30, steps_per_epoch=10)  # the trainer's count: --epochs 3 of 10 steps
-    assert pilora.PiLoRA(**kw).run_steps(30) == 40
-    assert pilora.PiLoRA(**kw, pilora_phase=4).run_steps(30) == 34
-    assert pilora.PiLoRA(**kw, max_steps=30).run_steps(30) == 30
-    assert pilora.PiLoRA(**kw, pilora_stage1_in_epochs=True).run_steps(30) == 30
+    assert pilora.PiLoRA(**kw, extend=True).run_steps(30) == 40
+    assert pilora.PiLoRA(**kw, extend=True, phase=4).run_steps(30) == 34
+    assert pilora.PiLoRA(**kw).run_steps(30) == 30
+    assert pilora.PiLoRA(**kw, extend=True, stage1_in_epochs=True).run_steps(30) == 30
     assert common.LoRA().run_steps(30) == 30  # other methods: the trainer's count
 
 
@@ -408,7 +407,7 @@ def test_stage2_starts_from_theta0_outputs_and_head_values():
     model = build_tiny("tiny-bert", num_labels=3)
     model.config.use_cache = False
     theta0 = copy.deepcopy(model).eval()
-    method = pilora.PiLoRA(r=4, pilora_phase=2, pilora_interval=1, dropout=0.0, total_steps=2)
+    method = pilora.PiLoRA(r=4, phase=2, interval=1, dropout=0.0, total_steps=4, heads=["classifier"])
     method.attach(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     g = torch.Generator().manual_seed(1)
@@ -437,7 +436,7 @@ def test_stage2_starts_from_theta0_outputs_and_head_values():
 
 def test_warm_start_keeps_dominant_rows_of_the_stage1_update():
     model = build_tiny("tiny-llama")
-    method = pilora.PiLoRA(r=4, pilora_phase=1, total_steps=3, pilora_warm_start=True)
+    method = pilora.PiLoRA(r=4, phase=1, total_steps=3, warm_start=True)
     method.attach(model)
     with torch.no_grad():
         for layer in common.adapters(model, common.LoRALinear).values():
@@ -476,7 +475,8 @@ def run(name, steps, kw, stop_at=None, ckpt=None):
         g = torch.Generator().manual_seed(7)
         data = [dict(input_ids=torch.randint(0, 260, (4, 10), generator=g), labels=torch.tensor([0, 1, 2, 1]))
                 for _ in range(steps)]
-    method = pilora.PiLoRA(**kw, total_steps=steps)
+    method = pilora.PiLoRA(**kw, total_steps=steps, causal=name == "tiny-llama",
+                           heads=["classifier"] if name != "tiny-llama" else ())
     with ctx:
         method.attach(model, iter(()), state=None if ckpt is None else ckpt["method"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -495,7 +495,7 @@ def run(name, steps, kw, stop_at=None, ckpt=None):
         method.after_backward(step)
         opt.step()
         if method.after_step(step):
-            assert step + 1 == kw["pilora_phase"] and method.schedule_start == step + 1
+            assert step + 1 == kw["phase"] and method.schedule_start == step + 1
             old_ids = {id(p) for p in opt.param_groups[0]["params"]}
             opt = rebuild_optimizer(model, opt)
             now = opt.param_groups[0]["params"]
@@ -512,14 +512,14 @@ def run(name, steps, kw, stop_at=None, ckpt=None):
 
 
 @pytest.mark.parametrize("name,kw", [
-    ("tiny-llama", dict(r=4, dropout=0.1, pilora_interval=2, pilora_phase=4)),
-    ("tiny-bert", dict(r=4, dropout=0.1, pilora_interval=1, pilora_phase=3, pilora_partition="top-half")),
+    ("tiny-llama", dict(r=4, dropout=0.1, interval=2, phase=4)),
+    ("tiny-bert", dict(r=4, dropout=0.1, interval=1, phase=3, partition="top-half")),
 ])
 def test_two_stage_bf16_checkpointed_run_resumes_exactly_and_merges(name, kw):
     steps = 7
     full, _, model, method = run(name, steps, kw)
     assert all(torch.isfinite(torch.tensor(full))) and method.stage == "stage2"
-    for stop in (2, kw["pilora_phase"], 5):  # mid-stage-1, right after the switch, mid-stage-2
+    for stop in (2, kw["phase"], 5):  # mid-stage-1, right after the switch, mid-stage-2
         head, ckpt, _, _ = run(name, steps, kw, stop_at=stop)
         tail, _, _, resumed = run(name, steps, kw, ckpt=ckpt)
         assert head + tail == full, stop
@@ -564,7 +564,7 @@ def test_train_main_two_stages_resume_mid_stage1_and_mid_stage2_and_eval_only(tm
     tensors = load_file(tmp_path / "a" / "adapter.safetensors")
     assert {n.rpartition(".")[2] for n in tensors} == {"lora_A_d", "lora_B_d", "lora_A_s", "lora_B_s"}
     assert all(t.any() for n, t in tensors.items() if n.endswith("lora_B_d"))  # the rebuilt optimizer trains them
-    model, method = build_tiny("tiny-llama"), pilora.PiLoRA(r=8)  # --eval_only --adapter: rebuild, no scoring
+    model, method = build_tiny("tiny-llama"), pilora.PiLoRA(r=8, phase=1)  # --eval_only --adapter: rebuild, no scoring
     train.load_adapter(model, method, tmp_path / "a")
     named = dict(model.named_parameters())
     assert all(torch.equal(named[n], t) for n, t in tensors.items())

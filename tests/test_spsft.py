@@ -236,12 +236,12 @@ def test_qm_taylor_equals_explicit_per_class_loop_and_quantiles(groups):
 
 def test_qm_taylor_refuses_tasks_without_class_labels():
     with pytest.raises(ValueError, match="qm_taylor needs one class label"):
-        spsft.SPSFT(spsft_importance="qm_taylor", spsft_rows=4).attach(build_tiny("tiny-llama"), iter(llama_batches(2)))
+        spsft.SPSFT(importance="qm_taylor", rows=4).attach(build_tiny("tiny-llama"), iter(llama_batches(2)))
     reg = build_tiny("tiny-vit", num_labels=1)
     reg.config.problem_type = "regression"
     b = dict(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randn(2))
-    with pytest.raises(ValueError, match="use --spsft_importance taylor or l2"):
-        spsft.SPSFT(spsft_importance="qm_taylor", spsft_rows=4).attach(reg, iter([b]))
+    with pytest.raises(ValueError, match="use `importance` taylor or l2"):
+        spsft.SPSFT(importance="qm_taylor", rows=4).attach(reg, iter([b]))
 
 
 # ----------------------------------------------------------------------------- selection, §3.1
@@ -278,9 +278,9 @@ def test_ratio_to_rows_on_non_square_matrices():
 
 
 def test_bad_flags_raise_one_line_errors():
-    for kw, msg in [(dict(spsft_rows=0), "--spsft_rows"), (dict(spsft_ratio=2.0), "--spsft_ratio"),
-                    (dict(spsft_importance="fisher"), "--spsft_importance"),
-                    (dict(spsft_calib_batches=0), "--spsft_calib_batches")]:
+    for kw, msg in [(dict(rows=0), "`rows`"), (dict(ratio=2.0), "`ratio`"),
+                    (dict(importance="fisher"), "`importance`"),
+                    (dict(calib_batches=0), "`calib_batches`")]:
         with pytest.raises(ValueError, match=msg):
             spsft.SPSFT(**kw)
 
@@ -290,7 +290,7 @@ def test_bad_flags_raise_one_line_errors():
 def test_attach_trains_only_W_f_and_heads_mlp_only_and_norms():
     model = build_tiny("tiny-vit", num_labels=3)
     mlp = sorted(n for n in common.find_targets(model) if "mlp" in n)
-    m = spsft.SPSFT(spsft_rows=6, spsft_mlp_only=True)
+    m = spsft.SPSFT(rows=6, mlp_only=True, heads=["classifier"])
     m.attach(model, iter(()))
     layers = common.adapters(model, spsft.SPSFTLinear)
     assert sorted(layers) == mlp and len(mlp) == 4
@@ -307,7 +307,7 @@ def test_attach_trains_only_W_f_and_heads_mlp_only_and_norms():
     assert s["lora_rank_matched"] == min(range(1, 64), key=lambda k: abs(k * sides - s["spsft_params"])) == 3
     assert s["lora_params_matched"] == 3 * sides
     normed = build_tiny("tiny-llama")
-    spsft.SPSFT(spsft_rows=4, spsft_norms=True).attach(normed, iter(()))
+    spsft.SPSFT(rows=4, norms=True).attach(normed, iter(()))
     train = {n for n, p in normed.named_parameters() if p.requires_grad}
     norm_names = {n for n, _ in normed.named_parameters() if "norm" in n}
     assert len(norm_names) == 5 and train == norm_names | {n for n in train if n.endswith(".spsft_W_f")}
@@ -315,7 +315,7 @@ def test_attach_trains_only_W_f_and_heads_mlp_only_and_norms():
 
 def test_resume_state_rebuilds_rows_without_scoring():
     model = build_tiny("tiny-llama")
-    m = spsft.SPSFT(spsft_importance="taylor", spsft_rows=5, spsft_calib_batches=2)
+    m = spsft.SPSFT(importance="taylor", rows=5, calib_batches=2)
     m.attach(model, iter(llama_batches(2)))
     state = m.state_dict()
 
@@ -324,7 +324,7 @@ def test_resume_state_rebuilds_rows_without_scoring():
         yield
 
     fresh = build_tiny("tiny-llama")
-    m2 = spsft.SPSFT(spsft_importance="taylor", spsft_rows=5)
+    m2 = spsft.SPSFT(importance="taylor", rows=5)
     m2.attach(fresh, no_batches(), state=state)
     a, b = common.adapters(model, spsft.SPSFTLinear), common.adapters(fresh, spsft.SPSFTLinear)
     assert all(torch.equal(a[n].idx, b[n].idx) for n in a)
@@ -372,8 +372,8 @@ def run(name, steps, kw, stop_at=None, state=None, seed=0):
 
 
 @pytest.mark.parametrize("name,kw", [
-    ("tiny-llama", dict(spsft_importance="taylor", spsft_rows=8, spsft_calib_batches=2)),
-    ("tiny-vit", dict(spsft_importance="qm_taylor", spsft_ratio=0.05, spsft_calib_batches=2)),
+    ("tiny-llama", dict(importance="taylor", rows=8, calib_batches=2)),
+    ("tiny-vit", dict(importance="qm_taylor", ratio=0.05, calib_batches=2)),
 ])
 def test_bf16_checkpointed_training_resumes_exactly_and_merges(name, kw):
     steps = 5

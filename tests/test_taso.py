@@ -88,7 +88,7 @@ def test_score_groups_give_the_naive_importance(groups):
     bs = lm_batches(3)
     per_batch = [torch.autograd.grad(model(**b).loss, ws) for b in bs]
     common.prepare(model)
-    method = taso.TASO(r=4, taso_calib_batches=3, taso_score_groups=groups)
+    method = taso.TASO(r=4, calib_batches=3, score_groups=groups)
     method.names = names
     assert len(common.weight_groups(dict(zip(names, ws)), groups)) == min(groups, len(names))
     got = dict(method.score(model, {n: model.get_submodule(n) for n in names}, iter(bs)))
@@ -130,7 +130,7 @@ def test_importance_pass_shows_a_progress_bar(capsys, monkeypatch):
 
 def test_importance_pass_restores_heads_no_dropout_with_checkpointing():
     model = ckpt(models.build_tiny("tiny-bert", num_labels=2))  # hidden dropout 0.1, a trainable head
-    common.prepare(model)
+    common.prepare(model, ["classifier"])
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 260, (4, 10), generator=g)
@@ -303,7 +303,7 @@ def test_no_tokens_by_rows_tensor_saved(autocast):
 
 def test_param_count_summary_and_lr_groups():
     model = models.build_tiny("tiny-bert", num_labels=3)  # has a head that keeps lr × 1
-    m = taso.TASO(taso_metric="w")  # r = 8, p = 1/8: out + in per matrix
+    m = taso.TASO(metric="w", heads=["classifier"])  # r = 8, p = 1/8: out + in per matrix
     m.attach(model, iter([]))
     per = common.params_per_module(model, m.prefix)
     mods = common.adapters(model, taso.TASOLinear)
@@ -317,14 +317,14 @@ def test_param_count_summary_and_lr_groups():
     assert s["taso_params"] == sum(per.values()) == s["lora_r1_params"] == dense
     assert s["lora_r8_params"] == 8 * dense and s["core_rows_cols"][n] == [len(mod.rows), len(mod.cols)]
     assert s["importance_buffer_bytes"] == 0  # |W| needs no pass
-    m4 = taso.TASO(r=4, taso_density=0.3, taso_metric="random")
+    m4 = taso.TASO(r=4, density=0.3, metric="random")
     m4.attach(models.build_tiny("tiny-llama"), iter([]))
     for n, mod in common.adapters(m4.model, taso.TASOLinear).items():
         out, inn = mod.base.out_features, mod.base.in_features
         assert mod.taso_A.numel() + mod.taso_B.numel() == 4 * (math.ceil(0.3 * out) + math.ceil(0.3 * inn))
     for rule, p, expect in (("sqrt", None, 8 ** 0.5), ("linear", None, 8.0), ("none", None, 1.0),
                             ("sqrt", 0.25, 2.0), ("linear", 0.25, 4.0)):
-        m = taso.TASO(taso_metric="w", taso_lr_scale=rule, taso_density=p)
+        m = taso.TASO(metric="w", lr_scale=rule, density=p, heads=["classifier"])
         model = m.attach(models.build_tiny("tiny-bert", num_labels=3), iter([]))
         assert m.summary()["lr_scale"] == pytest.approx(expect)
         opt = train.build_optimizer(model, m, SimpleNamespace(lr=1e-3, weight_decay=0.0))  # the trainer's
@@ -337,14 +337,14 @@ def test_param_count_summary_and_lr_groups():
 
 
 def test_bad_flags():
-    with pytest.raises(ValueError, match="--taso_density must be in"):
-        taso.TASO(taso_density=2)
-    with pytest.raises(ValueError, match="--taso_topk must be in"):
-        taso.TASO(taso_topk=0)
-    with pytest.raises(ValueError, match="--taso_metric"):
-        taso.TASO(taso_metric="fisher")
-    with pytest.raises(ValueError, match="--taso_calib_batches"):
-        taso.TASO(taso_calib_batches=0)
+    with pytest.raises(ValueError, match="`density` must be in"):
+        taso.TASO(density=2)
+    with pytest.raises(ValueError, match="`topk` must be in"):
+        taso.TASO(topk=0)
+    with pytest.raises(ValueError, match="`metric`"):
+        taso.TASO(metric="fisher")
+    with pytest.raises(ValueError, match="`calib_batches`"):
+        taso.TASO(calib_batches=0)
 
 
 # ---------------------------------------------------------------------------- planted signal
@@ -380,7 +380,7 @@ def planted(d=64, n=8, seed=0):
 @pytest.mark.parametrize("metric", ["wg", "g", "random"])
 def test_planted_block_found_and_random_is_not(metric):
     toy, rows, cols, batches = planted()
-    m = taso.TASO(targets=["proj"], dropout=0.0, taso_metric=metric, taso_topk=0.01, seed=0)
+    m = taso.TASO(targets=["proj"], dropout=0.0, metric=metric, topk=0.01, seed=0)
     m.attach(toy, iter(batches))
     R, C = set(m.rows["proj"].tolist()), set(m.cols["proj"].tolist())
     hit_r, hit_c = len(R & set(rows.tolist())), len(C & set(cols.tolist()))
@@ -420,7 +420,7 @@ def run_loop(steps, start=0, state=None, batches=None, seed=0):
     model.train()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     data = copy_batches(4)
-    m = taso.TASO(seed=seed, taso_calib_batches=4)
+    m = taso.TASO(seed=seed, calib_batches=4)
     torch.manual_seed(seed)
     with ctx:
         m.attach(model, iter(data) if state is None else batches, state=None if state is None else state["method"])
@@ -496,7 +496,7 @@ def test_score_groups_fix_the_same_regions():
     got = []
     for groups in (1, 3):
         model = models.build_tiny("tiny-llama")
-        method = taso.TASO(r=4, taso_calib_batches=3, taso_score_groups=groups)
+        method = taso.TASO(r=4, calib_batches=3, score_groups=groups)
         method.attach(model, iter(lm_batches(3)))
         got.append((method.rows, method.cols))
     for a, b in zip(*got):

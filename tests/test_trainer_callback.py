@@ -39,7 +39,7 @@ def trainer_run(tmp, name, schedule="constant", warmup=0, save_steps=None, attac
     batches = train.Batches(examples, args.micro_batch_size, proc.pad_token_id, args.seed, "cpu")
     model = models.build_tiny("tiny-llama", seed=args.seed)
     model.config.use_cache = False
-    method = train.METHODS[name](**vars(args), total_steps=STEPS, steps_per_epoch=STEPS)
+    method = train.build_method(args, "causal", STEPS, STEPS)
     if attach:
         method.attach(model, itertools.islice(batches.stream(), batches.per_epoch))
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
