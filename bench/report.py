@@ -85,8 +85,20 @@ def epoch_fraction(row, epoch_examples):
     return row["importance_time_s"] / (row["step_time_median_s"] * steps)
 
 
+def why_not(rows, names, model, seq, ckpt):
+    """Why a target has no value in one mode: which of its rows were not run, or failed."""
+    keys = [(n, model, seq, ckpt) for n in names]
+    miss = [f"`{k[0]}`" for k in keys if k not in rows]
+    bad = [f"`{k[0]}` ({rows[k]['error']})" for k in keys if "error" in rows.get(k, {})]
+    if not miss and not bad:
+        return None  # both rows ran: the quantity has no value in this mode (saved bytes under checkpointing)
+    why = (["row not run: " + ", ".join(miss)] if miss else []) + (["row failed: " + "; ".join(bad)] if bad else [])
+    return f"not measured ({'; '.join(why)})"
+
+
 def targets(rows, model, seq, device, epoch_examples):
-    """[(target, rows compared, {ckpt: (value text, met or None)})] for one main setting."""
+    """[(target, rows compared, {ckpt: (value text, met or None)}, row names)] for one main setting; a mode
+    without a value says why (met None): a row not run or failed."""
     out = []
 
     def cmp(label, a, b, field, limit, pct=False):
@@ -94,9 +106,12 @@ def targets(rows, model, seq, device, epoch_examples):
         for ckpt in ckpt_modes(rows):
             ra, rb = get(rows, a, model, seq, ckpt), get(rows, b, model, seq, ckpt)
             x = ratio(ra and ra.get(field), rb and rb.get(field))
+            why = why_not(rows, (a, b), model, seq, ckpt)
             if x is not None:
                 res[ckpt] = (f"{x:.2f}×", x <= limit)
-        out.append((label, f"`{a}` / `{b}` ({field.replace('_', ' ')})", res))
+            elif why:
+                res[ckpt] = (why, None)
+        out.append((label, f"`{a}` / `{b}` ({field.replace('_', ' ')})", res, (a, b)))
 
     cmp("SPSFT aux memory ≤ 0.70× PEFT LoRA (comparable params)", "spsft-r128", "peft-lora-r64", "aux_bytes", 0.70)
     if device == "cpu":
@@ -115,9 +130,13 @@ def targets(rows, model, seq, device, epoch_examples):
     res = {}
     for ckpt in ckpt_modes(rows):
         f = epoch_fraction(get(rows, "taso-r8", model, seq, ckpt), epoch_examples)
+        why = why_not(rows, ("taso-r8",), model, seq, ckpt)
         if f is not None:
-            res[ckpt] = (f"{100 * f:.2f} %", f <= 0.05)
-    out.append((f"TASO importance pass ≤ 5 % of one epoch ({epoch_examples:,} examples)", "`taso-r8`", res))
+            res[ckpt] = (f"{100 * f:.2g} %", f <= 0.05)
+        elif why:
+            res[ckpt] = (why, None)
+    out.append((f"TASO importance pass ≤ 5 % of one epoch ({epoch_examples:,} examples)", "`taso-r8`", res,
+                ("taso-r8",)))
     cmp("Our LoRA ≤ 1.00× PEFT LoRA, time (r = 8)", "lora-r8", "peft-lora-r8", "step_time_median_s", 1.0)
     cmp("Our LoRA ≤ 1.00× PEFT LoRA, memory (r = 8)", "lora-r8", "peft-lora-r8", "aux_bytes", 1.0)
     cmp("Our LoRA ≤ 1.00× PEFT LoRA, time (r = 64)", "lora-r64", "peft-lora-r64", "step_time_median_s", 1.0)
@@ -126,16 +145,76 @@ def targets(rows, model, seq, device, epoch_examples):
     if device == "cuda" and (model, seq) == GPU_SETTING:
         for ckpt in ckpt_modes(rows):
             r = get(rows, "lora-r8", model, seq, ckpt)
+            why = why_not(rows, ("lora-r8",), model, seq, ckpt)
             if r is not None and r.get("mfu") is not None:
                 res[ckpt] = (f"{100 * r['mfu']:.1f} %", r["mfu"] >= 0.35)
-    out.append(("LoRA-step MFU ≥ 35 % (H100, Llama-2-7B shape, seq 2048)", "`lora-r8`", res))
+            elif why:
+                res[ckpt] = (why, None)
+    out.append(("LoRA-step MFU ≥ 35 % (Llama-2-7B shape, seq 2048; defined on an H100)", "`lora-r8`", res,
+                ("lora-r8",)))
     return out
 
 
 def verdict(res, device):
+    """One cell: each mode's value and met / missed, or why it has none; "no GPU" where the device never ran."""
     if not res:
         return "not measured (no GPU)" if device == "cuda" else "not measured"
-    return "; ".join(f"{mode_name(c)}: {v} **{'met' if ok else 'missed'}**" for c, (v, ok) in sorted(res.items()))
+    if all(ok is None for _, ok in res.values()) and len({v for v, _ in res.values()}) == 1:
+        return next(iter(res.values()))[0]  # the same reason in every mode: said once
+    return "; ".join(f"{mode_name(c)}: {v}" + ("" if ok is None else f" **{'met' if ok else 'missed'}**")
+                     for c, (v, ok) in sorted(res.items()))
+
+
+def mfu_peak(rows):
+    """The dense bf16 peak (FLOP/s) the rows' MFU was taken against, from the rows: 4 · N · tokens/s / MFU."""
+    peaks = {round(4 * r["total_params"] * r["tokens_per_s"] / r["mfu"] / 1e12) for r in rows.values()
+             if "error" not in r and r.get("mfu") and r.get("total_params") and r.get("tokens_per_s")}
+    return peaks.pop() * 1e12 if len(peaks) == 1 else None
+
+
+def gpu_summary(groups):
+    """The banner's lines on the GPU: which device, when, which versions, which rows ran in which mode, which rows
+    the targets use were not run there (and how many other rows of the CPU suite); None without CUDA rows."""
+    g = groups.get(("main", "cuda"))
+    if not g:
+        return None
+    runs, rows = g["runs"], g["rows"]
+    uniq = lambda xs: ", ".join(dict.fromkeys(str(x) for x in xs))  # noqa: E731
+    need = list(dict.fromkeys(n for t in targets({}, None, None, "cuda", 1) for n in t[3]))
+    other = [n for n in dict.fromkeys(k[0] for (su, dev), gg in groups.items() if su == "main" for k in gg["rows"])
+             if n not in need]
+    done, missing, cfgs = [], [], configs(rows)
+    for model, seq in cfgs:
+        at = f" ({model}, seq {seq})" if len(cfgs) > 1 else ""
+        for ckpt in (True, False):
+            ran = list(dict.fromkeys(k[0] for k in rows if k[1:] == (model, seq, ckpt)))
+            ok = [f"`{n}`" for n in ran if "error" not in rows[(n, model, seq, ckpt)]]
+            bad = [f"`{n}` ({rows[(n, model, seq, ckpt)]['error']})" for n in ran
+                   if "error" in rows[(n, model, seq, ckpt)]]
+            done.append(f"{mode_name(ckpt)}{at}: " + (", ".join(ok) or "none")
+                        + (f"; failed: {'; '.join(bad)}" if bad else ""))
+            gone = [f"`{n}`" for n in need if n not in ran]
+            rest = sum(n not in ran for n in other)
+            if gone or rest:
+                missing.append(f"{mode_name(ckpt)}{at}: " + (", ".join(gone) or "none of them")
+                               + (f" (and {rest} more rows of the CPU suite)" if rest else ""))
+    sweep = ("sweep", "cuda") in groups
+    steps = uniq(f"{m['settings'].get('steps', '?')} timed steps after {m['settings'].get('warmup_steps', '?')} "
+                 "warm-up steps" for m in runs)
+    peak = mfu_peak(rows)
+    return [f"> **GPU tables: {'partly ' if missing or not sweep else ''}measured, on "
+            f"{uniq(m['device_name'] for m in runs)}** ({uniq(m['date'] for m in runs)}; torch "
+            f"{uniq(m['torch'] for m in runs)}, transformers {uniq(m['transformers'] for m in runs)}, peft "
+            f"{uniq(m['peft'] or 'not installed' for m in runs)}). No GPU number here is estimated.", ">",
+            f"> - Measured at {uniq(f'{m}, seq {q}' for m, q in cfgs)}, "
+            f"{uniq(r.get('dtype', '?') for r in rows.values())}, micro-batch "
+            f"{uniq(r.get('micro_batch_size', '?') for r in rows.values())}, {steps} per row — "
+            + " · ".join(done) + "."]  + \
+        ([f"> - **Not run on the GPU**, of the rows the targets use — {' · '.join(missing)}. A target whose rows "
+          "were not run says *not measured (row not run: …)*."] if missing else []) + \
+        ([] if sweep else ["> - The GPU scaling sweep has not been run."]) + \
+        ([f"> - MFU is taken against {peak / 1e12:,.0f} TFLOP/s dense bf16 (from the rows: 4 · N · tokens/s ÷ MFU)."]
+         if peak else [])
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -535,7 +614,7 @@ def memory_runs(paths):
     return out
 
 
-def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
+def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None, gpu_name=None):
     """BENCHMARKS.md's "counted at 7B shape (no GPU)" section: targets, aux per row, the cuts, validation
     (on CPU, and against the GPU's max_memory_allocated where `measured`, the CUDA efficiency rows, has them)."""
     runs = memory_runs(paths)
@@ -581,7 +660,10 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
              "**model** = the peak of a no-grad forward of the same batch on the base model (weights 12.55 GiB "
              "included), **aux** = peak − model, as in the efficiency suite. Not in the count: allocator rounding "
              "and fragmentation, kernel workspaces (cuBLAS, flash backward), the CUDA context; a GPU's "
-             "`max_memory_allocated` will be somewhat higher. No GPU was lent, so no GPU figure is given.", "",
+             "`max_memory_allocated` will be somewhat higher. "
+             + (f"The rows measured on the GPU ({gpu_name or 'CUDA'}) stand beside this count under *Validation on "
+                "the GPU* below; every other figure in this section is counted." if measured else
+                "No GPU was lent, so no GPU figure is given."), "",
              "```bash",
              "OMP_NUM_THREADS=1 python bench/memory.py --model llama-7b-shape --seq_len 2048 --grad_ckpt both "
              "--json bench/results/memory-llama-7b-shape-2048.json",
@@ -735,14 +817,22 @@ def memory_section(paths, model="llama-7b-shape", seq=2048, measured=None):
            and "error" not in now[k]]
     if gpu:
         lines += ["### Validation on the GPU: counted vs `torch.cuda.max_memory_allocated`", "",
-                  "The efficiency suite's CUDA rows (bf16, measured) beside this count of the same rows at the same "
+                  f"The efficiency suite's CUDA rows (bf16, measured{' on ' + gpu_name if gpu_name else ''}) beside "
+                  "this count of the same rows at the same "
                   "shape. The count leaves out the allocator's rounding, cuBLAS / flash workspaces and the CUDA "
-                  "context's own allocations, so it should read a little low; `counted / measured` says how much.", ""]
+                  "context's own allocations, so where it models the code that ran it should read a little low; "
+                  "`counted / measured` says how much.", ""]
         body = [[f"`{k[0]}`", f"{k[1]}, seq {k[2]}", mode_name(k[3]), gib(c["peak_bytes"]), gib(m["peak_bytes"]),
                  fx(ratio(c["peak_bytes"], m["peak_bytes"])), gib(c["aux_bytes"]), gib(m["aux_bytes"]),
                  fx(ratio(c["aux_bytes"], m["aux_bytes"]))] for k, m, c in gpu]
         lines += table(["row", "shape", "mode", "peak counted GiB", "peak measured GiB", "counted / measured",
                         "aux counted GiB", "aux measured GiB", "counted / measured"], body) + [""]
+        pk = {k: ratio(c["peak_bytes"], m["peak_bytes"]) for k, m, c in gpu}
+        high = [f"`{k[0]}` {mode_name(k[3])} {fx(x)}" for k, x in pk.items() if x > 1.02]
+        lines += [f"Peak counted / measured over these {len(pk)} rows: {fx(min(pk.values()))} to {fx(max(pk.values()))}"
+                  + (f"; the count reads more than 2 % high in {len(high)}: {', '.join(high)} — there the count does "
+                     "not model what ran, and its ratios against these rows do not carry to the GPU." if high else
+                     "."), ""]
 
     val = runs.get("validation", {})
     for vm, vs in dict.fromkeys((k[1], k[2]) for k in val):
@@ -792,7 +882,9 @@ def cut_cost_section(paths):
 def with_memory(md, paths, groups=None):
     """md with memory_section(paths) inserted before its Notes; groups: load()'s, for the GPU comparison."""
     mem = [p for p in paths if os.path.basename(p).startswith("memory-")]
-    lines = memory_section(mem, measured=(groups or {}).get(("main", "cuda"), {}).get("rows"))
+    gpu = (groups or {}).get(("main", "cuda"), {})
+    lines = memory_section(mem, measured=gpu.get("rows"),
+                           gpu_name=", ".join(dict.fromkeys(m["device_name"] for m in gpu.get("runs", []))) or None)
     lines += cut_cost_section([p for p in paths if os.path.basename(p).startswith("cut-cost-")])
     if not lines or "## Notes\n" not in md:
         return md
@@ -802,22 +894,28 @@ def with_memory(md, paths, groups=None):
 
 # ---------------------------------------------------------------------------------------------- main
 
-def render(groups, png_dir=None, notes="", md_dir=ROOT):
+def render(groups, png_dir=None, notes="", md_dir=ROOT, checks=(), status=()):
+    """BENCHMARKS.md; checks: bench/gpu_train_check.py's JSONs, status: bench/gpu_check.sh's, each with its "file"."""
     lines = ["# BENCHMARKS", "",
              "Generated by `python bench/report.py` from the JSONs `bench/efficiency.py` writes to `bench/results/` "
              "(committed beside it); regenerate after a new run. Rows, definitions and the targets come from issue 7.", ""]
-    has_gpu = any(dev == "cuda" for _, dev in groups)
-    if not has_gpu:
+    gpu_line = gpu_summary(groups)
+    if gpu_line is None:
         lines += ["> **GPU tables: still to be measured.** Every number below was measured on CPU on small "
                   "random-init shapes. The H100 / Llama-2-7B-shape tables (bf16, seq 2048, with and without "
                   "checkpointing) and the GPU scaling sweep have not been run; no GPU number here is estimated. "
                   "Run the GPU commands under *Reproduce* and re-run `bench/report.py`.", ""]
+    else:
+        lines += gpu_line + [""]
     lines += ["## Reproduce", "", "```bash", "pip install -r requirements.txt -r bench/requirements.txt",
-              "# GPU (H100): the 7B-shape suite and the scaling sweep",
+              "# GPU (H100 / H200): every device check in one command (CUDA tests, the training check, the 7B-shape "
+              "rows with and without checkpointing)",
+              "OUT=out/gpu bash bench/gpu_check.sh",
+              "# GPU: the whole 7B-shape suite and the scaling sweep",
               "python bench/efficiency.py --model llama-7b-shape --seq_len 2048 --micro_batch_size 1 --grad_ckpt both",
               "python bench/efficiency.py --suite sweep --model llama-h1024-l8 llama-h2048-l8 llama-h4096-l8 "
               "--seq_len 512 1024 2048 4096 --grad_ckpt on",
-              "# CPU (what the tables below ran; see each run's exact command)",
+              "# CPU (what the CPU tables below ran; see each run's exact command)",
               "OMP_NUM_THREADS=1 python bench/efficiency.py --model llama-small-shape --seq_len 256 --grad_ckpt both",
               "python bench/report.py", "```", ""]
     lines += ["## Columns", "",
@@ -834,13 +932,17 @@ def render(groups, png_dir=None, notes="", md_dir=ROOT):
               "clip, AdamW) on one micro-batch, driven through the Method hooks exactly as `train.py` does; median "
               "(and mean: PiLoRA K = 10 scores one step in ten) over the timed steps after untimed warmup steps. "
               "**tokens/s** = tokens per step / median. **MFU** = 4 · N_params · tokens/s / the device's dense bf16 "
-              "peak (H100 SXM 989 TFLOP/s; recompute of checkpointing not counted); n/a on CPU.",
+              "peak (`efficiency.PEAK_BF16_TFLOPS`: H100 and H200 SXM 989 TFLOP/s; recompute of checkpointing not "
+              "counted); n/a on CPU.",
               "- **attach / importance**: wall time of `method.attach` (TASO's and SPSFT-Taylor's importance passes "
               "run there). **vs / step × / aux ×**: the row's rank-matched baseline and the ratios to it.",
               "- Rows: `peft-lora-r*` is HF PEFT LoRA and `lora-r*` ours, on all linear layers of the attention and "
               "MLP; `*-qkvud` rows are on q, k, v, up, down (G²R² and PiLoRA's own targets, so their LoRA "
               "baselines use the same modules); alpha = 2r, dropout 0.05 everywhere; `spsft-r128` tunes 128 rows "
               "per matrix (paired with LoRA r = 64, SPSFT Table 6); `taso-r8` has r = 8, p = 1/8.", ""]
+    gpu_g = groups.get(("main", "cuda"), {"rows": {}, "runs": []})
+    gpu_rows = gpu_g["rows"]
+    gpu_name = ", ".join(dict.fromkeys(m["device_name"] for m in gpu_g["runs"])) or "H100"
     for (suite, device), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "main", kv[0][1] != "cuda")):
         if suite != "main":
             continue
@@ -849,19 +951,24 @@ def render(groups, png_dir=None, notes="", md_dir=ROOT):
         if device == "cpu":
             lines += ["CPU results on a small shape are a proxy: the memory ratios use the CPU allocator peak "
                       "above (and the saved-for-backward bytes), the time ratios are CPU times on shared cores "
-                      "(noisy, see the load average). The targets are about a GPU at 7B shape; the GPU column "
-                      "stays *not measured* until the GPU suite is run.", ""]
+                      "(noisy, see the load average). The targets are about a GPU at 7B shape"
+                      + ("; the GPU column stays *not measured* until the GPU suite is run." if not gpu_rows else
+                         f": the GPU column is the {gpu_name} run's (section *Targets (CUDA)*), *not measured* where "
+                         "a row was not run there."), ""]
+        gpu_cfg = configs(gpu_rows)[0] if gpu_rows else None
+        gpu_t = {t[0]: t[2] for t in targets(gpu_rows, *gpu_cfg, "cuda", epoch)} if gpu_cfg else {}
         for model, seq in configs(g["rows"]):
-            gpu_rows = groups.get(("main", "cuda"), {"rows": {}})["rows"]
-            gpu_cfg = configs(gpu_rows)[0] if gpu_rows else None
             body = []
-            for (label, what, res) in targets(g["rows"], model, seq, device, epoch):
+            for (label, what, res, _) in targets(g["rows"], model, seq, device, epoch):
                 gpu = "" if device == "cuda" else (
-                    verdict(next(t[2] for t in targets(gpu_rows, *gpu_cfg, "cuda", epoch) if t[0] == label), "cuda")
-                    if gpu_cfg else "not measured (no GPU)")
+                    "not measured (no GPU)" if not gpu_cfg else
+                    verdict(gpu_t[label], "cuda") if label in gpu_t else "n/a (a CPU proxy)")
                 body.append([label, what, verdict(res, device)] + ([] if device == "cuda" else [gpu]))
-            head = ["target", "measured as", f"{device.upper()} · {model}, seq {seq}"]
-            lines += table(head + ([] if device == "cuda" else ["GPU (H100, 7B shape, seq 2048)"]), body) + [""]
+            dev = f"CUDA ({gpu_name})" if device == "cuda" else device.upper()
+            head = ["target", "measured as", f"{dev} · {model}, seq {seq}"]
+            gpu_head = (f"GPU ({gpu_name}, {gpu_cfg[0]}, seq {gpu_cfg[1]})" if gpu_cfg
+                        else "GPU (H100, 7B shape, seq 2048)")
+            lines += table(head + ([] if device == "cuda" else [gpu_head]), body) + [""]
         lines += [f"## Main suite ({device.upper()})", ""] + run_meta(g["runs"])
         lines += main_tables(g["rows"], device, epoch)
         if png_dir:
@@ -871,13 +978,70 @@ def render(groups, png_dir=None, notes="", md_dir=ROOT):
                     rel = os.path.relpath(os.path.join(png_dir, name), md_dir)
                     lines += ["", f"![aux memory and step time per row, {model} seq {seq}]({rel})"]
         lines += [""]
+    lines += train_check_section(checks, status)
     for (suite, device), g in sorted(groups.items()):
         if suite == "sweep":
             lines += [f"## Scaling sweep ({device.upper()})", ""] + run_meta(g["runs"]) + sweep_tables(g["rows"]) + [""]
     if not any(s == "sweep" for s, _ in groups):
-        lines += ["## Scaling sweep", "", "Not run yet.", ""]
+        lines += ["## Scaling sweep", "", "Not run yet (on CPU or GPU).", ""]
     lines += ["## Notes", "", BEGIN, notes.strip("\n"), END, ""]
     return "\n".join(lines)
+
+
+def stamp(check):
+    """The date-time stamp bench/gpu_check.sh puts in its files' names (yyyymmdd-hhmmss), or ""."""
+    m = re.search(r"(\d{8}-\d{6})", check.get("file", "") or check.get("stamp", ""))
+    return m[1] if m else ""
+
+
+def train_check_section(checks, status=()):
+    """bench/gpu_train_check.py's JSONs (train.py, every method, bf16 + checkpointing, --resume vs the
+    uninterrupted run) as one table, the newest run of each method winning; bench/gpu_check.sh's part statuses."""
+    if not checks and not status:
+        return []
+    lines = ["## Training check on the GPU (`bench/gpu_train_check.py`)", "",
+             "train.py's own `main()` per method on tiny-llama: N steps uninterrupted, the same run stopped after "
+             "its checkpoint at N/2 and resumed with `--resume`, and the uninterrupted run once more (the device's "
+             "run-to-run floor). **resume exact**: the resumed run's losses and every trainable tensor equal the "
+             "uninterrupted run's bit for bit (otherwise: within the floor or not); Δ columns are the largest "
+             "absolute differences (resumed / again vs uninterrupted). dtypes: frozen weights / trainable tensors / "
+             "rotary `inv_freq`. Step time and peak memory are the uninterrupted run's summary.", ""]
+    for st in sorted(status, key=stamp):
+        rc = lambda p: ("ok" if p["rc"] == 0 else "TIMED OUT" if p["rc"] in (124, 137)  # noqa: E731
+                        else f"exit {p['rc']}")
+        parts = ", ".join(f"{p['part']} {rc(p)} ({p['s']} s)" for p in st.get("parts", []))
+        lines.append(f"- `{st['file']}` — `bench/gpu_check.sh` at {st.get('model', '?')}, seq "
+                     f"{st.get('seq_len', '?')}: "
+                     f"{parts}; {st.get('total_s', '?')} s in all.")
+    latest = {}
+    for c in sorted(checks, key=stamp):
+        lines.append(f"- `{c['file']}` — {c.get('device_name', c.get('device', '?'))}; torch {c.get('torch', '?')}, "
+                     f"transformers {c.get('transformers', '?')}; {c.get('model', '?')}, {c.get('dtype', '?')}, "
+                     f"{c.get('steps', '?')} steps; wall {c.get('wall_s', 0):.0f} s; every method ran and resumed "
+                     f"within the floor: {'yes' if c.get('all_ok') else 'no'}")
+        for m in c.get("methods", []):
+            latest[m["method"]] = (stamp(c), m)
+    lines.append("")
+    if not latest:
+        return lines
+    head = ["method", "run", "resume exact", "Δ loss resumed / again", "Δ tensor resumed / again",
+            "dtypes", "trainable start → end", "step ms", "peak MiB"]
+    body = []
+    for name, (when, m) in latest.items():
+        if "error" in m:
+            body.append([f"`{name}`", when, f"**error**: {m['error']}".replace("|", "\\|")] + [""] * (len(head) - 3))
+            continue
+        exact = "yes" if m.get("resume_exact") else "no, within the floor" if m.get("resume_ok") else "**no**"
+        d = m.get("dtypes", {})
+        dt = " / ".join(",".join(d.get(k, [])) or "?" for k in ("frozen", "trainable", "inv_freq"))
+        g = lambda k: "–" if m.get(k) is None else f"{m[k]:.3g}"  # noqa: E731
+        body.append([f"`{name}`" + (f" `{' '.join(m['flags'])}`" if m.get("flags") else ""), when, exact,
+                     f"{g('resume_loss_diff')} / {g('again_loss_diff')}",
+                     f"{g('resume_tensor_diff')} / {g('again_tensor_diff')}",
+                     dt + ("" if m.get("dtypes_ok", True) else " **(not bf16 / fp32 / fp32)**"),
+                     f"{count(m.get('trainable_params_start'))} → {count(m.get('trainable_params_end'))}",
+                     ms(m.get("step_time_s")), mib(m.get("peak_memory_bytes"))])
+    return lines + table(head, body) + [""]
 
 
 def main(argv=None):
@@ -895,7 +1059,10 @@ def main(argv=None):
         raise SystemExit("no result JSONs; run bench/efficiency.py or bench/accuracy.py first")
     md = ""
     if eff:
-        md = render(load(eff), a.png_dir or None, kept_notes(a.out), os.path.dirname(os.path.abspath(a.out)))
+        gpu_json = lambda prefix: [json.load(open(p)) | {"file": os.path.basename(p)} for p in paths  # noqa: E731
+                                   if os.path.basename(p).startswith(prefix)]
+        md = render(load(eff), a.png_dir or None, kept_notes(a.out), os.path.dirname(os.path.abspath(a.out)),
+                    checks=gpu_json("gpu-train-check-"), status=gpu_json("gpu-check-status-"))
         md = with_memory(md, [p for p in paths if os.path.basename(p).startswith(("memory-", "cut-cost-"))],
                          load(eff))
         with open(a.out, "w") as f:

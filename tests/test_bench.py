@@ -258,3 +258,74 @@ def test_checkpointing_on_older_transformers():
     model = models.build_tiny("tiny-llama")
     models.enable_checkpointing(model)
     assert model.is_gradient_checkpointing
+
+
+def hand_run(device, rows, date="2026-12-04 17:09 UTC"):
+    """A bench/efficiency.py JSON made by hand: rows given as (name, grad_ckpt, aux MiB, step ms)."""
+    mib = 2 ** 20
+    return {"suite": "main", "device": device, "device_name": "NVIDIA H200" if device == "cuda" else "cpu",
+            "torch": "2.11.0", "transformers": "5.17.0", "peft": None, "python": "3.12.3", "date": date,
+            "command": "python bench/efficiency.py (by hand)", "load_avg": [0.0, 0.0, 0.0], "wall_s": 1.0,
+            "settings": {"epoch_examples": 1000, "steps": 3, "warmup_steps": 2},
+            "rows": [{"row": n, "model": "llama-7b-shape", "seq_len": 2048, "grad_ckpt": c, "pair": None,
+                      "micro_batch_size": 1, "dtype": "bf16", "trainable_params": 10, "total_params": 1000,
+                      "peak_bytes": (100 + aux) * mib, "model_bytes": 100 * mib, "aux_bytes": aux * mib,
+                      "saved_bytes": None, "step_time_median_s": t / 1e3, "step_time_mean_s": t / 1e3,
+                      "tokens_per_s": 2048e3 / t, "mfu": 0.1 if device == "cuda" else None, "attach_s": 0.1}
+                     for n, c, aux, t in rows]}
+
+
+def test_report_says_which_gpu_rows_were_not_run(tmp_path):
+    """A GPU JSON holding only some rows (the first H200 run's case): bench/report.py renders, names the device from
+    the JSON, judges the targets whose rows ran, and says "not measured (row not run: ...)" for the others in the
+    CPU table's GPU column, in the CUDA targets and in the banner."""
+    cpu = hand_run("cpu", [(n, c, 50, 100) for n in ("lora-r8", "peft-lora-r8", "taso-r8", "lora-r1")
+                           for c in (False, True)])
+    gpu = hand_run("cuda", [("lora-r8", True, 8, 90), ("peft-lora-r8", True, 10, 100), ("taso-r8", False, 5, 50)])
+    paths = []
+    for name, run in (("main-cpu.json", cpu), ("main-gpu.json", gpu)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(run))
+    md = report.main(paths + ["--out", str(tmp_path / "B.md"), "--results", str(tmp_path / "R.md"), "--png_dir", ""])
+    assert "still to be measured" not in md and "**GPU tables: partly measured, on NVIDIA H200**" in md
+    assert "GPU (NVIDIA H200, llama-7b-shape, seq 2048)" in md and "H100, 7B shape" not in md
+    time8 = next(x for x in md.splitlines() if x.startswith("| Our LoRA ≤ 1.00× PEFT LoRA, time (r = 8) |"))
+    assert time8.endswith("| no checkpointing: not measured (row not run: `lora-r8`, `peft-lora-r8`); "
+                          "checkpointing: 0.90× **met** |")
+    taso = next(x for x in md.splitlines() if x.startswith("| TASO step ≤ LoRA r = 1 step |"))
+    assert taso.endswith("| no checkpointing: not measured (row not run: `lora-r1`); checkpointing: not measured "
+                         "(row not run: `taso-r8`, `lora-r1`) |")
+    mfu = next(x for x in md.splitlines() if x.startswith("| LoRA-step MFU"))
+    assert mfu.endswith("| no checkpointing: not measured (row not run: `lora-r8`); checkpointing: 10.0 % **missed** |")
+    assert "**Not run on the GPU**" in md and "`lora-r1`" in md.split("**Not run on the GPU**")[1].split("\n")[0]
+
+
+def test_report_train_check_table_shows_an_error_row(tmp_path):
+    """bench/gpu_train_check.py's JSON becomes the "Training check on the GPU" table: a resumed method with its
+    diffs and dtypes, and a method that failed with its error (a | in it escaped) instead of numbers."""
+    run = hand_run("cuda", [("lora-r8", True, 8, 90)])
+    ok = {"method": "lora", "flags": [], "dtypes": {"frozen": ["bfloat16"], "trainable": ["float32"],
+                                                     "inv_freq": ["float32"], "device": ["cuda"]},
+          "resume_exact": True, "resume_ok": True, "dtypes_ok": True, "resume_loss_diff": 0.0,
+          "resume_tensor_diff": 0.0, "again_loss_diff": 0.0, "again_tensor_diff": 1e-7,
+          "trainable_params_start": 16384, "trainable_params_end": 16384, "step_time_s": 0.07,
+          "peak_memory_bytes": 64 * 2 ** 20}
+    bad = {"method": "pilora", "error": "TypeError: can't convert a | b", "traceback": "...", "wall_s": 0.7}
+    check = {"check": "train", "device": "cuda", "device_name": "NVIDIA H200", "torch": "2.11.0",
+             "transformers": "5.17.0", "model": "tiny-llama", "dtype": "bf16", "steps": 6, "wall_s": 25.0,
+             "all_ok": False, "methods": [ok, bad]}
+    status = {"parts": [{"part": "train", "rc": 1, "s": 34}, {"part": "7b-ckpt", "rc": 124, "s": 100}],
+              "total_s": 138, "model": "llama-7b-shape", "seq_len": 2048, "stamp": "20261204-170825"}
+    files = {"main-gpu.json": run, "gpu-train-check-h200-20261204-170825.json": check,
+             "gpu-check-status-h200-20261204-170825.json": status}
+    for name, d in files.items():
+        (tmp_path / name).write_text(json.dumps(d))
+    md = report.main([str(tmp_path / n) for n in files] + ["--out", str(tmp_path / "B.md"), "--png_dir", ""])
+    lines = md.split("## Training check on the GPU (`bench/gpu_train_check.py`)")[1].splitlines()
+    assert any("train exit 1 (34 s), 7b-ckpt TIMED OUT (100 s); 138 s in all" in x for x in lines)
+    lora = next(x for x in lines if x.startswith("| `lora` |"))
+    assert lora.startswith("| `lora` | 20261204-170825 | yes | 0 / 0 | 0 / 1e-07 | bfloat16 / float32 / float32 | "
+                           "16,384 → 16,384 | 70.0 | 64.0 |")
+    pilora = next(x for x in lines if x.startswith("| `pilora` |"))
+    assert "**error**: TypeError: can't convert a \\| b |" in pilora and "yes" not in pilora
+
