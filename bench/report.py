@@ -568,7 +568,8 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
                   f"min (each run's own, cached or not).", ""]
         lines += ([progress(run), ""] if "cache" in run else []) + accuracy_table(run) + [""] + lr_table(run)
         if png_dir:
-            name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + task).lower())}.png"
+            tag = task + (("-" + budget_txt) if "cache" in run else "")  # the earlier sweep's names unchanged
+            name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + tag).lower())}.png"
             if accuracy_plot(run, os.path.join(png_dir, name)):
                 lines += [f"![{run['primary_metric']} per row, {run['model']} on {task}]"
                           f"({os.path.relpath(os.path.join(png_dir, name), md_dir)})", ""]
