@@ -90,18 +90,19 @@ def read_records(path) -> list:
     return check_records(records, path)
 
 
-def check_records(records, path):
+def check_records(records, path=None):
     """records, each with a string instruction and output (input: a string, null or absent), or a
     UserError naming the record (its number in the file) and the field."""
+    where = f"{path}: " if path else ""
     for i, r in enumerate(records):
         if "instruction" not in r or "output" not in r:
-            raise UserError(f"{path}: instruction data needs the columns instruction and output (input is "
+            raise UserError(f"{where}instruction data needs the columns instruction and output (input is "
                             f"optional); found columns: {', '.join(map(str, r)) or 'none'} (record {i})")
         bad = next((k for k in ("instruction", "input", "output")  # input may be null (no input)
                     if not isinstance(r.get(k, ""), str) and not (k == "input" and r[k] is None)), None)
         if bad:
             kind = "null" if r[bad] is None else type(r[bad]).__name__
-            raise UserError(f"{path}: record {i}'s {bad} is not a string (a JSON {kind}); "
+            raise UserError(f"{where}record {i}'s {bad} is not a string (a JSON {kind}); "
                             "write every instruction, input and output as a JSON string")
     return records
 
@@ -142,16 +143,7 @@ def tokenize_instructions(records, tokenizer, max_len) -> list:
     max_len from the end (the prompt's start is kept; a prompt that fills max_len trains nothing)."""
     if max_len < 1:
         raise UserError(f"--max_len must be at least 1, got {max_len}")
-    for i, r in enumerate(records):
-        if "instruction" not in r or "output" not in r:
-            raise UserError("instruction data needs the columns instruction and output (input is "
-                            f"optional); found columns: {', '.join(map(str, r)) or 'none'}")
-        bad = next((k for k in ("instruction", "input", "output")  # input may be null (no input)
-                    if not isinstance(r.get(k, ""), str) and not (k == "input" and r[k] is None)), None)
-        if bad:
-            kind = "null" if r[bad] is None else type(r[bad]).__name__
-            raise UserError(f"record {i}'s {bad} is not a string (a JSON {kind}); "
-                            "write every instruction, input and output as a JSON string")
+    check_records(records)  # records built in code (builtin_task, a caller's list) too
     prompts = tokenizer([prompt(r["instruction"], r.get("input") or "") for r in records])["input_ids"]
     responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     out = []

@@ -694,7 +694,10 @@ def run(args, stop):
     batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
     steps_per_epoch = math.ceil(batches.per_epoch / accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    method = build_method(args, task, None if args.eval_only else total, steps_per_epoch)
+    if args.eval_only:  # the adapter's method state decides; its schedule is never run: a nominal one
+        method = build_method(args, task, max(total, 2), 1)
+    else:
+        method = build_method(args, task, total, steps_per_epoch)
     total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
     total_params = common.count_params(model)[1]
     run_id = {"method": args.method, "model": model_id(args.model)}

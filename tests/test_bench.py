@@ -166,7 +166,7 @@ def test_g2r2_model_is_freed_without_a_gc_pass():
     import weakref
     import g2r2
     model = models.build_tiny("tiny-llama")
-    method = g2r2.G2R2(r=4, total_steps=10, g2r2_warmup=5, g2r2_prune=2, batch_size=1, micro_batch_size=1)
+    method = g2r2.G2R2(r=4, total_steps=10, warmup=5, prune=2, micro_batches=1)
     method.attach(model, [])
     ids = torch.randint(0, 260, (1, 8))
     model(input_ids=ids, labels=ids).loss.backward()
