@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device checks (issues 15, 26) as one command: about 5 minutes on one H100 / H200, at most ~6.
+# The device checks (issues 15, 26) as one command: 168 s on one H200 (2026-12-04), at most ~8 minutes by its limits.
 #   1. env      python, torch, transformers, peft, the GPU;
 #   2. tests    the CUDA unit tests (common.dropout_linear's backward redraws the forward's mask from CUDA's
 #               generator): through pytest when it imports, else bench/plain_tests.py (same test functions);
@@ -22,8 +22,8 @@ OUT=${OUT:-out/gpu}
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-llama-7b-shape}
 SEQ=${SEQ:-2048}
-ROWS_CKPT=${ROWS_CKPT:-"lora-r8 g2r2-refine pilora-s2 taso-r8 spsft-r128 peft-lora-r8 lora-r64"}
-ROWS_PLAIN=${ROWS_PLAIN:-"lora-r64 peft-lora-r64 spsft-r128 g2r2-refine lora-r8-qkvud"}
+ROWS_CKPT=${ROWS_CKPT:-"lora-r8 peft-lora-r8 lora-r64 peft-lora-r64 spsft-r128 g2r2-refine g2r2-warmup g2r2-warmup-paper lora-r8-qkvud lora-r32-qkvud pilora-s2 taso-r8 lora-r1"}
+ROWS_PLAIN=${ROWS_PLAIN:-"$ROWS_CKPT"}
 TEST_FILES=${TEST_FILES:-tests/test_memory.py}       # the CUDA tests: files, and words of their names
 TEST_K=${TEST_K:-reuses_the_forward_mask}
 TRAIN_METHODS=${TRAIN_METHODS:-"lora g2r2 pilora taso spsft"}
@@ -31,8 +31,8 @@ TRAIN_STEPS=${TRAIN_STEPS:-6}
 ROW_TIMEOUT=${ROW_TIMEOUT:-45}
 LIMIT_TESTS=${LIMIT_TESTS:-45}
 LIMIT_TRAIN=${LIMIT_TRAIN:-110}
-LIMIT_CKPT=${LIMIT_CKPT:-100}
-LIMIT_PLAIN=${LIMIT_PLAIN:-75}
+LIMIT_CKPT=${LIMIT_CKPT:-170}
+LIMIT_PLAIN=${LIMIT_PLAIN:-150}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
