@@ -430,6 +430,26 @@ def _ce_sum(head, h, y):
     return nn.functional.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
 
 
+def forward_backward(net, micro, task, accum, ctx, plain, device):
+    """Forward and backward of this process's micro-batches of one optimizer step (gradients accumulate;
+    DDP reduces after the last); returns the step's loss summed over the processes. Causal LM losses are
+    normalised by the target tokens of the whole step, counted on the host before the copies."""
+    if task == "causal":
+        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_items = max(1, int(common.all_reduce(torch.tensor(n_items))))  # all processes' tokens
+    micro = [to_device(b, device) for b in micro]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync
+    for j, b in enumerate(micro):
+        with ctx, no_sync(net, j < len(micro) - 1):
+            if task == "causal":
+                loss = causal_loss(net, b, n_items, plain=plain)  # through net: DDP's forward runs
+            else:
+                loss = net(**b).loss / accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return float(common.all_reduce(loss_sum))  # all processes; the step's one wait for the device
+
+
 def save_atomic(obj, path):
     """torch.save to path.tmp, flushed to disk, then renamed over path: a kill, a full disk or a second
     Ctrl-C at any point leaves the previous file whole (the rename is atomic). A failed write removes
@@ -771,20 +791,7 @@ def run(args, stop):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         micro = [batches.host(step * accum + k) for k in range(rank, accum, world)]  # this process's share
-        if task == "causal":  # loss normalised by the target tokens of the whole step (all processes),
-            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # counted on the host
-            n_items = max(1, int(common.all_reduce(torch.tensor(n_items))))
-        micro = [to_device(b, device) for b in micro]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync
-        for j, b in enumerate(micro):
-            with ctx, no_sync(net, j < len(micro) - 1):
-                if task == "causal":
-                    loss = causal_loss(net, b, n_items, plain=plain)  # through net: DDP's forward runs
-                else:
-                    loss = net(**b).loss / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        loss_sum = float(common.all_reduce(loss_sum))  # all processes; the step's one wait for the device
+        loss_sum = forward_backward(net, micro, task, accum, ctx, plain, device)
         if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
             bar.close()
             kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N)"
