@@ -29,10 +29,11 @@ A row = a method and its own settings from its paper (ROWS below; the readings a
 - Ablations from the papers: g2r2-random (Table 5's random module choice), pilora-random (Table 4),
   taso-random (uniform importance).
 
-Each row at its own learning rate (issue 25): --lr_grid 0.3 1 3 first trains every row once (seed
+Each row at its own learning rate (issue 25): --lr_grid 0.3 1 3 trains each row, in --rows order, once (seed
 --select_seed) at lr_row × each factor on the training set minus a held-out --val_frac of it (carve(): a
 fixed shuffle of train.tsv, dev.tsv is never opened), picks the factor with the best primary metric on that
-held-out part, then trains every seed at it and reports the dev set. lr_row is --lr, SPSFT's --lr × 0.2.
+held-out part, then trains every seed at it and reports the dev set, before the next row's grid (a sweep cut
+short leaves whole rows). lr_row is --lr, SPSFT's --lr × 0.2.
 Rows whose paper ties their learning rate to another row's take that row's choice (LR_TIED: TASO runs
 at LoRA r = 8's learning rate and scales it by ρ^(-1/2) itself, taso.py T7; ablations at their method's).
 
@@ -414,33 +415,31 @@ def lr_centre(args, name):
     return args.lr * LR_RATIO.get(name.split("-")[0], 1.0)
 
 
-def select_lr(args, task, fill, run, log, out=None, after_run=lambda cached: None):
-    """{row: {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed"} or {"tied_to", "chosen"}}:
-    every row not in LR_TIED trains once per grid factor on carve(); the best held-out primary metric wins
-    (the first of equals). A tied row whose partner is not in the sweep keeps its own centre. `out` is
-    filled as the grid runs (an interrupted sweep's JSON shows the part that finished)."""
-    base = base_argv(args)
-    out = {} if out is None else out
-    for name in args.rows:
-        if name in LR_TIED and LR_TIED[name] in args.rows:
-            continue
-        grid = []
-        out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac,
-                     "seed": args.select_seed}
-        for f in args.lr_grid:
-            lr = float(lr_str(lr_centre(args, name) * f))
-            res, cached = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
-            after = flat(res["metrics"].get("after", {}))
-            grid.append([lr, after.get(primary_metric(after))])
-            after_run(cached)
-            log(f"  lr grid {name} lr {lr_str(lr)}: held-out {primary_metric(after)} {grid[-1][1]}")
-        scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
-        chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
-        out[name].update(chosen=chosen, metric=primary_metric(after))
-    for name in args.rows:
-        if name not in out:
-            out[name] = {"tied_to": LR_TIED[name], "chosen": out[LR_TIED[name]]["chosen"]}
-    return out
+def select_lr(args, task, fill, run, log, out, name, after_run=lambda cached: None):
+    """Fill out[name] = {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed"} or {"tied_to",
+    "chosen"}: a row not in LR_TIED trains once per grid factor on carve(); the best held-out primary metric
+    wins (the first of equals). A tied row takes its partner's choice (selected first if it was not yet); one
+    whose partner is not in the sweep keeps its own centre. `out` is filled as the grid runs (an interrupted
+    sweep's JSON shows the part that finished)."""
+    if name in out:
+        return out[name]["chosen"]
+    if name in LR_TIED and LR_TIED[name] in args.rows:
+        chosen = select_lr(args, task, fill, run, log, out, LR_TIED[name], after_run)
+        out[name] = {"tied_to": LR_TIED[name], "chosen": chosen}
+        return chosen
+    base, grid = base_argv(args), []
+    out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac, "seed": args.select_seed}
+    for f in args.lr_grid:
+        lr = float(lr_str(lr_centre(args, name) * f))
+        res, cached = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
+        after = flat(res["metrics"].get("after", {}))
+        grid.append([lr, after.get(primary_metric(after))])
+        after_run(cached)
+        log(f"  lr grid {name} lr {lr_str(lr)}: held-out {primary_metric(after)} {grid[-1][1]}")
+    scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
+    chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
+    out[name].update(chosen=chosen, metric=primary_metric(after))
+    return chosen
 
 
 def load_cache(path):
@@ -494,17 +493,16 @@ def main(argv=None):
               f"({'cached' if cached else f'{time.time() - t:.0f} s'})", flush=True)
         return res, cached
 
-    if args.lr_grid:
+    if args.lr_grid:  # row by row, its grid then its seeds: a sweep cut short leaves whole rows
         out["lr_select"] = {}
-        # the JSON (its cache, committed) is rewritten after every finished run, however the sweep ends
-        select_lr(args, task, fill, run, print, out["lr_select"], lambda cached: cached or write())
-        base = base_argv(args)
-        runs = [(name, seed, run_argv(base, name, fill, out["lr_select"][name]["chosen"], seed))
-                for seed in args.seeds for name in args.rows]
+        runs = [(name, seed, None) for name in args.rows for seed in args.seeds]
     for name, seed, argv_run in runs:
+        if argv_run is None:
+            lr = select_lr(args, task, fill, run, print, out["lr_select"], name, lambda cached: cached or write())
+            argv_run = run_argv(base_argv(args), name, fill, lr, seed)
         res, cached = run(name, seed, argv_run)
         rows[name]["runs"].append(res | {"seed": seed, "cached": cached})
-        if not cached:
+        if not cached:  # the JSON (its cache, committed) is rewritten after every finished run
             write()
     write(final=True)
     print(f"wrote {path}; budget rule: {out['budget']}")

@@ -207,3 +207,24 @@ def test_lr_choice_ignores_dev_set_and_committed_cache_runs_nothing(tmp_path, mo
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
     assert again["lr_select"]["lora-r8"]["grid"] == ga["grid"]
     assert all(r["cached"] for r in again["rows"]["lora-r8"]["runs"]) and acc(again) == acc(a)
+
+
+def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_path, monkeypatch):
+    """--lr_grid: a row's grid, then its seeds, then the next row (a sweep cut short leaves whole rows);
+    TASO has no grid of its own and trains at lora-r8's chosen rate, selected first even when listed first."""
+    data, calls = glue_dir(tmp_path), []
+
+    def fake_run_one(argv, runs_dir, save_every, cache=None):
+        lr = float(argv[argv.index("--lr") + 1])
+        row = "spsft" if "spsft" in argv else "taso" if "taso" in argv else "lora"
+        calls.append((row, lr, "--val_split" in argv, int(argv[argv.index("--seed") + 1])))
+        score = {0.0003: 0.6, 0.001: 0.9, 0.003: 0.7}.get(lr, 0.5)  # lora's held-out best: factor 1
+        return {"metrics": {"before": {"accuracy": 0.5}, "after": {"accuracy": score}}, "argv": argv}, False
+    monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    out = accuracy.main(["--model", "tiny-bert", "--data", data, "--rows", "taso", "lora-r8", "--seeds", "0", "1",
+                         "--lr_grid", "0.3", "1", "3", "--json", str(tmp_path / "o.json"), "--runs_dir", str(tmp_path)])
+    assert calls == [("lora", 0.0003, True, 0), ("lora", 0.001, True, 0), ("lora", 0.003, True, 0),
+                     ("taso", 0.001, False, 0), ("taso", 0.001, False, 1),
+                     ("lora", 0.001, False, 0), ("lora", 0.001, False, 1)]
+    assert out["lr_select"]["taso"] == {"tied_to": "lora-r8", "chosen": 0.001}
+    assert out["lr_select"]["lora-r8"]["grid"] == [[0.0003, 0.6], [0.001, 0.9], [0.003, 0.7]]
