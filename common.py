@@ -160,6 +160,13 @@ def dropout_scale_again(x, p, state):
         gen.set_state(now)
 
 
+def in_backward():
+    """True inside a backward pass, where non-reentrant checkpointing recomputes forwards (G²R² counts a
+    layer's uses outside them). No public PyTorch API tells a recompute from a forward; this is the private
+    test torch.utils.checkpoint itself makes. tests/test_common.py fails if its meaning changes."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _DropoutLinear(torch.autograd.Function):
     """dropout_linear's autograd: saves x, the weights and the generator state; backward redraws the mask."""
 

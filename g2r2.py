@@ -10,22 +10,10 @@ Layout: PyTorch keeps ΔW = s·B A as (out × in); the paper writes L = A B as (
 paper's A is our Aᵀ and its B is our Bᵀ (its B starts at zero, as ours does). S and R do not
 depend on whether s is folded into L (S = |∂ℒ/∂l · l| is scale invariant), so L = ΔW = s·B A here.
 
-Estimators of ∂ℒ/∂ΔW for Eq 5 (`score`):
-  exact    Σ_tokens δ_out ⊗ x_in per module, from the adapter's input and the gradient at its output,
-           taken in backward (a recomputed forward under gradient checkpointing cannot double count)
-           and summed over the micro-batches of one optimizer step before the |·| of Eq 5. With one
-           micro-batch it is reduced to ΣS in the module's backward and freed at once (one module's
-           out × in fp32 gradient alive at a time); with k > 1 micro-batches each live module keeps an
-           out × in fp32 buffer from its first to its last backward of the step (4 bytes per base
-           weight of the targets: the price of summing before the abs). x_in is the dropped input; the
-           capture keeps the undropped x that common.dropout_linear keeps anyway and draws the same
-           mask again in backward, so scoring adds no activation memory to a LoRA step. In a bf16
-           model the GEMM takes bf16 operands and accumulates in fp32 (tensor cores on CUDA; written
-           out in fp32 there, rounded to bf16 once on CPU), not fp32 operands (CUDA cores, ~3x a LoRA
-           step at 7B shape); the sum over micro-batches and Eq 5 stay fp32. Under torchrun the
-           per-module gradient is summed over the processes in after_backward, so every live module
-           keeps its out × in fp32 buffer until then, even with one micro-batch (4 bytes per base weight
-           of the targets, 18 GB at Llama-2-7B QKVUD); use --g2r2_score paper there if that does not fit.
+Estimators of ∂ℒ/∂ΔW for Eq 5 (`score`), one function each (`s_sum_*`, `random_R`):
+  exact    ∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in per module, summed over the micro-batches of one optimizer step
+           before the |·| of Eq 5 (not in the paper; how it is taken without a dense ΔW is at the end of
+           this file, "Lean machinery").
   paper    Eq 6 as printed, Σ_m (1/B_mj)·∂ℒ/∂A_im (exact only when r = 1 and the layer has one
            output); B starts at zero, so entries with |B| ≤ eps count as 0 (the term is 0/0 there).
   random   R ~ U(0, 1) per module and step (Table 4 ablation).
@@ -69,82 +57,32 @@ TARGETS = {**common.DEFAULT_TARGETS, "llama": ["q_proj", "k_proj", "v_proj", "up
 
 # ------------------------------------------------------------------------ the adapter (Eq 1–3)
 
-class _Capture(torch.autograd.Function):
-    """Identity on the adapter's output; its backward hands (δ_out, x_in) to `sink`, x_in the adapter's
-    dropped input: x ⊙ mask/(1−p) with the mask dropout_linear drew, drawn again from the generator
-    `state` saved before it (p = 0: x itself). Backward runs once per backward pass, also when
-    checkpointing recomputes the forward."""
-
-    @staticmethod
-    def forward(ctx, y, x, p, state, sink):
-        ctx.save_for_backward(x)  # the tensor dropout_linear saves anyway: no extra memory
-        ctx.p, ctx.state, ctx.sink = p, state, sink
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        ctx.sink(grad, x * common.dropout_scale_again(x, ctx.p, ctx.state) if ctx.p else x)
-        return grad, None, None, None, None
-
-
-def in_backward():
-    """True inside a backward pass (where non-reentrant checkpointing recomputes forwards); the test
-    torch.utils.checkpoint itself uses."""
-    return torch._C._current_graph_task_id() != -1
-
-
 class G2R2Linear(common.LoRALinear):
-    """LoRA h = W₀x + s·B A x (Eq 3) that can be pruned (branch skipped) and, while `sink` is set,
-    reports (δ_out, x_in) of each backward pass for the exact ∂ℒ/∂ΔW."""
+    """LoRA h = W₀x + s·B A x (Eq 3) that can be pruned (Eq 11: its branch is skipped). While `sink` is set,
+    the exact estimator's hooks (Lean machinery, below) report (δ_out, x_in) of each backward pass."""
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
         self.pruned = False
-        self.sink = None
+        self.sink = None  # exact scoring armed: a function of (δ_out, x_in), see capture_hooks
         self.calls = 0  # uses of this layer in this step's forwards (DeBERTa-v3 applies query/key_proj twice)
+        capture_hooks(self)
 
     def forward(self, x):
         if self.pruned:
-            return self.base(x)
-        if self.sink is None or not torch.is_grad_enabled():
-            return super().forward(x)
-        if not in_backward():  # a checkpoint's recompute runs inside backward and brings no new use
-            self.calls += 1
-        p = common.active_p(self.dropout)
-        state = common.rng_state(x.device) if p else None  # the capture redraws dropout_linear's mask
-        return self.base(x) + _Capture.apply(self.lora_delta(x), x, p, state, self.sink)
+            return self.base(x)                    # Eq 11: [A, B] = [0, 0] adds nothing
+        return self.base(x) + self.lora_delta(x)   # Eq 3: h = W₀x + s·B A x
 
     def lora_factors(self):
         """A pruned module carries no update: absent from the PEFT export (None)."""
         return None if self.pruned else super().lora_factors()
 
 
-def _weak_hook(method):
-    """method.count_forward as a model hook that holds the method weakly, so that the model and the method
-    (which holds the model) are freed by reference counting, not a gc pass. A no-op once the method is gone
-    and on a copy of the model (copy.deepcopy keeps the hook, not the method's attention)."""
-    me = weakref.ref(method)
-
-    def hook(module, args):
-        m = me()
-        if m is not None and module is m.model:
-            m.count_forward(module, args)
-    return hook
-
-
 # ---------------------------------------------------------- sensitivity and redundancy (Eq 4–7)
 
-def exact_grad(delta_out, x, dtype=torch.float32):
-    """∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in, (out, in), fp32. The operands in `dtype`, the base model's: a bf16
-    model's GEMM runs on bf16 operands, accumulated in fp32 (on CUDA tensor cores, written out in fp32; on
-    CPU rounded to bf16 once, then widened), not as an fp32 GEMM (~3x a LoRA step at 7B shape on CUDA cores)."""
-    d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype).T, x.reshape(-1, x.shape[-1]).to(dtype)
-    if dtype not in (torch.bfloat16, torch.float16):
-        return d @ xi
-    if d.is_cuda:
-        return torch.mm(d, xi, out_dtype=torch.float32)
-    return (d @ xi).float()
+def sensitivity(grad, weight):
+    """S(l_ij) = |∂ℒ/∂l_ij · l_ij| (Eq 5, first-order Taylor of Eq 4)."""
+    return (grad * weight).abs()
 
 
 def paper_grad(A, B, grad_A, scaling, eps=1e-8):
@@ -155,15 +93,32 @@ def paper_grad(A, B, grad_A, scaling, eps=1e-8):
     return inv @ grad_A  # Eq 6
 
 
-def sensitivity(grad, weight):
-    """S(l_ij) = |∂ℒ/∂l_ij · l_ij| (Eq 5, first-order Taylor of Eq 4)."""
-    return (grad * weight).abs()
-
-
 def redundancy(s_sum, numel):
     """R(L) = d·k / Σ_ij S(l_ij) (Eq 7); None where undefined (ΣS = 0 or not finite)."""
     s_sum = float(s_sum)
     return numel / s_sum if s_sum > 0 and math.isfinite(s_sum) else None
+
+
+def s_sum_paper(L):
+    """ΣS of module L (Eq 5) with ∂ℒ/∂ΔW from Eq 6, shape (1,); None without a gradient."""
+    if L.lora_A.grad is None or L.lora_B.grad is None:
+        return None
+    with torch.no_grad():
+        return sensitivity(paper_grad(L.lora_A, L.lora_B, L.lora_A.grad, L.scaling), L.delta_weight()).sum().reshape(1)
+
+
+def s_sum_product(L):
+    """(ΣS(A), ΣS(B)) of module L, Eq 5 on each factor with its own gradient (Table 4); None without one."""
+    if L.lora_A.grad is None or L.lora_B.grad is None:
+        return None
+    with torch.no_grad():
+        return torch.stack([sensitivity(L.lora_A.grad, L.lora_A).sum(), sensitivity(L.lora_B.grad, L.lora_B).sum()])
+
+
+def random_R(seed, step, live, M):
+    """R ~ U(0, 1) per live module (Table 4's random ablation), a function of (seed, step): resume-safe."""
+    u = torch.rand(M, generator=torch.Generator().manual_seed(seed * 1_000_003 + step), dtype=torch.float64)
+    return {i: float(u[i]) for i in live}
 
 
 def smooth(R_bar, U_bar, R, beta1, beta2):
@@ -271,67 +226,44 @@ class G2R2(common.Method):
         self.pruned_at = {}  # module index -> optimizer step after which it was zeroed
         self.refined, self.next_step = False, 0
         if state is not None:
-            if state["names"] != self.names:
-                raise ValueError("the saved state adapts other modules than this model and `targets`; "
-                                 "restore it into the model and targets it was trained with")
-            f = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
-            self.R_bar, self.U_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
-            self.R_hat = [None if a is None or b is None else a * b for a, b in zip(self.R_bar, self.U_bar)]
-            self.pruned_at = {int(i): s for i, s in state["pruned_at"].items()}
-            self.next_step, self.scored = state["next_step"], state.get("scored", state["next_step"] - 1)
-            for i in self.pruned_at:
-                self.prune(i)
-            if state["refined"]:
-                self.refine()
+            self.load_state(state)
         self.stage = state["stage"] if state is not None else self.stage_of(0)
         self.set_sinks(self.next_step)
         return model
 
     def after_backward(self, step):
+        """Score the live modules: R (Eq 7) by the chosen estimator, smoothed into R̂ (Eq 8–10)."""
         self.check_step(step, "after_backward", exact=True)
         if not self.scores_at(step):
             return
         self.scored = step
-        live = [i for i in range(len(self.names)) if i not in self.pruned_at]
-        sums = {}  # module -> ΣS (one value) or (ΣS_A, ΣS_B) for product, on the model's device
-        if self.score == "exact":
-            for i in live:  # fewer micro-batches ran than expected, or torchrun: reduce now
-                if self.grad[i] is not None or common.world()[1] > 1:
-                    self.reduce(i)
-            sums = {i: s.reshape(1) for i, s in self.s_sum.items()}
-        elif self.score in ("paper", "product"):
-            for i in live:
-                L = self.layers[i]
-                gA, gB = L.lora_A.grad, L.lora_B.grad
-                if gA is None or gB is None:
-                    continue  # no gradient reached this module: no score this step
-                with torch.no_grad():
-                    if self.score == "paper":
-                        S = sensitivity(paper_grad(L.lora_A, L.lora_B, gA, L.scaling), L.delta_weight())
-                        sums[i] = S.sum().reshape(1)  # Eq 5–6
-                    else:
-                        sums[i] = torch.stack([sensitivity(gA, L.lora_A).sum(), sensitivity(gB, L.lora_B).sum()])
-        if self.score == "random":
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # resume-safe: a function of the step
-            u = torch.rand(len(self.names), generator=g, dtype=torch.float64)
-            R = {i: float(u[i]) for i in live}
-        else:
-            keys = list(sums)
-            flat = torch.stack([sums[i].double() for i in keys]).cpu().tolist() if keys else []  # one sync
-            R = {}
-            for i, v in zip(keys, flat):
-                if self.score == "product":  # R(A)·R(B) with Eq 7 on each factor
-                    ra = redundancy(v[0], self.layers[i].lora_A.numel())
-                    rb = redundancy(v[1], self.layers[i].lora_B.numel())
-                    R[i] = None if ra is None or rb is None else ra * rb
-                else:
-                    R[i] = redundancy(v[0], self.numel[i])  # Eq 7
+        live = self.retained()
+        R = random_R(self.seed, step, live, len(self.names)) if self.score == "random" else self.redundancies(live)
         for i, R_i in R.items():
             if R_i is not None:
                 self.R_bar[i], self.U_bar[i], self.R_hat[i] = smooth(
                     self.R_bar[i], self.U_bar[i], torch.tensor(R_i, dtype=torch.float64), self.beta1, self.beta2)
 
+    def redundancies(self, live):
+        """{module: R (Eq 7) or None} of the live modules that got a gradient, from their ΣS (Eq 5)."""
+        if self.score == "exact":
+            sums = self.s_sum_exact(live)
+        else:
+            estimator = s_sum_paper if self.score == "paper" else s_sum_product
+            sums = {i: s for i in live if (s := estimator(self.layers[i])) is not None}
+        values = torch.stack([s.double() for s in sums.values()]).cpu().tolist() if sums else []  # one host sync
+        R = {}
+        for i, v in zip(sums, values):
+            if self.score == "product":  # R(A)·R(B), Eq 7 on each factor
+                ra, rb = redundancy(v[0], self.layers[i].lora_A.numel()), redundancy(v[1], self.layers[i].lora_B.numel())
+                R[i] = None if ra is None or rb is None else ra * rb
+            else:
+                R[i] = redundancy(v[0], self.numel[i])  # Eq 7
+        return R
+
     def after_step(self, step):
+        """Eq 11–12 after optimizer step t: keep the ⌈p(t+1)·M⌉ live modules of lowest R̂, zero the others;
+        at the end of pruning remove them (refinement). True when the trainable set changed."""
         self.check_step(step, "after_step", exact=True)
         if self.scores_at(step) and self.scored != step:
             raise RuntimeError(f"G2R2: step {step} scores the modules but after_backward({step}) was not called; "
@@ -340,7 +272,7 @@ class G2R2(common.Method):
         self.next_step = step + 1
         changed = False
         if self.T_w <= step < self.T_w + self.T_p and not self.refined:
-            live = [i for i in range(len(self.names)) if i not in self.pruned_at]
+            live = self.retained()
             p = retention(step + 1, self.T_w, self.T_p, self.p0, self.pf)  # Eq 12, after step t
             keep = select([None if h is None else float(h) for h in self.R_hat], live,
                           n_keep(p, len(self.names)))  # Eq 11: the lowest p^t % by R̂ keep training
@@ -358,51 +290,6 @@ class G2R2(common.Method):
                 changed = True
         self.set_sinks(step + 1)
         return changed
-
-    # -- mechanics
-    def set_sinks(self, t):
-        """Arm the exact-gradient capture of the live modules for step t (armed steps cost a matmul)."""
-        on = self.score == "exact" and self.scores_at(t) and not self.refined
-        self.grad = [None] * len(self.names)   # exact: per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 only)
-        self.seen = [0] * len(self.names)      # exact: backward passes seen this step
-        self.s_sum = {}                        # exact: module -> ΣS of this step
-        self.forwards = 0                      # exact: model forwards (micro-batches) run this step
-        me = weakref.ref(self)
-        for i, L in enumerate(self.layers):
-            if L is not None:
-                L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
-                L.calls = 0
-
-    def count_forward(self, module, args):
-        """Forward pre-hook of the model: one call per micro-batch of the step (not evaluation, not a
-        checkpoint's recompute)."""
-        if torch.is_grad_enabled() and not in_backward():
-            self.forwards += 1
-            if self.score == "exact" and self.forwards > self.micro_batches and any(
-                    L is not None and L.sink is not None for L in self.layers):
-                raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one "
-                                   "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
-
-    def capture(self, i, delta_out, x):
-        """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
-        every use of the module in them has come back (else after_backward reduces)."""
-        G = exact_grad(delta_out, x, self.layers[i].base.weight.dtype)  # bf16 operands for a bf16 model
-        self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
-        self.seen[i] += 1
-        done = self.forwards == self.micro_batches and self.seen[i] == self.layers[i].calls
-        if done and common.world()[1] == 1:  # torchrun: after_backward reduces
-            self.reduce(i)
-
-    def reduce(self, i):
-        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer. Under torchrun
-        the gradient is first summed over the processes (zeros from a process that saw none)."""
-        if common.world()[1] > 1:
-            G = self.grad[i] if self.grad[i] is not None else self.layers[i].base.weight.new_zeros(
-                self.layers[i].base.weight.shape, dtype=self.layers[i].lora_A.dtype)
-            self.grad[i] = common.all_reduce(G)
-        with torch.no_grad():  # Σ sensitivity() in place on the buffer it frees: two out × in tensors, not four
-            self.s_sum[i] = self.grad[i].mul_(self.layers[i].delta_weight()).abs_().sum()
-        self.grad[i] = None
 
     def prune(self, i):
         self.layers[i].pruned = True
@@ -428,20 +315,34 @@ class G2R2(common.Method):
         self.refined = True
 
     # -- bookkeeping
+    def retained(self):
+        return [i for i in range(len(self.names)) if i not in self.pruned_at]
+
     def state_dict(self):
         f = lambda v: None if v is None else v.item()
         return {"names": self.names, "r_bar": [f(v) for v in self.R_bar], "u_bar": [f(v) for v in self.U_bar],
                 "pruned_at": dict(self.pruned_at), "refined": self.refined, "next_step": self.next_step,
                 "scored": self.scored, "stage": self.stage}
 
+    def load_state(self, state):
+        if state["names"] != self.names:
+            raise ValueError("the saved state adapts other modules than this model and `targets`; "
+                             "restore it into the model and targets it was trained with")
+        f = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
+        self.R_bar, self.U_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
+        self.R_hat = [None if a is None or b is None else a * b for a, b in zip(self.R_bar, self.U_bar)]
+        self.pruned_at = {int(i): s for i, s in state["pruned_at"].items()}
+        self.next_step, self.scored = state["next_step"], state.get("scored", state["next_step"] - 1)
+        for i in self.pruned_at:
+            self.prune(i)
+        if state["refined"]:
+            self.refine()
+
     def export(self, model):
         if not self.refined:
             for i in self.pruned_at:
                 common.replace_module(model, self.names[i], self.layers[i].base)
         return common.merge_adapters(model)
-
-    def retained(self):
-        return [i for i in range(len(self.names)) if i not in self.pruned_at]
 
     def summary(self):
         kept = self.retained()
@@ -452,3 +353,139 @@ class G2R2(common.Method):
                 "adapter_params_start": sum(self.adapter_params),
                 "adapter_params_end": sum(self.adapter_params[i] for i in kept),
                 "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.R_hat)}}
+
+    # -- the exact estimator's bookkeeping (Lean machinery, below)
+    def set_sinks(self, t):
+        """Arm the exact-gradient capture of the live modules for step t (armed steps cost a matmul)."""
+        on = self.score == "exact" and self.scores_at(t) and not self.refined
+        self.grad = [None] * len(self.names)   # per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 or torchrun only)
+        self.seen = [0] * len(self.names)      # backward passes seen this step
+        self.s_sum = {}                        # module -> ΣS of this step
+        self.forwards = 0                      # model forwards (micro-batches) run this step
+        me = weakref.ref(self)
+        for i, L in enumerate(self.layers):
+            if L is not None:
+                L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
+                L.calls = 0
+
+    def count_forward(self, module, args):
+        """Forward pre-hook of the model: one call per micro-batch of the step (not evaluation, not a
+        checkpoint's recompute)."""
+        if torch.is_grad_enabled() and not common.in_backward():
+            self.forwards += 1
+            if self.score == "exact" and self.forwards > self.micro_batches and any(
+                    L is not None and L.sink is not None for L in self.layers):
+                raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one "
+                                   "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
+
+    def capture(self, i, delta_out, x):
+        """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
+        every use of the module in them has come back (else s_sum_exact reduces)."""
+        G = exact_grad(delta_out, x, self.layers[i].base.weight.dtype)  # bf16 operands for a bf16 model
+        self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
+        self.seen[i] += 1
+        done = self.forwards == self.micro_batches and self.seen[i] == self.layers[i].calls
+        if done and common.world()[1] == 1:  # torchrun: s_sum_exact reduces
+            self.reduce(i)
+
+    def reduce(self, i):
+        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer. Under torchrun
+        the gradient is first summed over the processes (zeros from a process that saw none)."""
+        if common.world()[1] > 1:
+            G = self.grad[i] if self.grad[i] is not None else self.layers[i].base.weight.new_zeros(
+                self.layers[i].base.weight.shape, dtype=self.layers[i].lora_A.dtype)
+            self.grad[i] = common.all_reduce(G)
+        with torch.no_grad():  # Σ sensitivity() in place on the buffer it frees: two out × in tensors, not four
+            self.s_sum[i] = self.grad[i].mul_(self.layers[i].delta_weight()).abs_().sum()
+        self.grad[i] = None
+
+    def s_sum_exact(self, live):
+        """{module: ΣS (1,)} with the exact ∂ℒ/∂ΔW: the modules capture() has not reduced yet (fewer
+        micro-batches ran than expected, or torchrun) are reduced now."""
+        for i in live:
+            if self.grad[i] is not None or common.world()[1] > 1:
+                self.reduce(i)
+        return {i: s.reshape(1) for i, s in self.s_sum.items()}
+
+
+# ------------------------------------------------- Lean machinery: the exact ∂ℒ/∂ΔW without a dense ΔW
+# What it saves: an out × in parameter D = ΔW and its gradient per module (plain equivalent, the tests'
+# reference: h = W₀x + D x_in with D a leaf, ∂ℒ/∂ΔW = D.grad). Instead ∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in is
+# formed in backward from the gradient at the layer's output and its input, and summed over the
+# micro-batches of the step before the |·| of Eq 5. With one micro-batch it is reduced to ΣS in the
+# module's backward and freed at once (one module's out × in fp32 gradient alive at a time); with k > 1
+# each live module keeps an out × in fp32 buffer from its first to its last backward of the step, and
+# under torchrun until after_backward sums it over the processes (4 bytes per base weight of the targets,
+# 18 GB at Llama-2-7B QKVUD: use score="paper" there if that does not fit). x_in is the dropped input: the
+# capture keeps the undropped x that common.dropout_linear keeps anyway and draws the same mask again in
+# backward, so scoring adds no activation memory to a LoRA step. A checkpoint's recompute runs inside
+# backward and is not counted as a use (common.in_backward). In a bf16 model the GEMM takes bf16 operands
+# and accumulates in fp32 (exact_grad); the sum over micro-batches and Eq 5 stay fp32.
+
+def capture_hooks(layer):
+    """Hooks on a G2R2Linear: before its forward note the generator state its dropout draws from; after it
+    wrap h in _Capture (δ_out = ∂ℒ/∂h, the same at the adapter's output as at the layer's)."""
+    layer.register_forward_pre_hook(_before_forward)
+    layer.register_forward_hook(_after_forward)
+
+
+def _armed(layer):
+    return layer.sink is not None and not layer.pruned and torch.is_grad_enabled()
+
+
+def _before_forward(layer, args):
+    if _armed(layer):
+        p = common.active_p(layer.dropout)
+        layer.rng = common.rng_state(args[0].device) if p else None  # the capture redraws dropout_linear's mask
+
+
+def _after_forward(layer, args, h):
+    if not _armed(layer):
+        return None
+    if not common.in_backward():  # a checkpoint's recompute runs inside backward and brings no new use
+        layer.calls += 1
+    return _Capture.apply(h, args[0], common.active_p(layer.dropout), layer.rng, layer.sink)
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on the layer's output; its backward hands (δ_out, x_in) to `sink`, x_in the adapter's
+    dropped input: x ⊙ mask/(1−p) with the mask dropout_linear drew, drawn again from the generator
+    `state` saved before it (p = 0: x itself). Backward runs once per backward pass, also when
+    checkpointing recomputes the forward."""
+
+    @staticmethod
+    def forward(ctx, h, x, p, state, sink):
+        ctx.save_for_backward(x)  # the tensor dropout_linear saves anyway: no extra memory
+        ctx.p, ctx.state, ctx.sink = p, state, sink
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        ctx.sink(grad, x * common.dropout_scale_again(x, ctx.p, ctx.state) if ctx.p else x)
+        return grad, None, None, None, None
+
+
+def exact_grad(delta_out, x, dtype=torch.float32):
+    """∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in, (out, in), fp32. The operands in `dtype`, the base model's: a bf16
+    model's GEMM runs on bf16 operands, accumulated in fp32 (on CUDA tensor cores, written out in fp32; on
+    CPU rounded to bf16 once, then widened), not as an fp32 GEMM (~3x a LoRA step at 7B shape on CUDA cores)."""
+    d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype).T, x.reshape(-1, x.shape[-1]).to(dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return d @ xi
+    if d.is_cuda:
+        return torch.mm(d, xi, out_dtype=torch.float32)
+    return (d @ xi).float()
+
+
+def _weak_hook(method):
+    """method.count_forward as a model hook that holds the method weakly, so that the model and the method
+    (which holds the model) are freed by reference counting, not a gc pass. A no-op once the method is gone
+    and on a copy of the model (copy.deepcopy keeps the hook, not the method's attention)."""
+    me = weakref.ref(method)
+
+    def hook(module, args):
+        m = me()
+        if m is not None and module is m.model:
+            m.count_forward(module, args)
+    return hook

@@ -26,7 +26,7 @@ Readings of the paper and deviations:
 - G̃ is Eq 7 without LoRA's scaling s. The model computes s·BA, so the exact first-order change of ΔW
   is s·(B Gᴬ + Gᴮ A); a positive per-matrix constant changes neither the hits (S against its own mean)
   nor the tie order. Gᴬ, Gᴮ are the step's gradients summed over micro-batches, before clipping.
-- G̃ is never held whole: the scores are taken in row chunks of G̃ = [B, Gᴮ]·[Gᴬ; A] (Eq 7 as one product).
+- G̃ is never held whole: the scores are taken in blocks of rows of G̃ (neuron_scores).
 - "Consistently engaged" (§3.3) is read as Fig. 6's cumulative threshold with a 1e-9 tolerance, as
   G²R²'s ⌈p·M⌉ (τ = 0.07, ΣH = 100 keeps 1 row with 7 hits, not 2); rows with equal hit counts are
   ordered by their last score S_i, then by row index.
@@ -73,10 +73,11 @@ def row_scores(G):
 
 
 def neuron_scores(A, B, GA, GB, max_elems=2 ** 24):
-    """row_scores(reconstructed_grad(A, B, GA, GB)) in row chunks of at most max_elems entries of G̃."""
-    left, right = torch.cat([B, GB], dim=1), torch.cat([GA, A], dim=0)  # Eq 7: [B, Gᴮ]·[Gᴬ; A]
-    step = max(1, max_elems // right.shape[1])
-    return torch.cat([row_scores(left[i:i + step] @ right) for i in range(0, len(left), step)])  # Eq 8
+    """S (Eq 8) of G̃ (Eq 7), G̃ taken a block of rows (at most max_elems entries) at a time: the m × n
+    gradient is never held whole. Equal to row_scores(reconstructed_grad(A, B, GA, GB))."""
+    step = max(1, max_elems // A.shape[1])
+    return torch.cat([row_scores(reconstructed_grad(A, B[i:i + step], GA, GB[i:i + step]))  # Eq 7–8, rows i..
+                      for i in range(0, len(B), step)])
 
 
 def count_hits(H, S):

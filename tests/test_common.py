@@ -228,3 +228,20 @@ def test_merge_adapters_whole_model():
     common.merge_adapters(model)
     assert not common.adapters(model, common.LoRALinear)
     assert torch.allclose(model(input_ids=x).logits, before, atol=1e-5)
+
+
+def test_in_backward_tells_a_checkpoint_recompute_from_a_forward():
+    """common.in_backward rests on a private PyTorch call: False in forward (with or without grad), True in a
+    backward hook and in the forward that non-reentrant checkpointing recomputes inside backward."""
+    import torch.utils.checkpoint as cp
+    seen = []
+    lin = nn.Linear(4, 4)
+    lin.register_forward_pre_hook(lambda m, a: seen.append(common.in_backward()))
+    x = torch.randn(2, 4, requires_grad=True)
+    with torch.no_grad():
+        lin(x)
+    y = cp.checkpoint(lin, x, use_reentrant=False)
+    y.register_hook(lambda g: seen.append(common.in_backward()))
+    y.sum().backward()
+    assert seen == [False, False, True, True]  # no_grad forward, checkpointed forward, grad hook, recompute
+    assert common.in_backward() is False
