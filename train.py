@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -685,182 +686,225 @@ def main(argv=None):
 
 
 def run(args, stop):
+    """Set up, then train as nanoGPT's loop does, then evaluate and save; None on a process other than rank 0."""
+    r = setup(args)
+    if args.eval_only:
+        return evaluate_only(args, r)
+    start_training(args, r)
+    stopped = train_loop(args, r, stop)
+    if stopped:
+        return stopped
+    stop["loop"] = False  # from here a signal stops at once: the last step's checkpoint is written
+    return finish(args, r)
+
+
+def setup(args):
+    """Everything a run shares, as one namespace `r`: process, device and autocast, output folder, data,
+    model (loaded in the run's dtype), batches, schedule length and the method (not attached yet)."""
     check_paths(args)
-    accum = args.batch_size // args.micro_batch_size
-    rank, world = interop.init_distributed(args)  # torchrun: WORLD_SIZE > 1
+    r = SimpleNamespace(accum=args.batch_size // args.micro_batch_size)
+    r.rank, r.world = interop.init_distributed(args)  # torchrun: WORLD_SIZE > 1
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    r.device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    args.output_dir = output_folder(args, rank)
-    ckpt_path = os.path.join(args.output_dir, "ckpt.pt")
+    r.ctx = torch.autocast(r.device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    args.output_dir = output_folder(args, r.rank)
+    r.ckpt_path = os.path.join(args.output_dir, "ckpt.pt")
 
     # data first: a classification head needs the number of labels
-    path, task, proc = on_rank0(resolve, args) or resolve(args)  # rank 0 first: it fills the caches
-    examples, eval_set, info = load_data(args, task, proc)
+    r.path, r.task, r.proc = on_rank0(resolve, args) or resolve(args)  # rank 0 first: it fills the caches
+    examples, r.eval_set, r.info = load_data(args, r.task, r.proc)
     if args.max_samples:
         examples = examples[:args.max_samples]
     if not examples:
         raise UserError(f"no training examples in {args.data}; check the file, or raise --max_samples")
-    with model_errors(path) if path else nullcontext():
-        model = load_model(args, path, task, info.get("num_labels", 2), info.get("regression", False), dtype)
-    model.to(device)  # only the device: the dtypes are from_pretrained's (fp32 rotary buffers stay fp32)
-    model.config.use_cache = False
-    pad_id = getattr(proc, "pad_token_id", 0) or 0
-    plain = task != "causal" or plain_lm_head(model)
+    with model_errors(r.path) if r.path else nullcontext():
+        r.model = load_model(args, r.path, r.task, r.info.get("num_labels", 2), r.info.get("regression", False), dtype)
+    r.model.to(r.device)  # only the device: the dtypes are from_pretrained's (fp32 rotary buffers stay fp32)
+    r.model.config.use_cache = False
+    r.plain = r.task != "causal" or plain_lm_head(r.model)
     if args.grad_ckpt:
-        enable_checkpointing(model)
+        enable_checkpointing(r.model)
 
-    batches = Batches(examples, args.micro_batch_size, pad_id, args.seed, device)
-    steps_per_epoch = math.ceil(batches.per_epoch / accum)
+    r.batches = Batches(examples, args.micro_batch_size, getattr(r.proc, "pad_token_id", 0) or 0, args.seed, r.device)
+    steps_per_epoch = math.ceil(r.batches.per_epoch / r.accum)
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     if args.eval_only:  # the adapter's method state decides; its schedule is never run: a nominal one
-        method = build_method(args, task, max(total, 2), 1)
+        r.method = build_method(args, r.task, max(total, 2), 1)
     else:
-        method = build_method(args, task, total, steps_per_epoch)
-    total = method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
-    total_params = common.count_params(model)[1]
-    run_id = {"method": args.method, "model": model_id(args.model)}
+        r.method = build_method(args, r.task, total, steps_per_epoch)
+    r.total = r.method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
+    r.total_params = common.count_params(r.model)[1]
+    r.run_id = {"method": args.method, "model": model_id(args.model)}
+    return r
 
-    if args.eval_only:
-        if args.adapter:
-            load_adapter(model, method, args.adapter, expect=run_id)
-        metrics = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
-        if rank > 0:
-            return None  # rank 0 evaluated and writes
-        if args.export:
-            interop.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
-        summary = {"method": args.method, "model": args.model, "total_params": total_params,
-                   "metrics": {"eval": metrics}}
-        evaluate.print_table(metrics, "eval")
-        write_json(summary, os.path.join(args.output_dir, "summary.json"))
-        return summary
 
+def eval_now(args, r):
+    """The model's metrics on the evaluation set (rank 0 evaluates; None on the others)."""
+    return on_rank0(run_eval, args, r.model, r.proc, r.task, r.eval_set, r.info, r.ctx, r.device)
+
+
+def evaluate_only(args, r):
+    """--eval_only: the (adapted) model's metrics, written to summary.json; --export its PEFT adapter."""
+    if args.adapter:
+        load_adapter(r.model, r.method, args.adapter, expect=r.run_id)
+    metrics = eval_now(args, r)
+    if r.rank > 0:
+        return None  # rank 0 evaluated and writes
+    if args.export:
+        interop.save_peft(r.model, os.path.join(args.output_dir, "peft"), r.path or args.model)
+    summary = {"method": args.method, "model": args.model, "total_params": r.total_params,
+               "metrics": {"eval": metrics}}
+    evaluate.print_table(metrics, "eval")
+    write_json(summary, os.path.join(args.output_dir, "summary.json"))
+    return summary
+
+
+def start_training(args, r):
+    """The state the loop starts from: a checkpoint's (--resume) or a fresh one. The method attaches (its
+    scoring passes see at most one epoch of training batches), the trainable tensors go to fp32, the
+    optimizer is built, and a checkpoint's tensors, optimizer, losses and RNG streams are restored."""
     ckpt = None
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_weights(ckpt_path, "delete it to start from scratch, or pass another --output_dir")
-        check_ckpt(ckpt, ckpt_path, args)
+    if args.resume and os.path.exists(r.ckpt_path):
+        ckpt = load_weights(r.ckpt_path, "delete it to start from scratch, or pass another --output_dir")
+        check_ckpt(ckpt, r.ckpt_path, args)
     if args.resume and ckpt is None:
-        print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    metrics = {"before": ckpt["metrics_before"] if ckpt else on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)}
-    model.train()
+        print(f"no checkpoint at {r.ckpt_path}; starting from scratch")
+    r.metrics = {"before": ckpt["metrics_before"] if ckpt else eval_now(args, r)}
+    r.model.train()
     t0 = time.time()
-    with ctx:
-        # scoring passes (TASO, SPSFT-Taylor) see at most one epoch of training batches
-        calib = itertools.islice(batches.stream(), rank, batches.per_epoch, world)  # this process's share
+    with r.ctx:
+        calib = itertools.islice(r.batches.stream(), r.rank, r.batches.per_epoch, r.world)  # this process's share
         with method_errors(method_kwargs(args)[1]):
-            method.attach(model, calib, state=ckpt["method"] if ckpt else None)
+            r.method.attach(r.model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
-    to_fp32(model)
-    rank_seed(args.seed, rank)  # model, adapters and data order are set up alike; dropout differs per process
-    trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(model)[0]
-    opt = build_optimizer(model, method, args)
-    start, losses, step_times, stage_times = 0, [], [], {}
-    saved = ckpt["step"] if ckpt else None  # the step of the last checkpoint this run can fall back to
-    if ckpt:
-        load_trainable(model, ckpt["trainable"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start, losses, stage_times = ckpt["step"], ckpt["losses"], ckpt["stage_times"]
-        rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
-        rngs = [r if isinstance(r, dict) else {"cpu": r, "cuda": []} for r in rngs]  # older checkpoints: CPU only
-        if rank < len(rngs):
-            set_rng_state(rngs[rank])
-        else:  # more processes than the checkpoint's run had: a new stream for this one
-            torch.manual_seed(args.seed + 1_000_003 * rank + start)
-    else:
-        stage_times["attach"] = attach_time
+    to_fp32(r.model)
+    rank_seed(args.seed, r.rank)  # model, adapters and data order are set up alike; dropout differs per process
+    r.trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(r.model)[0]
+    r.opt = build_optimizer(r.model, r.method, args)
+    r.start, r.losses, r.step_times, r.stage_times = 0, [], [], {}
+    r.saved = ckpt["step"] if ckpt else None  # the step of the last checkpoint this run can fall back to
+    if not ckpt:
+        r.stage_times["attach"] = attach_time
+        return
+    load_trainable(r.model, ckpt["trainable"])
+    r.opt.load_state_dict(ckpt["optimizer"])
+    r.start, r.losses, r.stage_times = ckpt["step"], ckpt["losses"], ckpt["stage_times"]
+    rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    rngs = [s if isinstance(s, dict) else {"cpu": s, "cuda": []} for s in rngs]  # older checkpoints: CPU only
+    if r.rank < len(rngs):
+        set_rng_state(rngs[r.rank])
+    else:  # more processes than the checkpoint's run had: a new stream for this one
+        torch.manual_seed(args.seed + 1_000_003 * r.rank + r.start)
 
-    def checkpoint(step):
-        rngs = common.all_gather(rng_state())  # every process's dropout streams (CPU, each GPU)
-        if rank == 0:
-            save_atomic({"step": step, "trainable": common.trainable_state_dict(model), "optimizer": opt.state_dict(),
-                         "method": method.state_dict(), "losses": losses, "stage_times": stage_times,
-                         "rng": rngs[0], "rng_ranks": rngs, "metrics_before": metrics["before"],
-                         "trainable_params_start": trainable_start, "args": vars(args)}, ckpt_path)
-        stop["where"] = f"{ckpt_path} keeps step {step}; continue with the same command and --resume"
 
-    net = wrap(model, method)
+def save_checkpoint(args, r, step, stop):
+    """ckpt.pt (atomically, rank 0) with everything --resume needs, every process's RNG streams included."""
+    rngs = common.all_gather(rng_state())  # every process's dropout streams (CPU, each GPU)
+    if r.rank == 0:
+        save_atomic({"step": step, "trainable": common.trainable_state_dict(r.model), "optimizer": r.opt.state_dict(),
+                     "method": r.method.state_dict(), "losses": r.losses, "stage_times": r.stage_times,
+                     "rng": rngs[0], "rng_ranks": rngs, "metrics_before": r.metrics["before"],
+                     "trainable_params_start": r.trainable_start, "args": vars(args)}, r.ckpt_path)
+    r.saved = step
+    stop["where"] = f"{r.ckpt_path} keeps step {step}; continue with the same command and --resume"
+
+
+def train_loop(args, r, stop):
+    """The optimizer steps from r.start: lr, forward_backward, the method's hooks, clip, step, log, save.
+    Returns None at the end, or {"stopped_at", "losses"[, "signal"]} when a signal or --stop_after ends it."""
+    net = wrap(r.model, r.method)
     peak_memory(reset=True)
-    bar = tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, disable=rank > 0)
-    stop["where"] = (f"{ckpt_path} keeps step {saved}; continue with the same command and --resume" if saved
+    bar = tqdm(range(r.start, r.total), initial=r.start, total=r.total, dynamic_ncols=True, disable=r.rank > 0)
+    stop["where"] = (f"{r.ckpt_path} keeps step {r.saved}; continue with the same command and --resume" if r.saved
                      else "no checkpoint was written yet; run the command again")
     stop["loop"], last_save = True, time.time()  # a signal now ends the step and checkpoints
     for step in bar:
         t = time.time()
-        lr = get_lr(step - method.schedule_start, total - method.schedule_start, args)
-        for g in opt.param_groups:
+        lr = get_lr(step - r.method.schedule_start, r.total - r.method.schedule_start, args)
+        for g in r.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        micro = [batches.host(step * accum + k) for k in range(rank, accum, world)]  # this process's share
-        loss_sum = forward_backward(net, micro, task, accum, ctx, plain, device)
+        micro = [r.batches.host(step * r.accum + k) for k in range(r.rank, r.accum, r.world)]  # this process's share
+        loss_sum = forward_backward(net, micro, r.task, r.accum, r.ctx, r.plain, r.device)
         if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
             bar.close()
-            kept = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written (--save_every N)"
+            kept = f"{r.ckpt_path} keeps step {r.saved}" if r.saved else "no checkpoint was written (--save_every N)"
             raise UserError(f"the loss is {loss_sum} at step {step + 1}, training stopped and {kept}; lower --lr "
                             f"(now {args.lr}) or check the data, then run again (--resume continues a checkpoint)")
-        method.after_backward(step)
+        r.method.after_backward(step)
         if args.clip:
-            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip)
-        opt.step()
-        if method.after_step(step):
-            opt = build_optimizer(model, method, args, old=opt)
+            nn.utils.clip_grad_norm_([p for g in r.opt.param_groups for p in g["params"]], args.clip)
+        r.opt.step()
+        if r.method.after_step(step):
+            r.opt = build_optimizer(r.model, r.method, args, old=r.opt)
             net = None  # the old DDP (and its gradient hooks) goes before the new one is built
-            net = wrap(model, method)
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss_sum)
-        dt = time.time() - t
-        step_times.append(dt)
-        stage_times[method.stage] = stage_times.get(method.stage, 0.0) + dt
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", stage=method.stage)
-        done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and done < total:
-            m = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
-            if rank == 0:
-                metrics.setdefault("during", []).append({"step": done, **m})
-                tqdm.write(f"step {done}: {json.dumps(m)}")
-            model.train()
-        due = bool(args.save_every_min) and time.time() - last_save >= 60 * args.save_every_min
-        flags = common.all_reduce(torch.tensor([int(stop["signal"] is not None), int(due)]))  # alike on every rank
-        if (args.save_every and done % args.save_every == 0) or done == total or flags.any():
-            checkpoint(done)
-            saved, last_save = done, time.time()
-        if flags[0]:  # a signal (on any process): every process stops after this step
+            net = wrap(r.model, r.method)
+        r.opt.zero_grad(set_to_none=True)
+        r.losses.append(loss_sum)
+        r.step_times.append(time.time() - t)
+        r.stage_times[r.method.stage] = r.stage_times.get(r.method.stage, 0.0) + r.step_times[-1]
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", stage=r.method.stage)
+        stopped, last_save = between_steps(args, r, step + 1, stop, last_save)
+        if stopped:
             bar.close()
-            signum = stop["signal"] or signal.SIGTERM
-            if rank == 0:
-                tqdm.write(f"stopped at step {done} of {total} ({signal.Signals(signum).name}); continue with "
-                           "the same command and --resume", file=sys.stderr)
-            return {"stopped_at": done, "losses": losses, "signal": int(signum)}
-        if args.stop_after and done >= args.stop_after and done < total:
-            bar.close()
-            return {"stopped_at": done, "losses": losses}
-    stop["loop"] = False  # from here a signal stops at once: the last step's checkpoint is written
+            return stopped
     bar.close()
-    peak = peak_memory()
+    return None
 
-    metrics["after"] = on_rank0(run_eval, args, model, proc, task, eval_set, info, ctx, device)
-    if rank > 0:
+
+def between_steps(args, r, done, stop, last_save):
+    """After optimizer step `done`: --eval_every, the checkpoint (--save_every, --save_every_min, the last
+    step, a signal), then a stop. Returns (None or the stopped run's dict, the time of the last save)."""
+    if args.eval_every and done % args.eval_every == 0 and done < r.total:
+        m = eval_now(args, r)
+        if r.rank == 0:
+            r.metrics.setdefault("during", []).append({"step": done, **m})
+            tqdm.write(f"step {done}: {json.dumps(m)}")
+        r.model.train()
+    due = bool(args.save_every_min) and time.time() - last_save >= 60 * args.save_every_min
+    flags = common.all_reduce(torch.tensor([int(stop["signal"] is not None), int(due)]))  # alike on every rank
+    if (args.save_every and done % args.save_every == 0) or done == r.total or flags.any():
+        save_checkpoint(args, r, done, stop)
+        last_save = time.time()
+    if flags[0]:  # a signal (on any process): every process stops after this step
+        signum = stop["signal"] or signal.SIGTERM
+        if r.rank == 0:
+            tqdm.write(f"stopped at step {done} of {r.total} ({signal.Signals(signum).name}); continue with "
+                       "the same command and --resume", file=sys.stderr)
+        return {"stopped_at": done, "losses": r.losses, "signal": int(signum)}, last_save
+    if args.stop_after and done >= args.stop_after and done < r.total:
+        return {"stopped_at": done, "losses": r.losses}, last_save
+    return None, last_save
+
+
+def finish(args, r):
+    """After the last step: evaluate, then (rank 0) the adapter, plots, --export, --merge and summary.json."""
+    peak = peak_memory()
+    r.metrics["after"] = eval_now(args, r)
+    if r.rank > 0:
         return None  # rank 0 writes the adapter, summary, plots and merged model
-    save_adapter(model, method, args.output_dir, meta=run_id)
+    model, method = r.model, r.method
+    save_adapter(model, method, args.output_dir, meta=r.run_id)
     summary = {
-        "method": args.method, "model": args.model, "task": task, "data": args.data,
-        "total_params": total_params, "trainable_params_start": trainable_start,
+        "method": args.method, "model": args.model, "task": r.task, "data": args.data,
+        "total_params": r.total_params, "trainable_params_start": r.trainable_start,
         "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak,
         "head_params": sum(p.numel() for n, p in model.named_parameters()
                            if p.requires_grad and common.is_head(n, getattr(method, "heads", ()))),
-        "step_time_s": statistics.median(step_times) if step_times else None,
-        "stage_times_s": stage_times, "steps": total, "metrics": metrics, "losses": losses,
-        "device": device, "world_size": world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
+        "step_time_s": statistics.median(r.step_times) if r.step_times else None,
+        "stage_times_s": r.stage_times, "steps": r.total, "metrics": r.metrics, "losses": r.losses,
+        "device": r.device, "world_size": r.world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
         **method.summary(),
     }
     plots.plot(method, args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers
-        interop.save_peft(model, os.path.join(args.output_dir, "peft"), path or args.model)
+        interop.save_peft(model, os.path.join(args.output_dir, "peft"), r.path or args.model)
     if args.merge:  # in fp32: adding ΔW into a bf16 W drops every update below half a bf16 step of W
         merged = method.export(cast_parameters(model, torch.float32))
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))
-        proc.save_pretrained(os.path.join(args.output_dir, "merged"))
+        r.proc.save_pretrained(os.path.join(args.output_dir, "merged"))
     write_json(summary, os.path.join(args.output_dir, "summary.json"))
-    evaluate.print_table({"before": metrics["before"], "after": metrics["after"]}, args.method)
+    evaluate.print_table({"before": r.metrics["before"], "after": r.metrics["after"]}, args.method)
     return summary
 
 
