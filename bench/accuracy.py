@@ -459,7 +459,7 @@ def main(argv=None):
     task, fill, runs = plan(args)
     cache = load_cache(path)
     rows = {name: {"flags": row_argv(name, fill), "runs": []} for name in args.rows}
-    t0, done = time.time(), {"ran": 0, "n": 0}
+    t0, done = time.time(), {"ran": 0, "n": 0, "metrics": set()}
     out = {"command": "python bench/accuracy.py " + shlex.join(argv_shown), "model": args.model,
            "data": args.data, "task": task, "seeds": args.seeds, "reference": REFERENCE,
            "primary_metric": None, "base_argv": base_argv(args), "fills": fill, "lr_grid": args.lr_grid,
@@ -474,6 +474,7 @@ def main(argv=None):
                                and r["argv"][len(ref_prefix):][::2] == ["--lr", "--seed"]]
         if not names and out["budget_check"]:
             names = set(flat(out["budget_check"][0]["metrics"].get("after", {})))
+        names = names or done["metrics"]  # only learning-rate grid runs so far
         out.update(primary_metric=primary_metric(names), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
                    versions=versions(), machine=machine(), wall_s=round(time.time() - t0, 1), complete=final)
         if out["primary_metric"] and "constant" not in out["trivial"]:
@@ -488,6 +489,7 @@ def main(argv=None):
         done["n"] += 1
         after = flat(res["metrics"].get("after", {}))
         pm = primary_metric(after)
+        done["metrics"] |= set(after)
         print(f"[{done['n']}] {name} seed {seed} lr {argv_run[argv_run.index('--lr') + 1]}"
               f"{' (held-out)' if '--val_split' in argv_run else ''}: {pm} {after.get(pm, float('nan')):.4f} "
               f"({'cached' if cached else f'{time.time() - t:.0f} s'})", flush=True)

@@ -543,7 +543,8 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
              "accuracy points, Matthews +0.2 or Pearson +0.3; otherwise it says so and gives no verdicts. `× ref` columns "
              "are ratios to the reference row (`adapter ×` leaves out the classifier / pooler head, trained fully "
              "by every row); step time ratios pair each seed with the reference's run of the same seed.", ""]
-    runs = sorted(runs, key=lambda r: ("cache" not in r, r["model"], r["data"]))
+    # this sweep's tables first, those with learning-rate grids (the method rows) before the budget checks
+    runs = sorted(runs, key=lambda r: ("cache" not in r, not r.get("lr_grid"), r["model"], r["data"]))
     for k, run in enumerate(runs):
         task = os.path.basename(os.path.normpath(run["data"]))
         m = run["machine"]
@@ -558,7 +559,7 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
                       f"first {int(run['base_argv'][run['base_argv'].index('--max_samples') + 1]):,} examples")
         ep = run["base_argv"][run["base_argv"].index("--epochs") + 1] if "--epochs" in run["base_argv"] else "?"
         ba = run["base_argv"]
-        length = f"{ba[ba.index('--max_steps') + 1]} steps" if "--max_steps" in ba else f"{float(ep):g} epochs"
+        length = f"{ba[ba.index('--max_steps') + 1]} steps" if "--max_steps" in ba else f"{float(ep):g} epoch{'s' * (float(ep) != 1)}"
         lines += [f"## {run['model']} · {task} · {budget_txt}, {length}", "", "```bash", run["command"], "```", "",
                   f"Seeds {' '.join(map(str, run['seeds']))}; train.py flags shared by every row: "
                   f"`{' '.join(run['base_argv'])}`; per-row fills {json.dumps(run['fills'])}. "
@@ -568,7 +569,7 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
                   f"min (each run's own, cached or not).", ""]
         lines += ([progress(run), ""] if "cache" in run else []) + accuracy_table(run) + [""] + lr_table(run)
         if png_dir:
-            tag = task + (("-" + budget_txt) if "cache" in run else "")  # the earlier sweep's names unchanged
+            tag = task + (f"-{budget_txt}-{length}" if "cache" in run else "")  # the earlier sweep's names unchanged
             name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + tag).lower())}.png"
             if accuracy_plot(run, os.path.join(png_dir, name)):
                 lines += [f"![{run['primary_metric']} per row, {run['model']} on {task}]"

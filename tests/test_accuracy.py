@@ -221,6 +221,8 @@ def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_pa
         score = {0.0003: 0.6, 0.001: 0.9, 0.003: 0.7}.get(lr, 0.5)  # lora's held-out best: factor 1
         return {"metrics": {"before": {"accuracy": 0.5}, "after": {"accuracy": score}}, "argv": argv}, False
     monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    written = []  # the JSON after each run: its metric is known from the first grid run on
+    monkeypatch.setattr(train, "write_json", lambda obj, path: written.append(obj["primary_metric"]))
     out = accuracy.main(["--model", "tiny-bert", "--data", data, "--rows", "taso", "lora-r8", "--seeds", "0", "1",
                          "--lr_grid", "0.3", "1", "3", "--json", str(tmp_path / "o.json"), "--runs_dir", str(tmp_path)])
     assert calls == [("lora", 0.0003, True, 0), ("lora", 0.001, True, 0), ("lora", 0.003, True, 0),
@@ -228,3 +230,4 @@ def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_pa
                      ("lora", 0.001, False, 0), ("lora", 0.001, False, 1)]
     assert out["lr_select"]["taso"] == {"tied_to": "lora-r8", "chosen": 0.001}
     assert out["lr_select"]["lora-r8"]["grid"] == [[0.0003, 0.6], [0.001, 0.9], [0.003, 0.7]]
+    assert written and set(written) == {"accuracy"}
