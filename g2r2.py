@@ -220,6 +220,7 @@ class G2R2(common.Method):
             common.replace_module(model, n, layer)
             self.layers.append(layer)
         M = len(self.names)
+        self.exact = ExactGrad(self.layers, self.micro_batches)
         self.numel = [layer.base.weight.numel() for layer in self.layers]  # d·k of Eq 7
         self.adapter_params = [layer.lora_A.numel() + layer.lora_B.numel() for layer in self.layers]
         self.R_bar, self.U_bar, self.R_hat = [None] * M, [None] * M, [None] * M
@@ -354,58 +355,20 @@ class G2R2(common.Method):
                 "adapter_params_end": sum(self.adapter_params[i] for i in kept),
                 "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.R_hat)}}
 
-    # -- the exact estimator's bookkeeping (Lean machinery, below)
+    # -- the exact estimator (its state and capture: ExactGrad, Lean machinery below)
     def set_sinks(self, t):
         """Arm the exact-gradient capture of the live modules for step t (armed steps cost a matmul)."""
-        on = self.score == "exact" and self.scores_at(t) and not self.refined
-        self.grad = [None] * len(self.names)   # per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 or torchrun only)
-        self.seen = [0] * len(self.names)      # backward passes seen this step
-        self.s_sum = {}                        # module -> ΣS of this step
-        self.forwards = 0                      # model forwards (micro-batches) run this step
-        me = weakref.ref(self)
-        for i, L in enumerate(self.layers):
-            if L is not None:
-                L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
-                L.calls = 0
+        self.exact.arm(self.score == "exact" and self.scores_at(t) and not self.refined)
 
     def count_forward(self, module, args):
         """Forward pre-hook of the model: one call per micro-batch of the step (not evaluation, not a
         checkpoint's recompute)."""
         if torch.is_grad_enabled() and not common.in_backward():
-            self.forwards += 1
-            if self.score == "exact" and self.forwards > self.micro_batches and any(
-                    L is not None and L.sink is not None for L in self.layers):
-                raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one "
-                                   "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
-
-    def capture(self, i, delta_out, x):
-        """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
-        every use of the module in them has come back (else s_sum_exact reduces)."""
-        G = exact_grad(delta_out, x, self.layers[i].base.weight.dtype)  # bf16 operands for a bf16 model
-        self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
-        self.seen[i] += 1
-        done = self.forwards == self.micro_batches and self.seen[i] == self.layers[i].calls
-        if done and common.world()[1] == 1:  # torchrun: s_sum_exact reduces
-            self.reduce(i)
-
-    def reduce(self, i):
-        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer. Under torchrun
-        the gradient is first summed over the processes (zeros from a process that saw none)."""
-        if common.world()[1] > 1:
-            G = self.grad[i] if self.grad[i] is not None else self.layers[i].base.weight.new_zeros(
-                self.layers[i].base.weight.shape, dtype=self.layers[i].lora_A.dtype)
-            self.grad[i] = common.all_reduce(G)
-        with torch.no_grad():  # Σ sensitivity() in place on the buffer it frees: two out × in tensors, not four
-            self.s_sum[i] = self.grad[i].mul_(self.layers[i].delta_weight()).abs_().sum()
-        self.grad[i] = None
+            self.exact.count_forward()
 
     def s_sum_exact(self, live):
-        """{module: ΣS (1,)} with the exact ∂ℒ/∂ΔW: the modules capture() has not reduced yet (fewer
-        micro-batches ran than expected, or torchrun) are reduced now."""
-        for i in live:
-            if self.grad[i] is not None or common.world()[1] > 1:
-                self.reduce(i)
-        return {i: s.reshape(1) for i, s in self.s_sum.items()}
+        """{module: ΣS (1,)} with the exact ∂ℒ/∂ΔW (Eq 5)."""
+        return self.exact.s_sums(live)
 
 
 # ------------------------------------------------- Lean machinery: the exact ∂ℒ/∂ΔW without a dense ΔW
@@ -421,6 +384,64 @@ class G2R2(common.Method):
 # backward, so scoring adds no activation memory to a LoRA step. A checkpoint's recompute runs inside
 # backward and is not counted as a use (common.in_backward). In a bf16 model the GEMM takes bf16 operands
 # and accumulates in fp32 (exact_grad); the sum over micro-batches and Eq 5 stay fp32.
+
+class ExactGrad:
+    """The exact estimator's state for the modules `layers` (G2R2.layers, the same list: a removed module
+    is None): per step, the backward passes seen, the per-module gradient buffer and ΣS of each module."""
+
+    def __init__(self, layers, micro_batches):
+        self.layers, self.micro_batches = layers, micro_batches
+        self.arm(False)
+
+    def arm(self, on):
+        """A new step: empty buffers; the live layers' sinks set (on) or cleared."""
+        M = len(self.layers)
+        self.grad = [None] * M   # per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 or torchrun only)
+        self.seen = [0] * M      # backward passes seen this step
+        self.s_sum = {}          # module -> ΣS of this step
+        self.forwards = 0        # model forwards (micro-batches) run this step
+        me = weakref.ref(self)
+        for i, L in enumerate(self.layers):
+            if L is not None:
+                L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
+                L.calls = 0
+
+    def count_forward(self):
+        self.forwards += 1
+        if self.forwards > self.micro_batches and any(L is not None and L.sink is not None for L in self.layers):
+            raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one "
+                               "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
+
+    def capture(self, i, delta_out, x):
+        """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
+        every use of the module in them has come back (else s_sums reduces)."""
+        G = exact_grad(delta_out, x, self.layers[i].base.weight.dtype)  # bf16 operands for a bf16 model
+        self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
+        self.seen[i] += 1
+        done = self.forwards == self.micro_batches and self.seen[i] == self.layers[i].calls
+        if done and common.world()[1] == 1:  # torchrun: s_sums reduces
+            self.reduce(i)
+
+    def reduce(self, i):
+        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer. Under torchrun
+        the gradient is first summed over the processes (zeros from a process that saw none)."""
+        L = self.layers[i]
+        if common.world()[1] > 1:
+            G = self.grad[i] if self.grad[i] is not None else L.base.weight.new_zeros(L.base.weight.shape,
+                                                                                      dtype=L.lora_A.dtype)
+            self.grad[i] = common.all_reduce(G)
+        with torch.no_grad():  # Σ sensitivity() in place on the buffer it frees: two out × in tensors, not four
+            self.s_sum[i] = self.grad[i].mul_(L.delta_weight()).abs_().sum()
+        self.grad[i] = None
+
+    def s_sums(self, live):
+        """{module: ΣS (1,)}: the modules capture() has not reduced yet (fewer micro-batches ran than
+        expected, or torchrun) are reduced now."""
+        for i in live:
+            if self.grad[i] is not None or common.world()[1] > 1:
+                self.reduce(i)
+        return {i: v.reshape(1) for i, v in self.s_sum.items()}
+
 
 def capture_hooks(layer):
     """Hooks on a G2R2Linear: before its forward note the generator state its dropout draws from; after it

@@ -62,12 +62,12 @@ def test_exact_grad_equals_autograd_of_explicit_delta(ckpt, micro):
     for n in meth.names:
         L = ref.get_submodule(n)
         common.replace_module(ref, n, DenseDelta(L.base, L.delta_weight()))
-    grads, calls, orig = {}, [0], meth.reduce
+    grads, calls, orig = {}, [0], meth.exact.reduce
 
     def spy(i):  # the summed out × in gradient just before it is reduced to ΣS and freed
-        grads[i] = meth.grad[i].clone()
+        grads[i] = meth.exact.grad[i].clone()
         orig(i)
-    meth.reduce = spy
+    meth.exact.reduce = spy
     meth.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     for k in range(micro):
         model(**lm_batch(k)).loss.backward()
@@ -78,9 +78,9 @@ def test_exact_grad_equals_autograd_of_explicit_delta(ckpt, micro):
         G = ref.get_submodule(n).D.grad
         assert torch.allclose(grads[i], G, rtol=1e-9, atol=1e-12), n
         S = (G * ref.get_submodule(n).D).abs().sum()  # Eq 5 summed, brute force
-        assert torch.allclose(meth.s_sum[i], S, rtol=1e-9)
+        assert torch.allclose(meth.exact.s_sum[i], S, rtol=1e-9)
         assert meth.R_bar[i].item() == pytest.approx(G.numel() / S.item(), rel=1e-9)  # Eq 7, first value
-    assert all(g is None for g in meth.grad)  # buffers freed
+    assert all(g is None for g in meth.exact.grad)  # buffers freed
 
 
 class SharedProj(nn.Module):
@@ -116,7 +116,7 @@ def test_exact_grad_of_a_module_used_twice_per_forward(ckpt, micro):
         ref(x, y).backward()
     meth.after_backward(0)
     S = (ref.proj.D.grad * ref.proj.D).abs().sum()  # Eq 5 on the gradient summed over both uses, brute force
-    assert torch.allclose(meth.s_sum[0], S, rtol=1e-9)
+    assert torch.allclose(meth.exact.s_sum[0], S, rtol=1e-9)
 
 
 def test_exact_refuses_more_backward_passes_than_micro_batches():
@@ -185,12 +185,12 @@ def test_exact_grad_with_dropout_uses_the_forward_mask(ckpt):
     undropped = copy.deepcopy(ref)
     for n in meth.names:
         undropped.get_submodule(n).drop.p = 0.0
-    grads, orig = {}, meth.reduce
+    grads, orig = {}, meth.exact.reduce
 
     def spy(i):
-        grads[i] = meth.grad[i].clone()
+        grads[i] = meth.exact.grad[i].clone()
         orig(i)
-    meth.reduce = spy
+    meth.exact.reduce = spy
     for net in (model, ref):
         torch.manual_seed(7)
         net(**lm_batch(0)).loss.backward()
@@ -384,7 +384,7 @@ def test_three_stages_tiny_llama_and_resume_mid_pruning():
 
     def after_backward(step):
         orig_after_backward(step)
-        sums[step] = {i: float(v) for i, v in meth.s_sum.items()}
+        sums[step] = {i: float(v) for i, v in meth.exact.s_sum.items()}
     meth.after_backward = after_backward
 
     def check_pruned(step):
