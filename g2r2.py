@@ -455,9 +455,9 @@ def _armed(layer):
 
 
 def _before_forward(layer, args):
-    if _armed(layer):
+    if _armed(layer):  # (p, the generator state its dropout draws from): the capture redraws dropout_linear's mask
         p = common.active_p(layer.dropout)
-        layer.rng = common.rng_state(args[0].device) if p else None  # the capture redraws dropout_linear's mask
+        layer.drop_rng = (p, common.rng_state(args[0].device) if p else None)
 
 
 def _after_forward(layer, args, h):
@@ -465,7 +465,7 @@ def _after_forward(layer, args, h):
         return None
     if not common.in_backward():  # a checkpoint's recompute runs inside backward and brings no new use
         layer.calls += 1
-    return _Capture.apply(h, args[0], common.active_p(layer.dropout), layer.rng, layer.sink)
+    return _Capture.apply(h, args[0], *layer.drop_rng, layer.sink)
 
 
 class _Capture(torch.autograd.Function):

@@ -818,7 +818,7 @@ def train_loop(args, r, stop):
     bar = tqdm(range(r.start, r.total), initial=r.start, total=r.total, dynamic_ncols=True, disable=r.rank > 0)
     stop["where"] = (f"{r.ckpt_path} keeps step {r.saved}; continue with the same command and --resume" if r.saved
                      else "no checkpoint was written yet; run the command again")
-    stop["loop"], last_save = True, time.time()  # a signal now ends the step and checkpoints
+    stop["loop"], r.last_save = True, time.time()  # a signal now ends the step and checkpoints
     for step in bar:
         t = time.time()
         lr = get_lr(step - r.method.schedule_start, r.total - r.method.schedule_start, args)
@@ -844,7 +844,7 @@ def train_loop(args, r, stop):
         r.step_times.append(time.time() - t)
         r.stage_times[r.method.stage] = r.stage_times.get(r.method.stage, 0.0) + r.step_times[-1]
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", stage=r.method.stage)
-        stopped, last_save = between_steps(args, r, step + 1, stop, last_save)
+        stopped = between_steps(args, r, step + 1, stop)
         if stopped:
             bar.close()
             return stopped
@@ -852,29 +852,29 @@ def train_loop(args, r, stop):
     return None
 
 
-def between_steps(args, r, done, stop, last_save):
+def between_steps(args, r, done, stop):
     """After optimizer step `done`: --eval_every, the checkpoint (--save_every, --save_every_min, the last
-    step, a signal), then a stop. Returns (None or the stopped run's dict, the time of the last save)."""
+    step, a signal), then a stop. Returns None, or the stopped run's dict."""
     if args.eval_every and done % args.eval_every == 0 and done < r.total:
         m = eval_now(args, r)
         if r.rank == 0:
             r.metrics.setdefault("during", []).append({"step": done, **m})
             tqdm.write(f"step {done}: {json.dumps(m)}")
         r.model.train()
-    due = bool(args.save_every_min) and time.time() - last_save >= 60 * args.save_every_min
+    due = bool(args.save_every_min) and time.time() - r.last_save >= 60 * args.save_every_min
     flags = common.all_reduce(torch.tensor([int(stop["signal"] is not None), int(due)]))  # alike on every rank
     if (args.save_every and done % args.save_every == 0) or done == r.total or flags.any():
         save_checkpoint(args, r, done, stop)
-        last_save = time.time()
+        r.last_save = time.time()
     if flags[0]:  # a signal (on any process): every process stops after this step
         signum = stop["signal"] or signal.SIGTERM
         if r.rank == 0:
             tqdm.write(f"stopped at step {done} of {r.total} ({signal.Signals(signum).name}); continue with "
                        "the same command and --resume", file=sys.stderr)
-        return {"stopped_at": done, "losses": r.losses, "signal": int(signum)}, last_save
+        return {"stopped_at": done, "losses": r.losses, "signal": int(signum)}
     if args.stop_after and done >= args.stop_after and done < r.total:
-        return {"stopped_at": done, "losses": r.losses}, last_save
-    return None, last_save
+        return {"stopped_at": done, "losses": r.losses}
+    return None
 
 
 def finish(args, r):
