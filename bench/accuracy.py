@@ -33,7 +33,9 @@ Each row at its own learning rate (issue 25): --lr_grid 0.3 1 3 trains each row,
 --select_seed) at lr_row × each factor on the training set minus a held-out --val_frac of it (carve(): a
 fixed shuffle of train.tsv, dev.tsv is never opened), picks the factor with the best primary metric on that
 held-out part, then trains every seed at it and reports the dev set, before the next row's grid (a sweep cut
-short leaves whole rows). lr_row is --lr, SPSFT's --lr × 0.2.
+short leaves whole rows). lr_row is --lr, SPSFT's --lr × 0.2. A best score at an end of the grid is not a
+choice (the optimum may lie beyond it): the grid grows one factor past that end (0.3 1 3 -> 9), up to
+--lr_extend (2) times, until the best is inside it.
 Rows whose paper ties their learning rate to another row's take that row's choice (LR_TIED: TASO runs
 at LoRA r = 8's learning rate and scales it by ρ^(-1/2) itself, taso.py T7; ablations at their method's).
 
@@ -105,6 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (SPSFT gets × 0.2); the grid's centre")
     p.add_argument("--lr_grid", nargs="*", type=float, default=[], help="factors of each row's learning rate to "
                    "choose from on a held-out part of the training set, e.g. 0.3 1 3 (none: no choice)")
+    p.add_argument("--lr_extend", type=int, default=2, help="times a grid of >= 3 factors grows past an end "
+                   "that holds the best held-out score (0: never)")
     p.add_argument("--val_frac", type=float, default=0.1, help="share of the training set held out for --lr_grid")
     p.add_argument("--select_seed", type=int, default=0, help="the seed of the --lr_grid runs")
     p.add_argument("--max_samples", type=int, default=1000, help="training examples (0: all)")
@@ -119,8 +123,8 @@ def parse_args(argv=None):
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     if REFERENCE not in args.rows:
         print(f"note: {REFERENCE} is not among --rows; ratios and ties need it and are left empty")
-    if any(f <= 0 for f in args.lr_grid) or not 0 < args.val_frac < 1:
-        p.error("--lr_grid factors must be > 0 and --val_frac in (0, 1)")
+    if any(f <= 0 for f in args.lr_grid) or not 0 < args.val_frac < 1 or args.lr_extend < 0:
+        p.error("--lr_grid factors must be > 0, --val_frac in (0, 1) and --lr_extend >= 0")
     args.passthrough = passthrough
     return args
 
@@ -416,29 +420,47 @@ def lr_centre(args, name):
 
 
 def select_lr(args, task, fill, run, log, out, name, after_run=lambda cached: None):
-    """Fill out[name] = {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed"} or {"tied_to",
-    "chosen"}: a row not in LR_TIED trains once per grid factor on carve(); the best held-out primary metric
-    wins (the first of equals). A tied row takes its partner's choice (selected first if it was not yet); one
-    whose partner is not in the sweep keeps its own centre. `out` is filled as the grid runs (an interrupted
-    sweep's JSON shows the part that finished)."""
+    """Fill out[name] = {"grid": [[lr, score]], "chosen", "metric", "val_frac", "seed", "extended"} or
+    {"tied_to", "chosen"}: a row not in LR_TIED trains once per grid factor on carve(); the best held-out
+    primary metric wins (the first of equals). A best value at an end of a grid of >= 3 factors is not a choice:
+    the grid grows past that end by its end ratio (0.3 1 3 -> 9, or -> 0.09), up to --lr_extend times
+    ("extended" lists the added rates). A tied row takes its partner's choice (selected first if it was not
+    yet); one whose partner is not in the sweep keeps its own centre. `out` is filled as the grid runs (an
+    interrupted sweep's JSON shows the part that finished)."""
     if name in out:
         return out[name]["chosen"]
     if name in LR_TIED and LR_TIED[name] in args.rows:
         chosen = select_lr(args, task, fill, run, log, out, LR_TIED[name], after_run)
         out[name] = {"tied_to": LR_TIED[name], "chosen": chosen}
         return chosen
-    base, grid = base_argv(args), []
-    out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac, "seed": args.select_seed}
-    for f in args.lr_grid:
+    base, grid, scores, metric = base_argv(args), [], {}, [None]
+    out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac, "seed": args.select_seed,
+                 "extended": []}
+
+    def held_out(f):
         lr = float(lr_str(lr_centre(args, name) * f))
         res, cached = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
         after = flat(res["metrics"].get("after", {}))
-        grid.append([lr, after.get(primary_metric(after))])
+        metric[0] = primary_metric(after)
+        sc = after.get(metric[0])
+        grid.append([lr, sc])
+        scores[f] = sc if sc is not None and sc == sc else None  # NaN (a diverged run) never wins
         after_run(cached)
-        log(f"  lr grid {name} lr {lr_str(lr)}: held-out {primary_metric(after)} {grid[-1][1]}")
+        log(f"  lr grid {name} lr {lr_str(lr)}: held-out {metric[0]} {sc}")
+        return lr
+
+    for f in args.lr_grid:
+        held_out(f)
+    for _ in range(args.lr_extend if len(set(args.lr_grid)) >= 3 else 0):
+        ok = [f for f in scores if scores[f] is not None]
+        best, fs = (max(ok, key=scores.get) if ok else None), sorted(scores)
+        if best not in (fs[0], fs[-1]):
+            break
+        f = float(f"{best * best / (fs[1] if best == fs[0] else fs[-2]):.3g}")
+        out[name]["extended"].append(held_out(f))
     scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
     chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
-    out[name].update(chosen=chosen, metric=primary_metric(after))
+    out[name].update(chosen=chosen, metric=metric[0])
     return chosen
 
 

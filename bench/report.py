@@ -470,15 +470,18 @@ def lr_table(run):
                                                                      if name.startswith("taso") else ""),
                          "–" if s.get("chosen") is None else f"{s['chosen']:.3g}"])
             continue
-        cells = ", ".join(f"{lr:.3g}: {'–' if sc is None else f'{sc:.3f}'}" for lr, sc in s["grid"])
-        left = len(grid) - len(s["grid"])
+        ext = s.get("extended", [])
+        cells = ", ".join(f"{lr:.3g}{'⁺' if lr in ext else ''}: {'–' if sc is None else f'{sc:.3f}'}"
+                          for lr, sc in s["grid"])
+        left = max(0, len(grid) - len(s["grid"]))
         body.append([f"`{name}`", cells + (f" ({left} pending)" if left else ""),
                      "pending" if s.get("chosen") is None else f"**{s['chosen']:.3g}**"])
     any_sel = next((s for s in sel.values() if s.get("val_frac")), {})
     return [f"Learning rates: each row's centre (--lr, SPSFT's × 0.2) × {' / '.join(f'{f:g}' for f in grid)}, one "
             f"run each (seed {any_sel.get('seed', 0)}) on the training set minus a held-out "
             f"{100 * any_sel.get('val_frac', 0.1):.0f} % of it; the best held-out {run['primary_metric'] or 'score'} "
-            "is chosen and used for every seed. The reported dev set is never read for this.", ""] + \
+            "is chosen and used for every seed; where the best is at an end of the grid, the grid grows past that "
+            "end by its end ratio (⁺, up to twice) until it is not. The reported dev set is never read for this.", ""] + \
         table(["row", "held-out score per learning rate", "chosen"], body) + [""]
 
 
@@ -488,7 +491,11 @@ def progress(run):
     import accuracy
     tied = accuracy.LR_TIED
     own = [n for n in run["rows"] if not (n in tied and tied[n] in run["rows"])] if grid else []
-    planned = len(run["rows"]) * len(run["seeds"]) + len(grid) * len(own)
+    # a grid grown past its end counts its added runs, and one more while its choice is still open
+    sel = {n: run.get("lr_select", {}).get(n, {}) for n in own}
+    planned = len(run["rows"]) * len(run["seeds"]) + sum(
+        max(len(grid), len(s.get("grid", [])) + (len(s.get("grid", [])) >= len(grid) and s.get("chosen") is None))
+        for s in sel.values())
     walls = [r.get("wall_s") for r in run.get("cache", {}).values() if r.get("wall_s")]
     done = sum(len(r["runs"]) for r in run["rows"].values()) + \
         sum(len(s.get("grid", [])) for s in run.get("lr_select", {}).values())

@@ -231,3 +231,54 @@ def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_pa
     assert out["lr_select"]["taso"] == {"tied_to": "lora-r8", "chosen": 0.001}
     assert out["lr_select"]["lora-r8"]["grid"] == [[0.0003, 0.6], [0.001, 0.9], [0.003, 0.7]]
     assert written and set(written) == {"accuracy"}
+
+
+def test_a_best_at_the_grid_end_grows_the_grid_until_the_best_is_inside(tmp_path, monkeypatch):
+    """A row whose held-out score is best at an end of a 3-factor grid gets the next factor past it (×3 up, or
+    ×0.3 down), up to --lr_extend times; a choice inside the grid adds nothing. Hand-made held-out scores."""
+    data, calls = glue_dir(tmp_path), []
+    peak = {"spsft": 0.0018, "lora": 1e-5}  # spsft: best one step past the top end; lora: below every value
+
+    def fake_run_one(argv, runs_dir, save_every, cache=None):
+        lr, row = float(argv[argv.index("--lr") + 1]), "spsft" if "spsft" in argv else "lora"
+        calls.append((row, lr, "--val_split" in argv))
+        score = 1 - abs(__import__("math").log(lr / peak[row]))  # highest at the row's peak
+        return {"metrics": {"before": {"accuracy": 0.5}, "after": {"accuracy": score}}, "argv": argv}, False
+    monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    monkeypatch.setattr(train, "write_json", lambda obj, path: None)
+    out = accuracy.main(["--model", "tiny-bert", "--data", data, "--rows", "spsft", "lora-r8", "--seeds", "0",
+                         "--lr_grid", "0.3", "1", "3", "--json", str(tmp_path / "o.json"), "--runs_dir", str(tmp_path)])
+    held = [(row, lr) for row, lr, val in calls if val]
+    # spsft (centre 2e-4): 6e-5, 2e-4, 6e-4 -> best at the top -> 1.8e-3 (its peak, the new top) -> 5.4e-3
+    assert held[:5] == [("spsft", 6e-05), ("spsft", 0.0002), ("spsft", 0.0006), ("spsft", 0.0018), ("spsft", 0.0054)]
+    # lora (centre 1e-3): best at the bottom each time -> 9e-5, then 2.7e-5, then the limit (2) stops it
+    assert held[5:] == [("lora", 0.0003), ("lora", 0.001), ("lora", 0.003), ("lora", 9e-05), ("lora", 2.7e-05)]
+    sel = out["lr_select"]
+    assert sel["spsft"]["chosen"] == 0.0018 and sel["spsft"]["extended"] == [0.0018, 0.0054]
+    assert sel["lora-r8"]["chosen"] == 2.7e-05 and sel["lora-r8"]["extended"] == [9e-05, 2.7e-05]
+    assert [(r, lr) for r, lr, val in calls if not val] == [("spsft", 0.0018), ("lora", 2.7e-05)]
+    text = "\n".join(report.lr_table(out))
+    assert "0.0018⁺: 1.000" in text and "2.7e-05⁺" in text and "pending" not in text
+    # a peak just above the top end: one added value shows the top end is the best inside the grown grid
+    peak["spsft"], calls[:] = 0.0007, []
+    q = accuracy.main(["--model", "tiny-bert", "--data", data, "--rows", "spsft", "--seeds", "0", "--lr_grid", "0.3",
+                       "1", "3", "--json", str(tmp_path / "q.json"), "--runs_dir", str(tmp_path)])
+    assert [lr for _, lr, val in calls if val] == [6e-05, 0.0002, 0.0006, 0.0018]
+    assert q["lr_select"]["spsft"]["chosen"] == 0.0006 and q["lr_select"]["spsft"]["extended"] == [0.0018]
+    # --lr_extend 0: the plain grid
+    calls.clear()
+    accuracy.main(["--model", "tiny-bert", "--data", data, "--rows", "spsft", "--seeds", "0", "--lr_extend", "0",
+                   "--lr_grid", "0.3", "1", "3", "--json", str(tmp_path / "p.json"), "--runs_dir", str(tmp_path)])
+    assert [lr for _, lr, val in calls if val] == [6e-05, 0.0002, 0.0006]
+
+
+def test_progress_counts_a_grown_grid_and_an_open_choice():
+    """Hand-made sweep JSONs: 1 row × 2 seeds + a 3-value grid = 5 planned; a grid grown by one = 6; a full grid
+    whose choice is still open (an end was best, the added run not yet finished) = one more pending."""
+    def state(grid, chosen, seeds_done):
+        return {"rows": {"spsft": {"runs": [{}] * seeds_done}}, "seeds": [0, 1], "lr_grid": [0.3, 1, 3],
+                "cache": {}, "lr_select": {"spsft": {"grid": [[lr, 0.5] for lr in grid], "chosen": chosen}}}
+    assert report.progress(state([1, 2, 3], 2, 2)) == "All 5 planned runs finished."
+    assert report.progress(state([1, 2, 3, 4], 4, 2)) == "All 6 planned runs finished."
+    assert "3 of 6 planned" in report.progress(state([1, 2, 3], None, 0))
+    assert "2 of 5 planned" in report.progress(state([1, 2], None, 0))
