@@ -433,35 +433,33 @@ def select_lr(args, task, fill, run, log, out, name, after_run=lambda cached: No
         chosen = select_lr(args, task, fill, run, log, out, LR_TIED[name], after_run)
         out[name] = {"tied_to": LR_TIED[name], "chosen": chosen}
         return chosen
-    base, grid, scores, metric = base_argv(args), [], {}, [None]
+    base, grid = base_argv(args), []
     out[name] = {"grid": grid, "chosen": None, "metric": None, "val_frac": args.val_frac, "seed": args.select_seed,
                  "extended": []}
 
-    def held_out(f):
-        lr = float(lr_str(lr_centre(args, name) * f))
+    def held_out(lr):
+        lr = float(lr_str(lr))
         res, cached = run(name, args.select_seed, run_argv(base, name, fill, lr, args.select_seed, args.val_frac))
         after = flat(res["metrics"].get("after", {}))
-        metric[0] = primary_metric(after)
-        sc = after.get(metric[0])
-        grid.append([lr, sc])
-        scores[f] = sc if sc is not None and sc == sc else None  # NaN (a diverged run) never wins
+        out[name]["metric"] = primary_metric(after)
+        grid.append([lr, after.get(out[name]["metric"])])
         after_run(cached)
-        log(f"  lr grid {name} lr {lr_str(lr)}: held-out {metric[0]} {sc}")
+        log(f"  lr grid {name} lr {lr_str(lr)}: held-out {out[name]['metric']} {grid[-1][1]}")
         return lr
 
+    def best():  # the first of equals; NaN (a diverged run) never wins
+        scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
+        return max(scored, key=lambda g: g[1])[0] if scored else None
+
     for f in args.lr_grid:
-        held_out(f)
+        held_out(lr_centre(args, name) * f)
     for _ in range(args.lr_extend if len(set(args.lr_grid)) >= 3 else 0):
-        ok = [f for f in scores if scores[f] is not None]
-        best, fs = (max(ok, key=scores.get) if ok else None), sorted(scores)
-        if best not in (fs[0], fs[-1]):
+        b, lrs = best(), sorted(lr for lr, _ in grid)
+        if b not in (lrs[0], lrs[-1]):
             break
-        f = float(f"{best * best / (fs[1] if best == fs[0] else fs[-2]):.3g}")
-        out[name]["extended"].append(held_out(f))
-    scored = [g for g in grid if g[1] is not None and g[1] == g[1]]
-    chosen = max(scored, key=lambda g: g[1])[0] if scored else lr_centre(args, name)
-    out[name].update(chosen=chosen, metric=metric[0])
-    return chosen
+        out[name]["extended"].append(held_out(b * b / (lrs[1] if b == lrs[0] else lrs[-2])))
+    out[name]["chosen"] = best() or lr_centre(args, name)
+    return out[name]["chosen"]
 
 
 def load_cache(path):

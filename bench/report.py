@@ -491,11 +491,11 @@ def progress(run):
     import accuracy
     tied = accuracy.LR_TIED
     own = [n for n in run["rows"] if not (n in tied and tied[n] in run["rows"])] if grid else []
-    # a grid grown past its end counts its added runs, and one more while its choice is still open
-    sel = {n: run.get("lr_select", {}).get(n, {}) for n in own}
-    planned = len(run["rows"]) * len(run["seeds"]) + sum(
-        max(len(grid), len(s.get("grid", [])) + (len(s.get("grid", [])) >= len(grid) and s.get("chosen") is None))
-        for s in sel.values())
+    planned = len(run["rows"]) * len(run["seeds"])
+    for n in own:  # a grid grown past its end counts its added runs, and one more while its choice is open
+        s = run.get("lr_select", {}).get(n, {})
+        ran = len(s.get("grid", []))
+        planned += max(len(grid), ran + (ran >= len(grid) and s.get("chosen") is None))
     walls = [r.get("wall_s") for r in run.get("cache", {}).values() if r.get("wall_s")]
     done = sum(len(r["runs"]) for r in run["rows"].values()) + \
         sum(len(s.get("grid", [])) for s in run.get("lr_select", {}).values())
