@@ -54,6 +54,7 @@ two stds is a tie, not a win.
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import hashlib
 import json
@@ -78,6 +79,7 @@ ROWS = {
     "g2r2-pf0.2": ["--method", "g2r2", "--g2r2_pf", "0.2", "--weight_decay", "{wd_g2r2}"],
     "g2r2-pf0.7": ["--method", "g2r2", "--g2r2_pf", "0.7", "--weight_decay", "{wd_g2r2}"],
     "pilora": ["--method", "pilora"],
+    "pilora-equal": ["--method", "pilora", "--pilora_stage1_in_epochs"],
     "taso": ["--method", "taso"],
     "spsft": ["--method", "spsft", "--spsft_rows", "{rows}", "--spsft_importance", "{spsft_imp}",
               "--weight_decay", "0.01"],
@@ -88,7 +90,7 @@ ROWS = {
 LR_RATIO = {"spsft": SPSFT_LR_RATIO}  # a row's learning rate centre: --lr × this (1 when absent)
 # rows that take another row's chosen learning rate instead of a grid of their own (see the docstring)
 LR_TIED = {"taso": "lora-r8", "taso-random": "lora-r8", "g2r2-random": "g2r2-pf0.2", "pilora-random": "pilora"}
-MAIN_ROWS = ["lora-r1", "lora-r8", "g2r2-pf0.7", "pilora", "taso", "spsft"]
+MAIN_ROWS = ["lora-r1", "lora-r8", "g2r2-pf0.7", "pilora", "pilora-equal", "taso", "spsft"]
 ALIASES = {"g2r2": "g2r2-pf0.2"}  # --rows g2r2 means the paper's main setting
 # the metric a row is judged on, first present wins (all higher-is-better)
 PRIMARY = ["commonsense_loglik.average", "commonsense_generate.average", "matthews", "pearson", "accuracy",
@@ -116,6 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=int, default=50, help="checkpoint interval of every run (resume)")
     p.add_argument("--runs_dir", default=os.path.join(ROOT, "out", "accuracy"))
     p.add_argument("--json", help="output JSON (default bench/results/accuracy-<model>-<data>.json)")
+    p.add_argument("--backfill_predictions", action="store_true", help="train again the cached dev-set runs "
+                   "of --rows that have no per-example predictions (made before they were kept)")
     args, passthrough = p.parse_known_args(argv)
     args.rows = [ALIASES.get(r, r) for r in args.rows]
     unknown = [r for r in args.rows if r not in ROWS]
@@ -273,25 +277,64 @@ KEEP = ("method", "steps", "losses", "trainable_params_start", "trainable_params
 MAX_LOSSES = 100  # a longer loss curve is kept every k-th step ("losses_stride": k) to keep the JSON small
 
 
-def run_one(argv, runs_dir, save_every, cache=None):
+@contextlib.contextmanager
+def recording_predictions():
+    """A list that fills with (pred, gold) of every GLUE evaluation made inside: evaluate.py's
+    evaluate_classification hands both to evaluate.glue_metrics, the one place that sees them, so that call
+    is recorded (and still made). train.main evaluates before and after training: the last pair is "after"."""
+    import evaluate
+    seen, inner = [], evaluate.glue_metrics
+
+    def glue_metrics(task, pred, gold, regression=False):
+        seen.append((list(pred), list(gold)))
+        return inner(task, pred, gold, regression=regression)
+    evaluate.glue_metrics = glue_metrics
+    try:
+        yield seen
+    finally:
+        evaluate.glue_metrics = inner
+
+
+def pack(xs):
+    """Per-example values as one space-separated string (the JSON is written with indent=1: a list would
+    take a line per example); floats to 4 decimals."""
+    return " ".join(str(round(x, 4) if isinstance(x, float) else x) for x in xs)
+
+
+def unpack(s):
+    """pack's list back: ints stay ints."""
+    return [float(v) if any(c in v for c in ".en") else int(v) for v in s.split()]
+
+
+def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
     """train.main(argv) in runs_dir/<key>; cached: a run in `cache` (the committed JSON's) or with a
-    result.json is read back, an unfinished one resumes. Adds a finished run to `cache`."""
+    result.json is read back, an unfinished one resumes. Adds a finished run to `cache`. A dev-set run keeps
+    its per-example predictions after training ("dev_pred") and the labels ("dev_gold"; main keeps one copy
+    per JSON); need_pred reruns a cached dev-set run that has none (runs made before they were kept)."""
     import train
     key = run_key(argv)
-    if cache is not None and key in cache:
+    dev_run = "--val_split" not in argv
+    if cache is not None and key in cache and not (need_pred and dev_run and "dev_pred" not in cache[key]):
         return cache[key], True
     out_dir = os.path.join(runs_dir, key)
     done = os.path.join(out_dir, "result.json")
     if os.path.exists(done):
         with open(done) as f:
             res, cached = json.load(f), True
-    else:
+    if not os.path.exists(done) or (need_pred and dev_run and "dev_pred" not in res):
         os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(done):  # a finished run without predictions: train it again from scratch
+            for f in ("result.json", "ckpt.pt"):
+                if os.path.exists(os.path.join(out_dir, f)):
+                    os.remove(os.path.join(out_dir, f))
         resumed, t0 = os.path.exists(os.path.join(out_dir, "ckpt.pt")), time.time()
-        summary = train.main(exec_argv(argv, os.path.join(runs_dir, "carved")) +
-                             ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
+        with recording_predictions() as seen:
+            summary = train.main(exec_argv(argv, os.path.join(runs_dir, "carved")) +
+                                 ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
         res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
                                                     "resumed": resumed}
+        if seen and dev_run:
+            res["dev_pred"], res["dev_gold"] = map(pack, seen[-1])
         res["metrics"] = {k: v for k, v in res["metrics"].items() if k in ("before", "after")}
         losses = res.get("losses") or []
         if len(losses) > MAX_LOSSES:
@@ -462,11 +505,11 @@ def select_lr(args, task, fill, run, log, out, name, after_run=lambda cached: No
     return out[name]["chosen"]
 
 
-def load_cache(path):
-    """The finished runs of an earlier sitting: the "cache" of the JSON at `path`, {} when there is none."""
+def load_earlier(path):
+    """The JSON an earlier sitting wrote at `path` (its "cache": the finished runs), {} when there is none."""
     if path and os.path.exists(path):
         with open(path) as f:
-            return json.load(f).get("cache", {})
+            return json.load(f)
     return {}
 
 
@@ -477,13 +520,14 @@ def main(argv=None):
     path = args.json or os.path.join(ROOT, "bench", "results", f"accuracy-{slug(args.model)}-{slug(args.data)}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     task, fill, runs = plan(args)
-    cache = load_cache(path)
+    earlier = load_earlier(path)
+    cache = earlier.get("cache", {})
     rows = {name: {"flags": row_argv(name, fill), "runs": []} for name in args.rows}
     t0, done = time.time(), {"ran": 0, "n": 0, "metrics": set()}
     out = {"command": "python bench/accuracy.py " + shlex.join(argv_shown), "model": args.model,
            "data": args.data, "task": task, "seeds": args.seeds, "reference": REFERENCE,
            "primary_metric": None, "base_argv": base_argv(args), "fills": fill, "lr_grid": args.lr_grid,
-           "trivial": {}, "rows": rows, "cache": cache}
+           "trivial": {}, "rows": rows, "cache": cache, "dev_gold": earlier.get("dev_gold")}
     ref_prefix = base_argv(args) + row_argv(REFERENCE, fill)
 
     def write(final=False):
@@ -504,7 +548,12 @@ def main(argv=None):
 
     def run(name, seed, argv_run):
         t = time.time()
-        res, cached = run_one(argv_run, args.runs_dir, args.save_every, cache)
+        res, cached = run_one(argv_run, args.runs_dir, args.save_every, cache, args.backfill_predictions)
+        gold = res.pop("dev_gold", None)  # the dev set's labels, one copy per JSON (every run's are the same)
+        if gold is not None:
+            if out["dev_gold"] is not None and out["dev_gold"] != gold:
+                raise SystemExit(f"error: the dev labels of {argv_run} differ from the JSON's dev_gold")
+            out["dev_gold"] = gold
         done["ran"] += not cached
         done["n"] += 1
         after = flat(res["metrics"].get("after", {}))
@@ -523,7 +572,8 @@ def main(argv=None):
             lr = select_lr(args, task, fill, run, print, out["lr_select"], name, lambda cached: cached or write())
             argv_run = run_argv(base_argv(args), name, fill, lr, seed)
         res, cached = run(name, seed, argv_run)
-        rows[name]["runs"].append(res | {"seed": seed, "cached": cached})
+        # the row's runs without their predictions (report.py reads those from the cache, by run_key)
+        rows[name]["runs"].append({k: v for k, v in res.items() if k != "dev_pred"} | {"seed": seed, "cached": cached})
         if not cached:  # the JSON (its cache, committed) is rewritten after every finished run
             write()
     write(final=True)

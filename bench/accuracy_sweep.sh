@@ -36,4 +36,17 @@ stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN --lr_grid 0.3 1 3 --seeds 0 1 2
 #    whose best was at an end (--lr_extend; SPSFT's 0.0006 on STS-B: 0.0018 scored lower, so it stands).
 stage STS-B 0 1 sts-b-full-e1 --rows $MAIN $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
 stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
+# 4. issue 34: pilora-equal (PiLoRA's stage 1 inside LoRA's step count) at its own chosen learning rate on
+#    STS-B, then SST-2 with its last ablations. Every row is listed so the JSON keeps them all (cached rows cost
+#    nothing); runs from here on keep their per-example dev predictions (the paired bootstrap).
+stage STS-B 0 1 sts-b-full-e1 --rows $MAIN pilora-equal $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
+stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN pilora-equal $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
+# 5. CoLA: the reference's learning rate first (3 epochs, a held-out grid; 1e-3 gave Matthews 0.148, the rule
+#    needs 0.225), then, if it passes, the main rows at 3 seeds (COLA=main; the JSON of stage 1, whose 1e-3 run it reuses)
+stage CoLA 0 3 cola-full --rows lora-r8 --lr_grid 0.3 1 3 --seeds 0
+[ "${COLA:-}" = main ] && stage CoLA 0 3 cola-full --rows $MAIN --lr_grid 0.3 1 3 --seeds 0 1 2
+# 6. the bootstrap over dev examples needs both sides' predictions: train again the runs made before they were
+#    kept (bit-exact reruns; each JSON's rows, STS-B then SST-2)
+stage STS-B 0 1 sts-b-full-e1 --rows $MAIN pilora-equal $ABL --lr_grid 0.3 1 3 --seeds 0 1 2 --backfill_predictions
+stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN pilora-equal $ABL --lr_grid 0.3 1 3 --seeds 0 1 2 --backfill_predictions
 echo "== $(date '+%F %T') done"

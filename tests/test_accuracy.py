@@ -54,6 +54,14 @@ def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     g_end = [r["trainable_params_end"] for r in saved["rows"]["g2r2-pf0.2"]["runs"]]
     assert saved["rows"]["g2r2-pf0.2"]["stats"]["trainable_params_end_ratio"] == pytest.approx(sum(g_end) / sum(ref_end))
     assert "accuracy" in saved["rows"]["g2r2-pf0.2"]["verdict"]
+    # every dev-set run keeps its per-example predictions; the JSON keeps the dev labels once, read from dev.tsv
+    gold = [int(ln.rsplit("\t", 1)[1]) for ln in open(os.path.join(data, "dev.tsv")).read().splitlines()[1:]]
+    assert accuracy.unpack(saved["dev_gold"]) == gold
+    for row in saved["rows"].values():
+        for r in row["runs"]:
+            pred = accuracy.unpack(saved["cache"][accuracy.run_key(r["argv"])]["dev_pred"])
+            assert len(pred) == len(gold) and "dev_pred" not in r
+            assert r["metrics"]["after"]["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / len(gold))
 
     # RESULTS.md from that JSON: the command, one line per row, the verdict column
     md = tmp_path / "RESULTS.md"
@@ -214,7 +222,7 @@ def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_pa
     TASO has no grid of its own and trains at lora-r8's chosen rate, selected first even when listed first."""
     data, calls = glue_dir(tmp_path), []
 
-    def fake_run_one(argv, runs_dir, save_every, cache=None):
+    def fake_run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
         lr = float(argv[argv.index("--lr") + 1])
         row = "spsft" if "spsft" in argv else "taso" if "taso" in argv else "lora"
         calls.append((row, lr, "--val_split" in argv, int(argv[argv.index("--seed") + 1])))
@@ -239,7 +247,7 @@ def test_a_best_at_the_grid_end_grows_the_grid_until_the_best_is_inside(tmp_path
     data, calls = glue_dir(tmp_path), []
     peak = {"spsft": 0.0018, "lora": 1e-5}  # spsft: best one step past the top end; lora: below every value
 
-    def fake_run_one(argv, runs_dir, save_every, cache=None):
+    def fake_run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
         lr, row = float(argv[argv.index("--lr") + 1]), "spsft" if "spsft" in argv else "lora"
         calls.append((row, lr, "--val_split" in argv))
         score = 1 - abs(__import__("math").log(lr / peak[row]))  # highest at the row's peak
