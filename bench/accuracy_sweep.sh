@@ -34,8 +34,9 @@ stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN --lr_grid 0.3 1 3 --seeds 0 1 2
 # 3. ablations: g2r2-pf0.2 (the paper's other p_f) with its own grid; g2r2-random, pilora-random and taso-random
 #    at the learning rate of the row they ablate (LR_TIED). Rerunning the main rows first also grows any grid
 #    whose best was at an end (--lr_extend; SPSFT's 0.0006 on STS-B: 0.0018 scored lower, so it stands).
-stage STS-B 0 1 sts-b-full-e1 --rows $MAIN $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
-stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
+#    -- done (STS-B), SST-2's pilora-random and taso-random finish in 4 (after pilora-equal, issue 34's order):
+#    stage STS-B 0 1 sts-b-full-e1 --rows $MAIN $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
+#    stage SST-2 10000 1 sst-2-10k-e1 --rows $MAIN $ABL --lr_grid 0.3 1 3 --seeds 0 1 2
 # 4. issue 34: pilora-equal (PiLoRA's stage 1 inside LoRA's step count) at its own chosen learning rate on
 #    STS-B, then SST-2 with its last ablations. Every row is listed so the JSON keeps them all (cached rows cost
 #    nothing); runs from here on keep their per-example dev predictions (the paired bootstrap).
