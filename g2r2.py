@@ -47,6 +47,7 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -58,20 +59,22 @@ TARGETS = {**common.DEFAULT_TARGETS, "llama": ["q_proj", "k_proj", "v_proj", "up
 # ------------------------------------------------------------------------ the adapter (Eq 1–3)
 
 class G2R2Linear(common.LoRALinear):
-    """LoRA h = W₀x + s·B A x (Eq 3) that can be pruned (Eq 11: its branch is skipped). While `sink` is set,
-    the exact estimator's hooks (Lean machinery, below) report (δ_out, x_in) of each backward pass."""
+    """LoRA h = W₀x + s·B A x (Eq 3) that can be pruned (Eq 11: its branch is skipped). While `sink` is set
+    (exact scoring), the adapter term's backward also reports (δ_out, x_in) to it (Lean machinery, below)."""
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
         self.pruned = False
-        self.sink = None  # exact scoring armed: a function of (δ_out, x_in), see capture_hooks
+        self.sink = None  # exact scoring armed: a function of (δ_out, x_in), see ExactGrad.arm
         self.calls = 0  # uses of this layer in this step's forwards (DeBERTa-v3 applies query/key_proj twice)
-        capture_hooks(self)
 
     def forward(self, x):
         if self.pruned:
-            return self.base(x)                    # Eq 11: [A, B] = [0, 0] adds nothing
-        return self.base(x) + self.lora_delta(x)   # Eq 3: h = W₀x + s·B A x
+            return self.base(x)                                        # Eq 11: [A, B] = [0, 0] adds nothing
+        if self.sink is not None and torch.is_grad_enabled():          # exact scoring: Eq 3, reported
+            self.calls += not common.in_backward()  # a checkpoint's recompute brings no new use
+            return self.base(x) + _Reported.apply(x, self.lora_A, self.lora_B, self)
+        return super().forward(x)                                      # Eq 3: h = W₀x + s·B A x
 
     def lora_factors(self):
         """A pruned module carries no update: absent from the PEFT export (None)."""
@@ -374,20 +377,22 @@ class G2R2(common.Method):
 # ------------------------------------------------- Lean machinery: the exact ∂ℒ/∂ΔW without a dense ΔW
 # What it saves: an out × in parameter D = ΔW and its gradient per module (plain equivalent, the tests'
 # reference: h = W₀x + D x_in with D a leaf, ∂ℒ/∂ΔW = D.grad). Instead ∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in is
-# formed in backward from the gradient at the layer's output and its input, and summed over the
-# micro-batches of the step before the |·| of Eq 5. With one micro-batch it is reduced to ΣS in the
-# module's backward and freed at once (one module's out × in fp32 gradient alive at a time); with k > 1
-# each live module keeps an out × in fp32 buffer from its first to its last backward of the step, and
-# under torchrun until after_backward sums it over the processes (4 bytes per base weight of the targets,
-# 18 GB at Llama-2-7B QKVUD: use score="paper" there if that does not fit). x_in is the dropped input: the
-# capture keeps the undropped x that common.dropout_linear keeps anyway and draws the same mask again in
-# backward, so scoring adds no activation memory to a LoRA step. A checkpoint's recompute runs inside
-# backward and is not counted as a use (common.in_backward). In a bf16 model the GEMM takes bf16 operands
-# and accumulates in fp32 (exact_grad); the sum over micro-batches and Eq 5 stay fp32.
+# formed in the adapter term's backward (_Reported) from the gradient at the layer's output and its
+# dropped input, and summed over the micro-batches of the step before the |·| of Eq 5. x_in is the mask
+# that backward draws again for ∂A and ∂x anyway (one draw, as an unscored LoRA step); autograd keeps what
+# LoRA keeps. With one micro-batch ΣS is taken in that backward a block of rows at a time (s_sum_rows:
+# at most 2^24 entries of ∂ℒ/∂ΔW and of ΔW alive, never a whole out × in tensor); with k > 1 each live module
+# keeps an out × in fp32 buffer from its first to its last backward of the step, and under torchrun until
+# after_backward sums it over the processes (4 bytes per base weight of the targets, 18 GB at Llama-2-7B
+# QKVUD: use score="paper" there if that does not fit). A checkpoint's recompute runs inside backward and is
+# not counted as a use (common.in_backward). In a bf16 model the GEMM takes bf16 operands and accumulates in
+# fp32 (exact_grad); the sum over micro-batches and Eq 5 stay fp32.
 
 class ExactGrad:
     """The exact estimator's state for the modules `layers` (G2R2.layers, the same list: a removed module
-    is None): per step, the backward passes seen, the per-module gradient buffer and ΣS of each module."""
+    is None): per step, the backward passes seen, the per-module gradient buffer and ΣS of each module.
+    `lean` False: every module sums into a whole out × in buffer first (the plain form, for the tests)."""
+    lean = True
 
     def __init__(self, layers, micro_batches):
         self.layers, self.micro_batches = layers, micro_batches
@@ -396,7 +401,7 @@ class ExactGrad:
     def arm(self, on):
         """A new step: empty buffers; the live layers' sinks set (on) or cleared."""
         M = len(self.layers)
-        self.grad = [None] * M   # per-module ∂ℒ/∂ΔW buffer (micro_batches > 1 or torchrun only)
+        self.grad = [None] * M   # per-module ∂ℒ/∂ΔW buffer (micro_batches > 1, a reused module, torchrun)
         self.seen = [0] * M      # backward passes seen this step
         self.s_sum = {}          # module -> ΣS of this step
         self.forwards = 0        # model forwards (micro-batches) run this step
@@ -413,13 +418,22 @@ class ExactGrad:
                                "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
 
     def capture(self, i, delta_out, x):
-        """Backward of module i: add this use's Σ δ_out ⊗ x_in; reduce once every micro-batch has run and
-        every use of the module in them has come back (else s_sums reduces)."""
-        G = exact_grad(delta_out, x, self.layers[i].base.weight.dtype)  # bf16 operands for a bf16 model
-        self.grad[i] = G if self.grad[i] is None else self.grad[i].add_(G)
+        """Backward of module i: this use's Σ δ_out ⊗ x_in, a block of rows at a time. Reduced to ΣS at once
+        when it is the step's only one (lean), else added to the buffer, reduced once every micro-batch has
+        run and every use of the module in them has come back (else s_sums reduces)."""
+        L, dtype = self.layers[i], self.layers[i].base.weight.dtype  # bf16 operands for a bf16 model
+        d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
         self.seen[i] += 1
-        done = self.forwards == self.micro_batches and self.seen[i] == self.layers[i].calls
-        if done and common.world()[1] == 1:  # torchrun: s_sums reduces
+        done = self.forwards == self.micro_batches and self.seen[i] == L.calls and common.world()[1] == 1
+        rows = lambda a, b: exact_grad(d[:, a:b], xi, dtype)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in) fp32
+        if self.lean and done and self.grad[i] is None:
+            self.s_sum[i] = s_sum_rows(rows, L)
+            return
+        if self.grad[i] is None:
+            self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape)
+        for a, b in blocks(L):
+            self.grad[i][a:b] += rows(a, b)
+        if done:  # torchrun: s_sums reduces
             self.reduce(i)
 
     def reduce(self, i):
@@ -427,11 +441,9 @@ class ExactGrad:
         the gradient is first summed over the processes (zeros from a process that saw none)."""
         L = self.layers[i]
         if common.world()[1] > 1:
-            G = self.grad[i] if self.grad[i] is not None else L.base.weight.new_zeros(L.base.weight.shape,
-                                                                                      dtype=L.lora_A.dtype)
+            G = self.grad[i] if self.grad[i] is not None else L.lora_A.new_zeros(L.base.weight.shape)
             self.grad[i] = common.all_reduce(G)
-        with torch.no_grad():  # Σ sensitivity() in place on the buffer it frees: two out × in tensors, not four
-            self.s_sum[i] = self.grad[i].mul_(L.delta_weight()).abs_().sum()
+        self.s_sum[i] = s_sum_rows(lambda a, b: self.grad[i][a:b], L)
         self.grad[i] = None
 
     def s_sums(self, live):
@@ -443,48 +455,49 @@ class ExactGrad:
         return {i: v.reshape(1) for i, v in self.s_sum.items()}
 
 
-def capture_hooks(layer):
-    """Hooks on a G2R2Linear: before its forward note the generator state its dropout draws from; after it
-    wrap h in _Capture (δ_out = ∂ℒ/∂h, the same at the adapter's output as at the layer's)."""
-    layer.register_forward_pre_hook(_before_forward)
-    layer.register_forward_hook(_after_forward)
+def blocks(L, max_elems=2 ** 24):
+    """(a, b): the row ranges of module L's out × in matrices, at most max_elems entries each."""
+    out, k = L.base.out_features, max(1, max_elems // L.base.in_features)
+    return [(a, min(a + k, out)) for a in range(0, out, k)]
 
 
-def _armed(layer):
-    return layer.sink is not None and not layer.pruned and torch.is_grad_enabled()
+def s_sum_rows(rows, L):
+    """ΣS = Σ_ij S(l_ij) (Eq 5) of module L, with rows(a, b) the rows a..b of ∂ℒ/∂ΔW, a block of rows of it
+    and of ΔW = s·B A at a time. s > 0 leaves the |·|: Σ|G ⊙ s·B A| = s·Σ|G ⊙ B A|."""
+    with torch.no_grad():
+        return L.scaling * torch.stack([sensitivity(rows(a, b), L.lora_B[a:b] @ L.lora_A).sum()
+                                        for a, b in blocks(L)]).sum()
 
 
-def _before_forward(layer, args):
-    if _armed(layer):  # (p, the generator state its dropout draws from): the capture redraws dropout_linear's mask
-        p = common.active_p(layer.dropout)
-        layer.drop_rng = (p, common.rng_state(args[0].device) if p else None)
-
-
-def _after_forward(layer, args, h):
-    if not _armed(layer):
-        return None
-    if not common.in_backward():  # a checkpoint's recompute runs inside backward and brings no new use
-        layer.calls += 1
-    return _Capture.apply(h, args[0], *layer.drop_rng, layer.sink)
-
-
-class _Capture(torch.autograd.Function):
-    """Identity on the layer's output; its backward hands (δ_out, x_in) to `sink`, x_in the adapter's
-    dropped input: x ⊙ mask/(1−p) with the mask dropout_linear drew, drawn again from the generator
-    `state` saved before it (p = 0: x itself). Backward runs once per backward pass, also when
-    checkpointing recomputes the forward."""
+class _Reported(torch.autograd.Function):
+    """s·B A dropout(x), the values and gradients of LoRALinear.lora_delta; its backward also hands
+    (δ_out, x_in) to `layer.sink`: δ_out = ∂ℒ/∂h (the same at the adapter's output as at the layer's) and
+    x_in = dropout(x), from the mask backward draws again for ∂x and ∂A anyway (common.dropout_again): one
+    draw, as in an unscored step. Autograd keeps what LoRA keeps (x, the cast A and B, A x_in). Backward runs
+    once per backward pass, also when checkpointing recomputes the forward."""
 
     @staticmethod
-    def forward(ctx, h, x, p, state, sink):
-        ctx.save_for_backward(x)  # the tensor dropout_linear saves anyway: no extra memory
-        ctx.p, ctx.state, ctx.sink = p, state, sink
-        return h.view_as(h)
+    def forward(ctx, x, A, B, layer):
+        ctx.p, ctx.state = common.active_p(layer.dropout), common.rng_state(x.device)
+        ax, = common.dropout_linear(x, layer.dropout, A)  # A x_in, (..., r), under the caller's autocast
+        A, B = common.cast(A, x), common.cast(B, ax)
+        ctx.save_for_backward(x, A, B, ax)
+        ctx.s, ctx.sink = layer.scaling, layer.sink
+        return (F.linear(ax, B) * layer.scaling).to(x.dtype)  # (..., out)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        ctx.sink(grad, x * common.dropout_scale_again(x, ctx.p, ctx.state) if ctx.p else x)
-        return grad, None, None, None, None
+    def backward(ctx, delta):
+        x, A, B, ax = ctx.saved_tensors
+        xd, mask = common.dropout_again(x, ctx.p, ctx.state) if ctx.p else (x, None)  # x_in, the forward's mask
+        ctx.sink(delta, xd)
+        g = delta.to(ax.dtype) * ctx.s  # ∂ℒ/∂(B A x_in), (..., out)
+        ga = g @ B  # (..., r)
+        gB = g.reshape(-1, g.shape[-1]).T @ ax.reshape(-1, ax.shape[-1])
+        gA = ga.reshape(-1, ga.shape[-1]).T @ xd.reshape(-1, x.shape[-1]).to(ga.dtype)
+        gx = ga @ A.to(ga.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        if gx is not None and mask is not None:
+            gx = common._dropout_backward(gx, mask, ctx.p)
+        return None if gx is None else gx.to(x.dtype), gA, gB, None
 
 
 def exact_grad(delta_out, x, dtype=torch.float32):
