@@ -158,10 +158,12 @@ class Loop:
         self.n_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()), device=batch["labels"].device)
         self.opt = train.build_optimizer(model, method, args)
         self.t = 0
+        self.foreach = None  # clip_grad_norm_'s (train.py's default); bench/count.py sets True, as on CUDA
+        self.hf_loss = isinstance(method, PeftLoRA)  # the PEFT rows' loss; a timed pair sets False for both rows
 
     def loss(self):
         """train.py's causal loss; the PEFT rows keep HF's (what PEFT users run)."""
-        if isinstance(self.method, PeftLoRA):
+        if self.hf_loss:
             return self.model(**self.batch, num_items_in_batch=self.n_items).loss
         return train.causal_loss(self.model, self.batch, self.n_items)
 
@@ -176,7 +178,8 @@ class Loop:
         loss = float(loss.detach())  # train.py reads the loss every micro-batch (a sync on CUDA)
         method.after_backward(t)
         if args.clip:
-            nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], args.clip)
+            nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], args.clip,
+                                     foreach=self.foreach)
         self.opt.step()
         if method.after_step(t):
             self.opt = train.build_optimizer(self.model, method, args, old=self.opt)
@@ -554,5 +557,314 @@ def format_row(row):
             f"aux {row['aux_bytes'] / 2 ** 20:8.1f} MiB  attach {row['attach_s']:.2f} s")
 
 
+# ------------------------------------------------------- timed pairs (bench/gpu_check.sh, issue 31)
+# (pair, row, baseline row, step-time target: row / baseline at most, memory target or None, modes)
+PAIRS = [
+    ("lora-r8 vs PEFT", "lora-r8", "peft-lora-r8", 0.90, 1.0, (False, True)),
+    ("lora-r64 vs PEFT", "lora-r64", "peft-lora-r64", 0.90, 1.0, (False, True)),
+    ("PiLoRA stage 2 vs LoRA r=32", "pilora-s2", "lora-r32-qkvud", 1.05, None, (False, True)),
+    ("TASO vs LoRA r=1", "taso-r8", "lora-r1", 1.00, None, (False, True)),
+    ("G²R² scoring vs LoRA", "g2r2-warmup", "lora-r8-qkvud", 1.15, None, (False, True)),
+    ("G²R² refinement vs LoRA", "g2r2-refine", "lora-r8-qkvud", 0.90, None, (False, True)),
+    ("SPSFT vs PEFT LoRA r=64", "spsft-r128", "peft-lora-r64", 1.00, None, (False, True)),
+    ("lora-r8 compiled vs eager", "lora-r8+compile", "lora-r8", None, None, (False,)),  # MFU >= 40 % compiled
+]
+MFU_TARGET = 0.40  # LoRA r = 8 with torch.compile, no checkpointing (issue 31)
+
+
+def bootstrap_ratio(a_blocks, b_blocks, n=2000, seed=0):
+    """median(a) / median(b) over all steps, with a 95 % percentile interval from resampling whole blocks:
+    block i of a and block i of b ran next to each other (A B A B …), so they are drawn together, keeping what
+    drifted between blocks (clocks, temperature) in both. Returns (ratio, low, high)."""
+    import random
+    flat = lambda blocks, idx: [t for i in idx for t in blocks[i]]  # noqa: E731
+    k = len(a_blocks)
+    point = statistics.median(flat(a_blocks, range(k))) / statistics.median(flat(b_blocks, range(k)))
+    rng = random.Random(seed)
+    rs = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        rs.append(statistics.median(flat(a_blocks, idx)) / statistics.median(flat(b_blocks, idx)))
+    rs.sort()
+    return point, rs[int(0.025 * n)], rs[int(0.975 * n) - 1]
+
+
+def against(target, low, high, at_most=True):
+    """met only when the whole interval clears the target; missed when the whole interval is past it."""
+    if target is None:
+        return None
+    if at_most:
+        return "met" if high <= target else "missed" if low > target else "not resolved"
+    return "met" if low >= target else "missed" if high < target else "not resolved"
+
+
+def twin(base):
+    """A copy of `base` sharing its frozen tensors (parameters and buffers): a pair's two models hold the
+    weights once; each method replaces modules of its own copy only."""
+    import copy
+    memo = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    return copy.deepcopy(base, memo)
+
+
+def compile_layers(model):
+    """train.py's --compile (each decoder layer), or the layers' own .compile() where train.py has none."""
+    if hasattr(train, "compile_model"):
+        return train.compile_model(model)
+    for layer in model.get_decoder().layers:
+        layer.compile()
+
+
+def own_bytes(model, opt, shared):
+    """Parameters, gradients, buffers and optimizer state of one model of a pair, the shared frozen ones left out."""
+    skip = {t.untyped_storage().data_ptr() for t in shared}
+    ts = [t for t in [*model.parameters(), *model.buffers()] if t.untyped_storage().data_ptr() not in skip]
+    ts += [p.grad for p in model.parameters() if p.grad is not None]
+    ts += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return tensor_bytes(ts)
+
+
+def pair_loop(name, base, batch, seq, ckpt, opts, device):
+    """A row's loop on a twin of `base`, brought to its stage and warmed up: the same hooks and loop as the
+    suite (row_method, Loop), the same loss for every row (train.causal_loss, PEFT's rows included)."""
+    compiled = name.endswith("+compile")
+    row = name[:-len("+compile")] if compiled else name
+    kind, r, targets, extra, stage, _ = ROWS[row]
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if opts.dtype == "bf16" else nullcontext()
+    args, method, pre, total = row_method(row, opts.micro_batch_size, opts.dtype, opts.seed, opts.calib_batches,
+                                          opts.warmup_steps + opts.steps + 2)
+    model = twin(base)
+    if ckpt:
+        models.enable_checkpointing(model)
+    calib = (dict(batch) for _ in iter(int, 1))
+    model = _attach(method, model, calib, ctx) or model
+    train.to_fp32(model)
+    if compiled:
+        compile_layers(model)
+    loop = Loop(model, method, args, batch, ctx, total)
+    loop.hf_loss = False
+    while loop.t < pre or (stage and getattr(method, "stage", stage) != stage):
+        if loop.t > pre + 10:
+            raise RuntimeError(f"{row}: never reached stage {stage!r} (at {method.stage!r})")
+        loop.step()
+    t0 = time.time()
+    for _ in range(opts.warmup_steps):
+        loop.step()
+    loop.warmup_s = time.time() - t0
+    loop.trainable = common.count_params(model)[0]
+    return loop
+
+
+def timed_steps(loop, n, device):
+    """Seconds of each of n steps: CUDA events around each step (read after the block), perf_counter on CPU;
+    on CUDA also the block's peak allocation above what was allocated at its start."""
+    if device != "cuda":
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            loop.step()
+            out.append(time.perf_counter() - t0)
+        return out, None
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in evs:
+        a.record()
+        loop.step()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in evs], torch.cuda.max_memory_allocated() - start
+
+
+def counted_flop(row, model_name, seq, ckpt, mbs, counts):
+    """FLOP of one step of `row` (bench/count.py): from a committed count JSON when it has the row, else
+    counted now on fake tensors (seconds at a small shape, minutes at 7B shape); None if that fails."""
+    for c in counts:
+        if (c.get("model"), c.get("seq_len"), c.get("micro_batch_size", 1)) == (model_name, seq, mbs):
+            for r in c["rows"]:
+                if r.get("row") == row and bool(r.get("grad_ckpt")) == ckpt and "flop" in r:
+                    return r["flop"], c.get("file")
+    try:
+        import count
+        r = count.count_row(row, model_name, seq, mbs, ckpt)
+        return (r["flop"], "counted now") if "flop" in r else (None, r.get("error"))
+    except Exception as e:  # noqa: BLE001 (MFU is then not given; the timing stands)
+        return None, f"{type(e).__name__}: {e}"
+
+
+def run_pair(pair, base, batch, seq, ckpt, opts, device, counts):
+    label, a_name, b_name, target, mem_target, _ = pair
+    out = {"pair": label, "row": a_name, "baseline": b_name, "grad_ckpt": ckpt, "target": target,
+           "memory_target": mem_target, "model": opts.model, "seq_len": seq, "block": opts.block}
+    t0 = time.time()
+    loops = [pair_loop(n, base, batch, seq, ckpt, opts, device) for n in (a_name, b_name)]
+    out["setup_s"] = time.time() - t0
+    blocks, peaks = ([], []), ([], [])
+    for _ in range(math.ceil(opts.steps / opts.block)):
+        for i, loop in enumerate(loops):  # A B A B …
+            times, peak = timed_steps(loop, opts.block, device)
+            blocks[i].append(times)
+            peaks[i].append(peak)
+    shared = [*base.parameters(), *base.buffers()]
+    peak_flops = opts.peak_tflops * 1e12 if opts.peak_tflops else device_peak_flops(device)
+    for key, name, loop, bl, pk in (("a", a_name, loops[0], blocks[0], peaks[0]),
+                                    ("b", b_name, loops[1], blocks[1], peaks[1])):
+        flat = [t for b in bl for t in b]
+        med = statistics.median(flat)
+        flop, src = counted_flop(name.split("+")[0], opts.model, seq, ckpt, opts.micro_batch_size, counts)
+        own = own_bytes(loop.model, loop.opt, shared)
+        out[key] = {"row": name, "step_times_s": bl, "median_s": med, "steps": len(flat),
+                    "warmup_s": loop.warmup_s, "trainable_params": loop.trainable, "flop": flop, "flop_from": src,
+                    "mfu": flop / med / peak_flops if flop and peak_flops else None, "own_bytes": own,
+                    "step_peak_bytes": max(pk) if pk[0] is not None else None,
+                    "memory_bytes": own + max(pk) if pk[0] is not None else None}
+    out["ratio"], out["low"], out["high"] = bootstrap_ratio(blocks[0], blocks[1], seed=opts.seed)
+    out["verdict"] = against(target, out["low"], out["high"])
+    ma, mb = out["a"]["memory_bytes"], out["b"]["memory_bytes"]
+    out["memory_ratio"] = ratio_or_none(ma, mb)
+    out["memory_verdict"] = None if mem_target is None or out["memory_ratio"] is None else \
+        ("met" if out["memory_ratio"] <= mem_target else "missed")
+    if a_name.endswith("+compile"):
+        m = out["a"]["mfu"]
+        out["mfu_target"] = MFU_TARGET
+        out["mfu_verdict"] = None if m is None else "met" if m >= MFU_TARGET else "missed"
+    out["pair_s"] = time.time() - t0
+    del loops
+    return out
+
+
+def ratio_or_none(a, b):
+    return None if a is None or not b else a / b
+
+
+def gpu_clocks():
+    """nvidia-smi's clocks, temperature and power now, or None without it."""
+    import subprocess
+    try:
+        q = "clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active"
+        return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions():
+    """{package: (installed, pinned in requirements.txt / bench/requirements.txt or None)}."""
+    from importlib.metadata import PackageNotFoundError, version
+    pins = {}
+    for f in ("requirements.txt", os.path.join("bench", "requirements.txt")):
+        try:
+            for line in open(os.path.join(ROOT, f)):
+                m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s#]+)", line)
+                if m:
+                    pins[m[1].lower()] = m[2]
+        except OSError:
+            pass
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "datasets"):
+        try:
+            out[pkg] = [version(pkg), pins.get(pkg)]
+        except PackageNotFoundError:
+            out[pkg] = [None, pins.get(pkg)]
+    return out
+
+
+def pairs_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench/efficiency.py pairs", description="Each compared pair resident at "
+                                "once, timed in interleaved blocks, ratio with a bootstrap 95 % interval")
+    p.add_argument("--model", default="llama-7b-shape")
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--micro_batch_size", type=int, default=1)
+    p.add_argument("--grad_ckpt", choices=["off", "on", "both"], default="both")
+    p.add_argument("--pairs", nargs="+", help="rows whose pairs to run (default: every pair)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row (after warm-up)")
+    p.add_argument("--block", type=int, default=4, help="steps per block: A×block, B×block, A×block, …")
+    p.add_argument("--warmup_steps", type=int, default=3)
+    p.add_argument("--calib_batches", type=int, default=2)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--peak_tflops", type=float, help="dense bf16 peak for MFU (default: H100 / H200 989)")
+    p.add_argument("--deadline_s", type=float, default=0, help="start no pair after this many seconds (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSON path, rewritten after every pair")
+    a = p.parse_args(argv)
+    known = {x[1] for x in PAIRS}
+    if a.pairs and set(a.pairs) - known:
+        p.error(f"unknown pair rows {sorted(set(a.pairs) - known)}; choose from {' '.join(sorted(known))}")
+    if a.steps < 1 or a.block < 1:
+        p.error("--steps and --block must be >= 1")
+    return a
+
+
+def pairs_main(argv=None):
+    """`python bench/efficiency.py pairs ...`: every pair of PAIRS in each checkpointing mode; one base model
+    (built once) shared by all of them."""
+    opts = pairs_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pairs = [p for p in PAIRS if not opts.pairs or p[1] in opts.pairs]
+    if not have_peft():
+        print("peft is not installed: skipping the PEFT pairs")
+        pairs = [p for p in pairs if not p[2].startswith("peft")]
+    import glob
+    counts = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "count-*.json"))):
+        with open(f) as fh:
+            counts.append(json.load(fh) | {"file": os.path.basename(f)})
+    res = {"check": "pairs", "device": device, "device_name": device_name(device), "versions": versions(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python bench/efficiency.py pairs " + shlex.join(argv or sys.argv[2:]),
+           "clocks_before": gpu_clocks(), "settings": vars(opts), "pairs": []}
+    dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
+    t0 = time.time()
+    base = build_model(opts.model, device, dtype, opts.seed)
+    base.config.use_cache = False
+    base.requires_grad_(False)
+    g = torch.Generator().manual_seed(opts.seed)
+    ids = torch.randint(0, base.config.vocab_size, (opts.micro_batch_size, opts.seq_len), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    res["build_s"] = time.time() - t0
+    modes = {"off": [False], "on": [True], "both": [False, True]}[opts.grad_ckpt]
+    for ckpt in modes:
+        for pair in pairs:
+            if ckpt not in pair[5]:
+                continue
+            if opts.deadline_s and time.time() - t0 > opts.deadline_s:
+                row = {"pair": pair[0], "row": pair[1], "baseline": pair[2], "grad_ckpt": ckpt,
+                       "error": f"skipped: the {opts.deadline_s:.0f} s are spent"}
+            else:
+                clean_allocator(device)
+                try:
+                    row = run_pair(pair, base, batch, opts.seq_len, ckpt, opts, device, counts)
+                except Exception as e:  # noqa: BLE001 (recorded; the next pair runs)
+                    oom = isinstance(e, torch.cuda.OutOfMemoryError)
+                    row = {"pair": pair[0], "row": pair[1], "baseline": pair[2], "grad_ckpt": ckpt,
+                           "error": "out of memory" if oom else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                           + " at " + " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}"
+                                                  for f in reversed(traceback.extract_tb(e.__traceback__)[-3:]))}
+                    del e
+                clean_allocator(device)
+            res["pairs"].append(row)
+            res["wall_s"] = time.time() - t0
+            write_json(res, opts.out)
+            print(format_pair(row), flush=True)
+    res["clocks_after"] = gpu_clocks()
+    write_json(res, opts.out)
+    print(f"wrote {opts.out} ({time.time() - t0:.0f} s)")
+    return res
+
+
+def format_pair(r):
+    head = f"{r['row']:<16} / {r['baseline']:<15} ckpt {int(bool(r['grad_ckpt']))}"
+    if "error" in r:
+        return f"{head}: {r['error']}"
+    mfu = lambda x: "–" if x["mfu"] is None else f"{100 * x['mfu']:.1f} %"  # noqa: E731
+    target = "" if r["target"] is None else f"  target {r['target']:.2f}× {r['verdict']}"
+    memory = "" if r["memory_ratio"] is None else f"  memory {r['memory_ratio']:.2f}×"
+    return (f"{head}  {r['ratio']:.3f}× [{r['low']:.3f}, {r['high']:.3f}]{target}  {r['a']['median_s'] * 1e3:.1f} / "
+            f"{r['b']['median_s'] * 1e3:.1f} ms ({r['a']['steps']} steps each)  MFU {mfu(r['a'])} / {mfu(r['b'])}{memory}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["pairs"]:
+        pairs_main(sys.argv[2:])
+    else:
+        main()

@@ -137,6 +137,13 @@ class Counter(TorchDispatchMode):
         big = sorted((e for k, e in alive.items() if k not in self.weights), key=lambda e: -e[0])[:n]
         return [{"bytes": b, "shape": list(s), "dtype": d, "op": op, "where": w} for b, s, d, op, w in big]
 
+    def on_model(self, model, batch, targets):
+        """Called by count_row once the model and batch exist (bench/count.py's counter reads their sizes)."""
+
+    def fields(self):
+        """Extra per-row fields read after the measured steps (bench/count.py's counter: kernels, bytes, FLOP)."""
+        return {}
+
     @contextmanager
     def modules(self, model):
         """Name the module (forward) or autograd node (backward) that creates each tensor."""
@@ -159,9 +166,9 @@ class Counter(TorchDispatchMode):
 
 
 @contextmanager
-def counting(fake=True):
-    """(Counter) active over fake tensors (fake=True) or real ones."""
-    counter = Counter()
+def counting(fake=True, counter=None):
+    """(Counter, or `counter`: a subclass instance) active over fake tensors (fake=True) or real ones."""
+    counter = Counter() if counter is None else counter
     with (FakeTensorMode() if fake else nullcontext()), counter:
         yield counter
 
@@ -245,18 +252,21 @@ class Classify(efficiency.Loop):
 
 # ------------------------------------------------------------------------------------------- a row
 
-def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=True, top=10):
+def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=True, top=10, counter=None,
+              foreach=None):
     """One row of efficiency.ROWS, counted on fake tensors; fake=False runs it on real tensors and also
     measures what the efficiency suite measures on CPU (`profiled_*`: torch.profiler's allocator events, which
     include the CPU's kernel scratch) and the bytes autograd saves for backward (`saved_bytes`: outside
-    checkpointed layers, parameters, buffers and batch left out), which is how tests/test_memory.py checks it."""
+    checkpointed layers, parameters, buffers and batch left out), which is how tests/test_memory.py checks it.
+    counter: a Counter subclass instance to count with (bench/count.py); foreach: efficiency.Loop's clip
+    (None: train.py's default)."""
     kind, r, targets, extra, stage, pair = efficiency.ROWS[name]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     args, method, pre, total = efficiency.row_method(name, mbs, "bf16", seed, 2, warmup + steps)
     row = {"row": name, "method": kind, "stage": stage, "r": r, "pair": pair, "model": model_name, "seq_len": seq,
            "micro_batch_size": mbs, "grad_ckpt": ckpt, "dtype": "bf16", "fake": fake}
     t0 = time.time()
-    with counting(fake) as c:
+    with counting(fake, counter) as c:
         model = build_model(model_name, seed, fake=fake)
         if ckpt:
             models.enable_checkpointing(model)
@@ -264,6 +274,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         if r > fits:
             return row | {"error": f"r={r} does not fit this model's smallest target ({fits} features)"}
         batch = make_batch(model, mbs, seq)
+        c.on_model(model, batch, targets)
         if model.config.model_type == "vit":  # tokens = patches + [CLS], fixed by the image size
             row["seq_len"] = (model.config.image_size // model.config.patch_size) ** 2 + 1
         row["base_bytes"] = c.live
@@ -286,6 +297,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         train.to_fp32(model)
         causal = model.config.model_type == "llama"
         loop = (efficiency.Loop if causal else Classify)(model, method, args, batch, ctx, total)
+        loop.foreach = foreach
         with c.modules(model):
             while loop.t < pre or (stage and getattr(method, "stage", stage) != stage):
                 if loop.t > pre + 10:
@@ -308,6 +320,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
         row.update(peak_bytes=c.peak, aux_bytes=c.peak - row["model_bytes"], top=c.top(top),
                    trainable_params=common.count_params(model)[0], method_stage=getattr(method, "stage", None),
                    attention=sorted(c.kernels), placeholders=c.placeholders)
+        row.update(c.fields())
         row.update(efficiency.method_fields(method, kind))
         del loop, model, method, batch, calib
     row["count_s"] = time.time() - t0

@@ -1,0 +1,194 @@
+"""bench/count.py (issue 31): the step counter against hand counts, and the kernel / byte bounds the lean
+adapter paths must keep (our LoRA layer against the plain one; no activation-sized index op in PiLoRA, TASO,
+SPSFT). Fake tensors only: the counts do not depend on the CPU's kernels."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import count  # noqa: E402
+import memory  # noqa: E402
+
+
+def counted(fn, activation=None):
+    """fn() run on fake tensors under a StepCounter that starts counting at the call; its fields."""
+    c = count.StepCounter(activation)
+    with memory.counting(counter=c):
+        setup = fn()
+        c.reset()
+        keep = setup()  # noqa: F841 (alive while the counter closes: what a real caller keeps)
+        c.close_draw()
+        return c.fields(), c.stats.trace
+
+
+# ------------------------------------------------------------------------------- the counter by hand
+
+def test_matmul_flop_and_bytes_by_hand():
+    """(3 × 4) @ (4 × 5) in fp32: one kernel, 3·5 outputs of 4 multiply-adds = 120 FLOP, reads 12 + 20
+    floats, writes 15."""
+    def setup():
+        a, b = torch.randn(3, 4), torch.randn(4, 5)
+        return lambda: a @ b
+    f, trace = counted(setup)
+    assert f["kernels"] == 1 and [t[1] for t in trace] == ["mm"]
+    assert f["flop"] == 2 * 3 * 5 * 4
+    assert f["bytes_read"] == (12 + 20) * 4 and f["bytes_written"] == 15 * 4
+    h = f["roofline"]["H100"]
+    assert h["roofline_ms"] == max(h["flop_ms"], h["bytes_ms"]) and h["kernel_sum_ms"] >= h["roofline_ms"]
+
+
+def test_batched_matmul_and_linear_flop():
+    """bmm of 2 × (3 × 4) @ (4 × 6): 2·2·3·6·4; a Linear 7 → 5 on 3 rows with bias (addmm): 2·3·5·7."""
+    def setup():
+        a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 6)
+        lin, x = nn.Linear(7, 5), torch.randn(3, 7)
+        return lambda: (torch.bmm(a, b), lin(x))
+    f, _ = counted(setup)
+    assert f["flop"] == 2 * 2 * 3 * 6 * 4 + 2 * 3 * 5 * 7
+    assert f["kernels"] == 2
+
+
+def test_views_and_allocations_are_not_kernels():
+    def setup():
+        x = torch.randn(4, 6)
+
+        def run():
+            v = x.t()[1:]
+            w = x.view(2, 12).expand(3, 2, 12)
+            e = torch.empty(100)
+            return v, w, e, x.unsqueeze(0).transpose(1, 2).detach()
+        return run
+    f, trace = counted(setup)
+    assert f["kernels"] == 0 and trace == [] and f["bytes_read"] == f["bytes_written"] == 0
+
+
+def test_in_place_and_copy_bytes():
+    """x.add_(1): reads and writes x once; y.copy_(x): reads x, writes y (its old values are not read);
+    x * x reads x once."""
+    def setup():
+        x, y = torch.randn(10), torch.randn(10)
+
+        def run():
+            x.add_(1)
+            y.copy_(x)
+            return x * x
+        return run
+    f, trace = counted(setup)
+    assert [t[1] for t in trace] == ["add_", "copy_", "mul"]
+    assert [(t[3], t[4]) for t in trace] == [(40, 40), (40, 40), (40, 40)]
+
+
+def test_dropout_is_one_kernel():
+    """nn.Dropout on the CPU dispatches bernoulli_, div_ and mul: one fused kernel (native_dropout on CUDA),
+    reading x and writing the dropped copy and the mask autograd keeps; native_dropout itself is one too."""
+    def setup():
+        x = torch.randn(8, 16, requires_grad=True)
+        drop = nn.Dropout(0.25)
+        return lambda: drop(x)
+    f, trace = counted(setup)
+    assert f["kernels"] == 1 and f["dropout_kernels"] == 1 and trace[0][1] == "dropout (fused)"
+    assert trace[0][3] == 8 * 16 * 4                  # x read once
+    assert trace[0][4] == 2 * 8 * 16 * 4              # the dropped copy and the (fp32) mask kept for backward
+
+    def setup2():
+        x = torch.randn(8, 16)
+        return lambda: torch.native_dropout(x, 0.25, True)
+    f, trace = counted(setup2)
+    assert f["kernels"] == 1 and f["dropout_kernels"] == 1
+    assert trace[0][4] == 8 * 16 * 4 + 8 * 16         # fp32 output + bool mask
+
+
+def test_dropout_then_matmul_is_two_kernels():
+    """The draw ends at the first op that is not its own elementwise application."""
+    def setup():
+        x, w = torch.randn(8, 16), torch.randn(4, 16)
+        return lambda: F.linear(F.dropout(x, 0.5), w)
+    f, trace = counted(setup)
+    assert [t[1] for t in trace] == ["dropout (fused)", "mm"]
+
+
+def test_host_syncs():
+    """.item() and nonzero make the host wait; sum is a kernel, not a sync."""
+    def setup():
+        x = torch.randn(10)
+
+        def run():
+            s = x.sum().item()
+            return s, (x > 0).nonzero()
+        return run
+    f, _ = counted(setup)
+    assert f["host_syncs"] == 2 and f["syncs"] == {"_local_scalar_dense": 1, "nonzero": 1}
+
+
+def test_causal_attention_flop_by_loops():
+    """SDPA forward, causal: each head multiplies q_i·k_j and p_ij·v_j for the pairs j ≤ i, 2 FLOP per
+    multiply-add over d = 4 (q·k) and d_v = 4 (p·v); backward 2.5× the forward (five matmuls to two)."""
+    B, H, T, D = 1, 2, 8, 4
+    pairs = sum(1 for i in range(T) for j in range(T) if j <= i)
+    fwd = B * H * pairs * (2 * D + 2 * D)
+
+    def setup():
+        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+
+        def run():
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o.sum().backward()
+        return run
+    f, _ = counted(setup)
+    assert f["attention_flop"] == fwd + int(2.5 * fwd)
+
+
+def test_index_ops_are_listed_with_activation_size():
+    """An index_select over a (tokens × features) tensor is activation-sized; one over a small factor is not."""
+    def setup():
+        x, a, idx = torch.randn(2, 16, 32), torch.randn(4, 32), torch.arange(0, 32, 4)
+        return lambda: (x.index_select(-1, idx), a.index_select(-1, idx))
+    f, _ = counted(setup, activation=(32, 32, {(32, 32)}))
+    assert f["index_ops"] == 2 and f["activation_index_ops"] == 1
+
+
+# ------------------------------------------------------------------------------- the lean-path bounds
+
+def x_bytes(r):
+    return r["tokens"] * r["in_features"] * 2  # bf16 x
+
+
+def test_lora_layer_no_more_than_plain():
+    """Issue 31: common.LoRALinear's forward + backward (2 × 256 × 512 → 384, r = 8, p = 0.05, bf16 autocast)
+    runs no more kernels and writes no more bytes than the plain layer (nn.Dropout + two F.linear), beyond the
+    one mask redraw that saves its memory: one dropout kernel, writing one x-sized copy and its bool mask."""
+    ours, plain = count.count_layer("lora"), count.count_layer("plain")
+    redraw = x_bytes(ours) + ours["tokens"] * ours["in_features"]
+    assert ours["kernels"] <= plain["kernels"] + 1, (ours["kernels"], plain["kernels"], ours["top_ops"])
+    assert ours["bytes_written"] <= plain["bytes_written"] + redraw, (ours["bytes_written"], plain["bytes_written"])
+
+
+@pytest.mark.parametrize("kind", ["pilora", "taso", "spsft"])
+def test_compact_layers_index_no_activation(kind):
+    """Issue 31: PiLoRA stage 2, TASO and SPSFT compute their compact blocks without an index op on a
+    (tokens × features) tensor (weight space: zero-padded factors built from the blocks)."""
+    r = count.count_layer(kind)
+    bad = [i for i in r["index_op_list"] if i["activation"]]
+    assert not bad, bad
+
+
+def test_count_row_small_shape(tmp_path):
+    """A whole step of a row: the phases add up, matmul FLOP include the frozen GEMMs' forward
+    (2 · tokens · weights at least), the loop's loss read is one host sync; the CLI writes the JSON."""
+    out = tmp_path / "count.json"
+    res = count.main(["--model", "llama-h128-l2-v512", "--seq_len", "32", "--grad_ckpt", "off", "--rows", "lora-r8",
+                      "--json", str(out)])
+    row = res["rows"][0]
+    assert "error" not in row, row
+    assert sum(row["kernels_by_phase"].values()) == row["kernels"] > 0
+    linear = 2 * (4 * 128 * 128 + 3 * 128 * 512) + 512 * 128  # 2 layers (q k v o, gate up down) + lm_head
+    assert row["flop_by_phase"]["forward"] >= 2 * 32 * linear
+    assert row["syncs"].get("_local_scalar_dense") == 1
+    assert json.loads(out.read_text())["rows"][0]["kernels"] == row["kernels"]
