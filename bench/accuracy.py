@@ -49,8 +49,10 @@ Runs are cached twice, by their train.py argument list: in the output JSON ("cac
 a sweep continued on another machine skips what any earlier sitting finished; the JSON is rewritten after
 every finished run) and under --runs_dir (result.json skipped; an unfinished run resumes from its
 checkpoint, --resume, bit-exact). The JSON in bench/results/ holds the command, versions, machine, every
-run's summary fields and per-row mean ± std; a row's difference to lora-r8 smaller than the larger of the
-two stds is a tie, not a win.
+run's summary fields, per-row mean ± std, each dev-set run's per-example predictions ("dev_pred", in the cache;
+the labels once, "dev_gold") and the paired comparisons ("paired"): each row against lora-r8, an ablation also
+against its own method (COMPARE_WITH), by seed (a t-interval) and by dev example (a bootstrap); *better* /
+*worse* only where the 95 % intervals exclude 0, otherwise *no difference shown* (compare()).
 """
 import argparse
 import collections
@@ -126,7 +128,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     if REFERENCE not in args.rows:
-        print(f"note: {REFERENCE} is not among --rows; ratios and ties need it and are left empty")
+        print(f"note: {REFERENCE} is not among --rows; ratios and verdicts need it and are left empty")
     if any(f <= 0 for f in args.lr_grid) or not 0 < args.val_frac < 1 or args.lr_extend < 0:
         p.error("--lr_grid factors must be > 0, --val_frac in (0, 1) and --lr_extend >= 0")
     args.passthrough = passthrough
@@ -368,16 +370,131 @@ def mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def verdict(row, ref, higher_is_better=True):
-    """'tie' when |mean_row − mean_ref| < max(std_row, std_ref), else 'better' / 'worse' than ref;
-    None when either side has fewer than two seeds (no spread to compare with)."""
-    (m, s), (m0, s0) = row, ref
-    if m is None or m0 is None or s is None or s0 is None:
+# The paired verdict (issue 34). Every row runs the reference's seeds with the same data order and the same dev
+# set, so a row and the row it is compared with are paired twice: by seed and by dev example.
+# - t over seeds: the per-seed differences d_s = m(row, s) − m(against, s) of the primary metric, their mean and
+#   mean ± t_{0.975, n−1} · sd(d) / √n (the spread of training randomness, on this one dev set);
+# - the paired bootstrap over dev examples (accuracy, Matthews, Pearson; the runs' per-example predictions): each of
+#   N_BOOT replicates draws one multiset of dev examples (n with replacement) and scores both rows of every seed on
+#   it; the replicate's value is the mean over seeds of the differences; the interval is its 2.5 and 97.5
+#   percentiles (the spread of the dev sample). One draw serves every seed because the seeds share one dev set
+#   (an independent draw per seed would shrink that spread by the number of seeds).
+# *better* / *worse* only when every interval there is excludes 0 on the same side; otherwise *no difference shown*.
+COMPARE_WITH = {"g2r2-random": "g2r2-pf0.2", "pilora-random": "pilora", "taso-random": "taso",
+                "pilora-equal": "pilora"}  # a row's own method (an ablation's, PiLoRA's at LoRA's step count)
+BOOT_METRICS = ("accuracy", "matthews", "pearson")
+N_BOOT = 2000
+
+
+def t_interval(diffs, level=0.95):
+    """(mean, low, high) of the mean of paired differences: Student t with n − 1 degrees of freedom;
+    (mean, None, None) for fewer than two."""
+    from scipy import stats
+    d = [float(x) for x in diffs]
+    if not d:
+        return None, None, None
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return m, None, None
+    h = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5
+    return m, m - h, m + h
+
+
+def weighted_metric(metric, weights, pred, gold):
+    """The metric of every bootstrap replicate at once: weights (B, n) counts of each dev example in the
+    replicate (each row sums to n), pred / gold (n,). Accuracy; Matthews in Gorodkin's form (any number of
+    classes; 0 when undefined, as evaluate.matthews); Pearson (0 when a side is constant, as evaluate.pearson)."""
+    import numpy as np
+    w = np.asarray(weights, dtype=np.float64)
+    p, g = np.asarray(pred), np.asarray(gold)
+    s = w.sum(1)
+    if metric == "accuracy":
+        return w @ (p == g).astype(np.float64) / s
+    if metric == "matthews":
+        classes = np.union1d(p, g)
+        pk = w @ (p[:, None] == classes[None]).astype(np.float64)  # (B, K)
+        tk = w @ (g[:, None] == classes[None]).astype(np.float64)
+        c = w @ (p == g).astype(np.float64)
+        cov = c * s - (pk * tk).sum(1)
+        den = (s * s - (pk * pk).sum(1)) * (s * s - (tk * tk).sum(1))
+        return np.where(den > 0, cov / np.sqrt(np.where(den > 0, den, 1.0)), 0.0)
+    if metric == "pearson":
+        x, y = p.astype(np.float64), g.astype(np.float64)
+        mx, my = (w @ x) / s, (w @ y) / s
+        sxy = w @ (x * y) - s * mx * my
+        sxx, syy = w @ (x * x) - s * mx * mx, w @ (y * y) - s * my * my
+        ok = (sxx > 1e-12 * (w @ (x * x))) & (syy > 1e-12 * (w @ (y * y)))
+        return np.where(ok, sxy / np.sqrt(np.where(ok, sxx * syy, 1.0)), 0.0)
+    raise ValueError(f"no bootstrap for metric {metric!r}; one of {BOOT_METRICS}")
+
+
+def bootstrap_interval(metric, preds, preds_against, gold, n_boot=N_BOOT, level=0.95, seed=0):
+    """(low, high) of the paired bootstrap over dev examples, pooled over seeds: preds / preds_against are
+    lists (one per seed, in the same seed order) of per-example predictions on the dev set whose labels are
+    `gold`; each replicate draws one resample of the examples for every seed and both sides."""
+    import numpy as np
+    n = len(gold)
+    w = np.random.default_rng(seed).multinomial(n, [1.0 / n] * n, size=n_boot)  # (B, n) counts
+    diff = np.mean([weighted_metric(metric, w, a, gold) - weighted_metric(metric, w, b, gold)
+                    for a, b in zip(preds, preds_against)], axis=0)
+    lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_verdict(intervals, higher_is_better=True):
+    """'better' / 'worse' when every (low, high) interval excludes 0 on the same side, else 'no difference
+    shown'; None when there is no interval."""
+    intervals = [iv for iv in intervals if iv is not None and None not in iv]
+    if not intervals:
         return None
-    diff = m - m0
-    if abs(diff) < max(s, s0):
-        return "tie"
-    return "better" if (diff > 0) == higher_is_better else "worse"
+    if all(lo > 0 for lo, _ in intervals):
+        return "better" if higher_is_better else "worse"
+    if all(hi < 0 for _, hi in intervals):
+        return "worse" if higher_is_better else "better"
+    return "no difference shown"
+
+
+def compare(run, name, against=None):
+    """The paired comparison of row `name` with `against` (default the reference) on a sweep JSON's primary
+    metric: {"against", "metric", "seeds", "diff", "t", "boot", "boot_missing", "verdict"}; "boot" is None
+    (and "boot_missing" says why) where the metric has no bootstrap or a run has no per-example predictions.
+    None when either row has no runs on a shared seed."""
+    against = against or run.get("reference")
+    rows, metric = run.get("rows", {}), run.get("primary_metric")
+    if name not in rows or against not in rows or not metric:
+        return None
+    mine = {r["seed"]: r for r in rows[name]["runs"]}
+    theirs = {r["seed"]: r for r in rows[against]["runs"]}
+    seeds = [s for s in mine if s in theirs]
+    score = lambda r: flat(r["metrics"].get("after", {})).get(metric)  # noqa: E731
+    pairs = [(s, score(mine[s]), score(theirs[s])) for s in seeds]
+    pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return None
+    diff, lo, hi = t_interval([a - b for _, a, b in pairs])
+    higher = metric.rsplit(".", 1)[-1] not in LOWER_IS_BETTER
+    out = {"against": against, "metric": metric, "seeds": [s for s, _, _ in pairs], "diff": diff,
+           "t": None if lo is None else [lo, hi], "boot": None, "boot_missing": None}
+    cache, gold = run.get("cache", {}), run.get("dev_gold")
+    pred = lambda r: cache.get(run_key(r.get("argv", [])), {}).get("dev_pred")  # noqa: E731
+    if metric not in BOOT_METRICS:
+        out["boot_missing"] = f"no bootstrap for {metric}"
+    elif not gold or any(pred(mine[s]) is None or pred(theirs[s]) is None for s, _, _ in pairs):
+        out["boot_missing"] = "runs without per-example predictions"
+    else:
+        out["boot"] = list(bootstrap_interval(metric, [unpack(pred(mine[s])) for s, _, _ in pairs],
+                                              [unpack(pred(theirs[s])) for s, _, _ in pairs], unpack(gold)))
+    out["verdict"] = paired_verdict([out["t"], out["boot"]], higher) if out["t"] else None
+    return out
+
+
+def comparisons(run):
+    """{row: [compare vs the reference, compare vs its own method (COMPARE_WITH)]} of a sweep JSON."""
+    out = {}
+    for name in run.get("rows", {}):
+        targets = [t for t in (run.get("reference"), COMPARE_WITH.get(name)) if t and t != name]
+        out[name] = [c for c in (compare(run, name, t) for t in targets) if c]
+    return out
 
 
 def primary_metric(names):
@@ -411,15 +528,11 @@ def _ratio(a, b):
 
 
 def summarize(rows):
-    """Add stats and verdicts (vs REFERENCE, on every metric after training) to {row: {"runs": [...]}}."""
+    """Add stats (per-row means ± stds and ratios to REFERENCE) to {row: {"runs": [...]}}; the verdicts are
+    paired comparisons of the whole sweep (comparisons)."""
     ref_runs = rows.get(REFERENCE, {}).get("runs")
     for name, row in rows.items():
         row["stats"] = row_stats(row["runs"], ref_runs)
-    if ref_runs:
-        ref = rows[REFERENCE]["stats"]["after"]
-        for name, row in rows.items():
-            row["verdict"] = {m: verdict(v, ref[m], m.rsplit(".", 1)[-1] not in LOWER_IS_BETTER)
-                              for m, v in row["stats"]["after"].items() if m in ref and name != REFERENCE}
     return rows
 
 
@@ -544,6 +657,7 @@ def main(argv=None):
         if out["primary_metric"] and "constant" not in out["trivial"]:
             out["trivial"] = {"constant": constant_score(args.data, out["primary_metric"])}
         out["budget"] = budget_rule(out)
+        out["paired"] = comparisons(out)
         train.write_json(out, path)
 
     def run(name, seed, argv_run):

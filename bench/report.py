@@ -428,33 +428,61 @@ def lr_cell(run, name):
     return lr.group(1) + (" × 0.2" if name.startswith("spsft") else "") if lr else "–"
 
 
+def interval(iv):
+    return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+
+
+def paired_cell(c, ok=True):
+    """A paired comparison (accuracy.compare) as the verdict and the intervals it comes from: 'worse −0.013
+    (t [−0.024, −0.001]; bootstrap [−0.020, −0.006])'; '–' where the budget rule fails."""
+    if c is None or not ok:
+        return "–"
+    if c["t"] is None:
+        return f"{c['diff']:+.3f} (1 seed: no interval, no verdict)"
+    v = c["verdict"]
+    boot = f"; bootstrap {interval(c['boot'])}" if c["boot"] else ""
+    return f"{f'**{v}**' if v in ('better', 'worse') else v} {c['diff']:+.3f} (t {interval(c['t'])}{boot})"
+
+
 def accuracy_table(run):
-    """One markdown table of an accuracy JSON: rows × (learning rate, primary before / after, other metrics
-    after, verdict vs the reference, parameters, ratios, step time ratio, wall), a `trivial` row first;
-    verdicts only where the budget rule passes."""
+    """One markdown table of an accuracy JSON: rows × (learning rate, primary before / after, the paired verdict
+    vs the reference and, for an ablation, vs its own method, other metrics after, parameters, ratios, step time
+    ratio, optimizer steps and their ratio, wall), a `trivial` row first; verdicts only where the budget rule
+    passes."""
+    import accuracy
     rows, ref, pmet = run["rows"], run["reference"], run["primary_metric"]
     ok = budget(run)["ok"]
+    paired = accuracy.comparisons(run)
+    own = any(accuracy.COMPARE_WITH.get(n) in rows for n in rows)
     others = sorted({m for r in rows.values() for m in r["stats"]["after"] if m != pmet})
-    head = ["row", "lr", "seeds", f"{pmet} before", f"{pmet} after", f"vs {ref}"] + [f"{m} after" for m in others] + \
-           ["trainable start → end", f"× {ref} (end)", f"adapter × {ref}", f"step time × {ref}", "steps", "wall / run"]
+    head = ["row", "lr", "seeds", f"{pmet} before", f"{pmet} after", f"vs {ref} (paired, 95 %)"] + \
+           (["vs its own method (paired, 95 %)"] if own else []) + [f"{m} after" for m in others] + \
+           ["trainable start → end", f"× {ref} (end)", f"adapter × {ref}", f"step time × {ref}", "steps",
+            f"steps × {ref}", "wall / run"]
     b = budget(run)
     body = [["`trivial`", "–", "–", pm((b["untuned"], None)) + " (untuned)",
              ("–" if b["constant"] is None else f"{b['constant']:.3f}") + " (constant)", "–"]
             + ["–"] * (len(head) - 6)]
+    ref_steps = rows.get(ref, {}).get("stats", {}).get("steps")
     for name, r in rows.items():
-        st, v = r["stats"], r.get("verdict", {}).get(pmet)
+        st = r["stats"]
         if not r["runs"]:
             body.append([f"`{name}`", lr_cell(run, name), "0", "pending"] + [""] * (len(head) - 4))
             continue
+        cs = {c["against"]: c for c in paired.get(name, [])}
+        mine = accuracy.COMPARE_WITH.get(name)
         body.append([f"`{name}`", lr_cell(run, name), str(len(r["runs"])), pm(st["before"].get(pmet)),
-                     pm(st["after"].get(pmet)),
-                     "(reference)" if name == ref else ("–" if not ok else v or "– (1 seed)")]
+                     pm(st["after"].get(pmet)), "(reference)" if name == ref else paired_cell(cs.get(ref), ok)]
+                    + ([f"`{mine}`: {paired_cell(cs.get(mine), ok)}" if mine in cs else "–"] if own else [])
                     + [pm(st["after"].get(m)) for m in others]
                     + [f"{count(st.get('trainable_params_start'))} → {count(st.get('trainable_params_end'))}",
                        fx(st.get("trainable_params_end_ratio")), fx(st.get("adapter_params_end_ratio")),
-                       fx(st.get("step_time_ratio")), count(st.get("steps")),
+                       fx(st.get("step_time_ratio")), count(st.get("steps")), fx(ratio(st.get("steps"), ref_steps)),
                        "–" if st.get("wall_s") is None else f"{st['wall_s']:.0f} s"])
-    return [budget_line(run), ""] + table(head, body)
+    notes = sorted({c["boot_missing"] for cs in paired.values() for c in cs if c["boot_missing"]})
+    missing = ([f"No bootstrap over dev examples where a side lacks it ({'; '.join(notes)}): those verdicts rest "
+                "on the t-interval over seeds alone."] if notes and ok else [])
+    return [budget_line(run), ""] + table(head, body) + ([""] + missing if missing else [])
 
 
 def lr_table(run):
@@ -543,8 +571,15 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
              "(committed beside it, with every finished run's summary: a sweep continues where it stopped). Each row "
              "is one method with its paper's own settings (the rules are in `bench/accuracy.py`'s docstring), "
              "trained through `train.main` with the same data order and evaluation as every other row, at its own "
-             "learning rate where the table says so. Cells are mean ± std (sample std) over the seeds; a difference "
-             "to the reference smaller than the larger of the two stds is a **tie**. **Budget rule**: a table ranks "
+             "learning rate where the table says so. Cells are mean ± std (sample std) over the seeds. **Verdicts are "
+             "paired** (`bench/accuracy.py` `compare`): every row runs the reference's seeds on the same data order and "
+             "dev set, so the primary metric's difference is taken seed by seed: its mean, a 95 % t-interval over the "
+             "seeds (`t`) and, where both sides kept their per-example dev predictions, a 95 % paired bootstrap over dev "
+             "examples (2,000 resamples, one resample shared by every seed and both rows; the mean over seeds of the "
+             "differences). A row is **better** / **worse** only when every interval shown excludes 0 on the same side; "
+             "otherwise *no difference shown* (not a tie: the interval says how large a difference the data leave "
+             "open). An ablation is also compared with its own method (random vs importance), `pilora-equal` with "
+             "`pilora`. With 3 seeds the t-interval is wide (t₀.₉₇₅,₂ = 4.30). **Budget rule**: a table ranks "
              "the methods only if the reference beats the better `trivial` predictor (the untuned model, or a "
              "constant: the training set's majority class; a constant scores Matthews 0 and Pearson 0) by 10 "
              "accuracy points, Matthews +0.2 or Pearson +0.3; otherwise it says so and gives no verdicts. `× ref` columns "

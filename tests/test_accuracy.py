@@ -53,7 +53,8 @@ def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     ref_end = [r["trainable_params_end"] for r in saved["rows"]["lora-r8"]["runs"]]
     g_end = [r["trainable_params_end"] for r in saved["rows"]["g2r2-pf0.2"]["runs"]]
     assert saved["rows"]["g2r2-pf0.2"]["stats"]["trainable_params_end_ratio"] == pytest.approx(sum(g_end) / sum(ref_end))
-    assert "accuracy" in saved["rows"]["g2r2-pf0.2"]["verdict"]
+    c = saved["paired"]["g2r2-pf0.2"][0]  # 2 seeds paired with the reference, both sides with predictions
+    assert c["against"] == "lora-r8" and c["seeds"] == [0, 1] and c["t"] and c["boot"] and c["verdict"]
     # every dev-set run keeps its per-example predictions; the JSON keeps the dev labels once, read from dev.tsv
     gold = [int(ln.rsplit("\t", 1)[1]) for ln in open(os.path.join(data, "dev.tsv")).read().splitlines()[1:]]
     assert accuracy.unpack(saved["dev_gold"]) == gold
@@ -95,16 +96,129 @@ def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     assert r1["trainable_params_end"] == r0["trainable_params_end"]
 
 
-def test_mean_std_and_tie_rule_by_hand():
+def test_mean_std_by_hand():
     m, s = accuracy.mean_std([0.8, 0.9, 0.7])
     assert m == pytest.approx(0.8) and s == pytest.approx(0.1)  # sample std: sqrt((0.01 + 0.01) / 2)
     assert accuracy.mean_std([0.5]) == (0.5, None)
-    ref = (0.80, 0.10)
-    assert accuracy.verdict((0.85, 0.02), ref) == "tie"        # 0.05 < max(0.02, 0.10)
-    assert accuracy.verdict((0.95, 0.02), ref) == "better"     # 0.15 ≥ 0.10
-    assert accuracy.verdict((0.59, 0.20), ref) == "worse"      # 0.21 ≥ 0.20
-    assert accuracy.verdict((1.5, 0.1), (2.0, 0.1), higher_is_better=False) == "better"  # a loss
-    assert accuracy.verdict((0.9, None), ref) is None          # one seed: no spread, no verdict
+
+
+# ----------------------------------------------------------------------------- issue 34: paired verdicts
+
+def test_t_interval_by_hand():
+    # d = 0.01, 0.02, 0.03: mean 0.02, sd 0.01, se 0.01 / √3 = 0.0057735; t(0.975, 2 df) = 4.302653 (printed tables)
+    m, lo, hi = accuracy.t_interval([0.01, 0.02, 0.03])
+    half = 4.302653 * 0.01 / 3 ** 0.5  # 0.024841
+    assert m == pytest.approx(0.02) and lo == pytest.approx(0.02 - half, abs=1e-6) and hi == pytest.approx(0.02 + half, abs=1e-6)
+    assert (lo, hi) == pytest.approx((-0.004841, 0.044841), abs=1e-6)
+    # 5 differences: t(0.975, 4) = 2.776445
+    d = [0.5, -0.1, 0.3, 0.2, 0.1]  # mean 0.2, sd sqrt(0.2 / 4) = 0.223607
+    assert accuracy.t_interval(d)[2] == pytest.approx(0.2 + 2.776445 * 0.223607 / 5 ** 0.5, abs=1e-5)
+    assert accuracy.t_interval([0.3]) == (0.3, None, None)
+
+
+def test_weighted_metric_equals_the_metric_of_an_explicit_resample():
+    """One bootstrap replicate as counts == evaluate.py's metric on the resampled lists (its own loops)."""
+    import evaluate
+    import numpy as np
+    rng = random.Random(1)
+    n = 60
+    idx = [rng.randrange(n) for _ in range(n)]  # one resample, with replacement
+    w = np.bincount(idx, minlength=n)[None]
+    pred3, gold3 = [rng.randrange(3) for _ in range(n)], [rng.randrange(3) for _ in range(n)]
+    x, y = [rng.gauss(0, 1) for _ in range(n)], [rng.gauss(0, 1) for _ in range(n)]
+    y = [a + b for a, b in zip(x, y)]  # correlated
+    pick = lambda v: [v[i] for i in idx]  # noqa: E731
+    assert accuracy.weighted_metric("accuracy", w, pred3, gold3)[0] == pytest.approx(evaluate.accuracy(pick(pred3), pick(gold3)))
+    assert accuracy.weighted_metric("matthews", w, pred3, gold3)[0] == pytest.approx(evaluate.matthews(pick(pred3), pick(gold3)))
+    p2, g2 = [v % 2 for v in pred3], [v % 2 for v in gold3]
+    assert accuracy.weighted_metric("matthews", w, p2, g2)[0] == pytest.approx(evaluate.matthews(pick(p2), pick(g2)))
+    assert accuracy.weighted_metric("pearson", w, x, y)[0] == pytest.approx(evaluate.pearson(pick(x), pick(y)))
+    assert accuracy.weighted_metric("matthews", w, [1] * n, g2)[0] == 0.0  # undefined (a constant): 0, as evaluate
+    assert accuracy.weighted_metric("pearson", w, [2.0] * n, y)[0] == 0.0
+
+
+def test_bootstrap_width_matches_the_paired_standard_error():
+    """Accuracy of one seed: the paired bootstrap's 95 % interval ≈ mean ± 1.96 · sd(d_i) / √n, d_i the per-example
+    difference of correctness (the normal approximation, computed here by hand)."""
+    rng = random.Random(2)
+    n = 800
+    gold = [rng.randrange(2) for _ in range(n)]
+    ref = [g if rng.random() < 0.75 else 1 - g for g in gold]
+    row = [g if rng.random() < 0.80 else 1 - g for g in gold]
+    d = [(a == g) - (b == g) for a, b, g in zip(row, ref, gold)]
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n ** 0.5
+    lo, hi = accuracy.bootstrap_interval("accuracy", [row], [ref], gold)
+    assert (lo + hi) / 2 == pytest.approx(mean, abs=0.25 * se)
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.1)
+    assert accuracy.bootstrap_interval("accuracy", [ref], [ref], gold) == (0.0, 0.0)
+
+
+def paired_run(preds, gold, metric="accuracy"):
+    """A sweep JSON by hand: rows {name: [per-seed predictions]}, scored with evaluate.py's metric; the cache holds
+    each run's predictions (keyed by its argv, as accuracy.main writes it)."""
+    import evaluate
+    rows, cache = {}, {}
+    for name, per_seed in preds.items():
+        runs = []
+        for seed, p in enumerate(per_seed):
+            argv = ["--row", name, "--seed", str(seed)]
+            score = getattr(evaluate, metric)(p, gold)
+            runs.append({"seed": seed, "argv": argv, "metrics": {"after": {metric: score}}})
+            if p is not None:
+                cache[accuracy.run_key(argv)] = {"dev_pred": accuracy.pack(p)}
+        rows[name] = {"runs": runs}
+    return {"reference": "lora-r8", "primary_metric": metric, "rows": rows, "cache": cache,
+            "dev_gold": accuracy.pack(gold)}
+
+
+def fixed(gold, correct_idx):
+    """Predictions right exactly on the examples in correct_idx."""
+    return [g if i in correct_idx else 1 - g for i, g in enumerate(gold)]
+
+
+def test_paired_verdicts_on_hand_made_runs():
+    rng = random.Random(3)
+    n = 400
+    gold = [rng.randrange(2) for _ in range(n)]
+    base = [set(rng.sample(range(n), 300)) for _ in range(3)]  # the reference: 300 of 400 right, per seed
+    ref = [fixed(gold, b) for b in base]
+    wrong = [sorted(set(range(n)) - b) for b in base]
+    better = [fixed(gold, b | set(w[:40])) for b, w in zip(base, wrong)]  # +40 examples right in every seed: +0.10
+    worse = [fixed(gold, set(sorted(b)[40:])) for b in base]  # 40 fewer: −0.10
+    run = paired_run({"lora-r8": ref, "same": [list(p) for p in ref], "taso": better, "taso-random": worse}, gold)
+
+    same = accuracy.compare(run, "same")  # identical runs: an interval around 0, no verdict
+    assert same["diff"] == 0 and same["t"] == [0, 0] and same["boot"] == [0, 0]
+    assert same["verdict"] == "no difference shown"
+    up = accuracy.compare(run, "taso")  # a constant shift: the right sign
+    assert up["diff"] == pytest.approx(0.10) and up["boot"][0] > 0 and up["verdict"] == "better"
+    down = accuracy.compare(run, "taso-random")
+    assert down["diff"] == pytest.approx(-0.10) and down["boot"][1] < 0 and down["verdict"] == "worse"
+    # an ablation is also compared with its own method: taso-random vs taso is −0.20
+    c = accuracy.comparisons(run)["taso-random"]
+    assert [x["against"] for x in c] == ["lora-r8", "taso"] and c[1]["diff"] == pytest.approx(-0.20)
+    assert c[1]["verdict"] == "worse"
+    assert [x["against"] for x in accuracy.comparisons(run)["lora-r8"]] == []
+
+    # 12 examples gained and 10 (or 9) lost per seed: the seeds agree on a small gain (t excludes 0), the dev
+    # sample does not settle it (22 discordant examples a seed)
+    tiny = [fixed(gold, (b - set(sorted(b)[:k])) | set(w[:12])) for b, w, k in zip(base, wrong, (10, 10, 9))]
+    run = paired_run({"lora-r8": ref, "g2r2-pf0.7": tiny}, gold)
+    c = accuracy.compare(run, "g2r2-pf0.7")
+    assert c["t"][0] > 0 and c["boot"][0] <= 0 and c["verdict"] == "no difference shown"
+    assert accuracy.paired_verdict([c["t"]]) == "better"  # the t-interval alone would have said so
+
+    # runs without predictions: the t-interval alone, and the JSON says why
+    run = paired_run({"lora-r8": ref, "taso": better}, gold)
+    del run["cache"][accuracy.run_key(["--row", "taso", "--seed", "1"])]
+    c = accuracy.compare(run, "taso")
+    assert c["boot"] is None and "predictions" in c["boot_missing"] and c["verdict"] == "better"
+    # one seed: no interval, no verdict; a loss is better when lower
+    one = paired_run({"lora-r8": ref[:1], "taso": better[:1]}, gold)
+    assert accuracy.compare(one, "taso")["verdict"] is None
+    assert accuracy.paired_verdict([(-0.3, -0.1)], higher_is_better=False) == "better"
+    assert accuracy.paired_verdict([(0.1, 0.3), (-0.1, 0.3)]) == "no difference shown"
 
 
 def test_spsft_rows_match_lora_r8_by_hand():
@@ -127,11 +241,11 @@ def test_flat_keeps_numeric_leaves_only():
 
 def hand_run(ref_after, before, constant, metric="pearson"):
     """A sweep JSON by hand: lora-r8 (reference) and taso, 3 seeds each, taso clearly above the reference."""
-    def row(after):
-        return {"runs": [{"seed": s} for s in range(3)],
-                "stats": {"before": {metric: (before, 0.01)}, "after": {metric: (after, 0.01)}}}
-    rows = {"lora-r8": row(ref_after), "taso": row(ref_after + 0.1)}
-    rows["taso"]["verdict"] = {metric: "better"}
+    def row(after, name):
+        runs = [{"seed": s, "argv": [name, str(s)], "metrics": {"after": {metric: after + (s - 1) * 0.01}}}
+                for s in range(3)]
+        return {"runs": runs, "stats": {"before": {metric: (before, 0.01)}, "after": {metric: (after, 0.01)}}}
+    rows = {"lora-r8": row(ref_after, "lora-r8"), "taso": row(ref_after + 0.1, "taso")}  # +0.1 in every seed
     return {"command": "python bench/accuracy.py ...", "model": "m", "data": "d/STS-B", "seeds": [0, 1, 2],
             "reference": "lora-r8", "primary_metric": metric, "base_argv": ["--epochs", "3", "--lr", "0.001"],
             "fills": {}, "date": "2026-12-04", "machine": {"device": "cpu", "cpu_count": 2},
@@ -166,7 +280,8 @@ def test_budget_rule_on_hand_made_jsons():
     assert "budget too small to rank the methods" in text.lower() and "`trivial`" in text
     assert "better" not in text.replace("the better trivial", "") and "worse" not in text and "| tie" not in text
     above = "\n".join(report.accuracy_table(hand_run(0.95, 0.50, 0.68, "accuracy")))
-    assert "budget too small" not in above.lower() and "| better |" in above
+    assert "budget too small" not in above.lower() and "| **better** +0.100 (t [+0.100, +0.100]) |" in above
+    assert "rest on the t-interval over seeds alone" in above  # the hand-made runs kept no predictions
 
 
 def test_carve_holds_out_part_of_train_only(tmp_path):
