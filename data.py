@@ -69,10 +69,10 @@ def read_records(path) -> list:
         return [r for f in files for r in read_records(f)]
     check_local(path, DATA_EXTS)
     if p.suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            records = [json_value(line, path, i + 1) for i, line in enumerate(f) if line.strip()]
+        lines = utf8_text(p).split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
+        records = [json_value(line, path, i + 1) for i, line in enumerate(lines) if line.strip()]
     elif p.suffix == ".json":
-        records = json_value(p.read_text(encoding="utf-8"), path)
+        records = json_value(utf8_text(p), path)
         if not isinstance(records, list):
             raise UserError(f"{path} holds a JSON {type(records).__name__}, not a list of records; "
                             "write [{\"instruction\": ..., \"output\": ...}, ...] or use .jsonl")
@@ -104,7 +104,22 @@ def check_records(records, path=None):
             kind = "null" if r[bad] is None else type(r[bad]).__name__
             raise UserError(f"{where}record {i}'s {bad} is not a string (a JSON {kind}); "
                             "write every instruction, input and output as a JSON string")
+        bad = next((k for k in ("instruction", "input", "output") if not is_text(r.get(k) or "")), None)
+        if bad:
+            raise UserError(f"{where}record {i}'s {bad} holds a lone surrogate escape (e.g. \\ud800), not text; "
+                            "fix that record (write the character itself, or a valid pair of escapes)")
     return records
+
+
+def utf8_text(path):
+    """The text of a file, or a UserError naming the line and byte where it stops being UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); save the file "
+                        "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def json_value(text, path, line=None):
@@ -126,10 +141,26 @@ def check_local(source, exts):
         raise UserError(f"{s}: no such file or folder; check the path (it is relative to {os.getcwd()})")
 
 
+def datasets_cache():
+    """The folder `datasets` caches every table it reads in, made now: a HOME that cannot be written is
+    one UserError naming the variable to set, not a traceback from inside load_dataset."""
+    import datasets.config
+    d = datasets.config.HF_DATASETS_CACHE
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f".write-test-{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(d, f".write-test-{os.getpid()}"))
+    except OSError as e:
+        raise UserError(f"the datasets cache {d} cannot be written ({e.strerror or e}); set HF_HOME (or "
+                        "HF_DATASETS_CACHE) to a folder you can write, e.g. HF_HOME=/tmp/hf") from None
+
+
 def hub(name, *args, **kw):
     """datasets.load_dataset(name, ...) of a hub dataset, or a UserError when it cannot be loaded."""
     from datasets import load_dataset
     from datasets.exceptions import DatasetsError
+    datasets_cache()
     try:
         return load_dataset(str(name), *args, **kw)
     except (OSError, DatasetsError) as e:  # not found, offline, gated
@@ -195,10 +226,12 @@ DATA_EXTS = (".tsv", ".csv", ".json", ".jsonl")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def load_classification(source, split, tokenizer, max_len):
+def load_classification(source, split, tokenizer, max_len, space=None):
     """(examples [{"input_ids", "labels"}], info) for a hub name, a local GLUE directory or a file
     (a file is one split: `split` is not used). Sentence pairs are encoded as tokenizer(a, b);
-    labels are ints, or floats for regression."""
+    labels are ints, or floats for regression. `space` (the training split's info) maps this split's
+    labels through the training split's classes, so a class means the same in every split; without it
+    the classes come from this split (label_space)."""
     path = Path(source)
     check_local(source, DATA_EXTS)
     if path.exists():
@@ -208,6 +241,9 @@ def load_classification(source, split, tokenizer, max_len):
             print(f"warning: {source} is one file, so it is also the evaluation set (metrics on training "
                   "examples); for held-out metrics pass a folder with train and dev files", file=sys.stderr)
         ds, names = read_table(file, task), GLUE.get(task)
+        first = 1 if task == "cola" and file.stem != "test" else 2  # the line of row 0 (after a header)
+        where = (lambda i: f"{file} record {i}") if file.suffix == ".json" else \
+            (lambda i: f"{file} line {i + 1}") if file.suffix == ".jsonl" else (lambda i: f"{file} line {i + first}")
     else:
         name, _, config = str(source).partition(":")  # "name:config", or "glue/<task>"
         if name.rpartition("/")[0] in ("glue", "nyu-mll/glue"):
@@ -216,25 +252,105 @@ def load_classification(source, split, tokenizer, max_len):
         ds = hub(name, config or None, split=hub_split(split, task))
         feature = next((ds.features[c] for c in LABEL_COLUMNS if c in ds.features), None)
         names = getattr(feature, "names", None)  # a ClassLabel's names
+        where = lambda i: f"{source} ({split}) row {i}"  # noqa: E731
     texts, label_col = find_columns(ds.column_names, source)
     raw = list(ds[label_col])
-    regression = task == "stsb" or (names is None and any(isinstance(v, float) and not v.is_integer()
-                                                          for v in raw))
-    if regression:
-        labels, names = [float(v) for v in raw], None
-    else:
-        if names is None and any(isinstance(v, str) and not v.lstrip("-").isdigit() for v in raw):
-            names = sorted({str(v) for v in raw})  # string labels of a generic file
-        labels = [to_class(v, names, source) for v in raw]
-        if any(y < 0 for y in labels):
-            raise UserError(f"split {split!r} of {source} has no labels (GLUE test splits are "
-                            "unlabelled); use train or validation")
+    check_cells(raw, label_col, where, split)
+    info = space or label_space(raw, task, names, label_col, where)
+    labels = [to_label(v, info, label_col, where(i)) for i, v in enumerate(raw)]
     columns = [[str(t) for t in ds[c]] for c in texts]
+    for c, col in zip(texts, columns):
+        bad = next((i for i, t in enumerate(col) if not is_text(t)), None)
+        if bad is not None:
+            raise UserError(f"{where(bad)}: {c} holds a lone surrogate escape (e.g. \\ud800), not text; "
+                            "fix that cell (write the character itself, or a valid pair of escapes)")
     enc = tokenizer(*columns, truncation=True, max_length=max_len)["input_ids"]
     examples = [{"input_ids": ids, "labels": y} for ids, y in zip(enc, labels)]
-    num_labels = 1 if regression else len(names) if names else max(labels) + 1
-    return examples, {"task": task, "num_labels": num_labels, "regression": regression,
-                      "label_names": names}
+    return examples, info
+
+
+def is_text(s):
+    """False for a str that UTF-8 cannot encode (a lone surrogate, from JSON's "\\ud800")."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def is_int(v):
+    """An integer label: an int, an integral float, or a string of digits ('1', '-1')."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, float):
+        return v.is_integer()
+    return isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+
+
+def check_cells(raw, col, where, split):
+    """A blank label or a repeated header row stops with the row named."""
+    for i, v in enumerate(raw):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise UserError(f"{where(i)}: the {col} cell is blank; give every row a label or remove the row")
+        if isinstance(v, str) and v.strip() == col:
+            raise UserError(f"{where(i)} repeats the header row ({col!r} as a label); remove that line")
+
+
+def label_space(raw, task, names, col, where):
+    """The classes of a training split: {"task", "num_labels", "regression", "label_names"}. Regression for
+    STS-B or non-integer floats; else the task's known names (GLUE, a hub ClassLabel), a generic file's
+    class names (sorted) or its integers 0..max. Mixed integers and names, or a single class, stop with
+    the rows named."""
+    floats = [i for i, v in enumerate(raw) if isinstance(v, float) and not v.is_integer()]
+    if task == "stsb" or (names is None and floats):
+        return {"task": task, "num_labels": 1, "regression": True, "label_names": None}
+    ints = [i for i, v in enumerate(raw) if is_int(v)]
+    if names is None and 0 < len(ints) < len(raw):
+        s = next(i for i, v in enumerate(raw) if not is_int(v))
+        raise UserError(f"{where(ints[0])} has the integer label {raw[ints[0]]!r} and {where(s)} the name "
+                        f"{raw[s]!r}; write every {col} as a class name or every one as an integer")
+    space = {"task": task, "num_labels": None, "regression": False, "label_names": names}
+    if names is None and not ints:
+        space["label_names"] = sorted({str(v).strip() for v in raw})  # string labels of a generic file
+    if space["label_names"] is not None:
+        space["num_labels"] = len(space["label_names"])
+    else:
+        space["num_labels"] = max(int(float(raw[i])) for i in ints) + 1
+        if space["num_labels"] <= 0:
+            raise UserError(f"{where(0)}: the labels are negative (GLUE test splits are unlabelled, -1); "
+                            "use train or validation")
+    seen = {to_label(v, space, col, where(i)) for i, v in enumerate(raw)}
+    if len(seen) < 2:
+        only = raw[0] if raw else None
+        raise UserError(f"every training row has the label {only!r}: a classifier needs at least two classes; "
+                        f"check the {col} column (for regression write scores such as 0.5)")
+    return space
+
+
+def to_label(v, space, col, where):
+    """One label through the training split's space: a float (regression) or a class index; a label
+    outside the space stops with its row named."""
+    if space["regression"]:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: {col} {v!r} is not a number, and this task is a regression; "
+                            "write a score") from None
+    names, k = space["label_names"], space["num_labels"]
+    if is_int(v):
+        y = int(float(v))
+        if y < 0:
+            raise UserError(f"{where}: {col} is {y}, and negative labels mean unlabelled (GLUE test splits); "
+                            "use train or validation, or fix the row")
+        if y >= k:
+            raise UserError(f"{where}: {col} {y} is outside the training split's classes 0..{k - 1}; fix the "
+                            "row, or add examples of that class to the training split")
+        return y
+    if names is None or str(v).strip() not in names:
+        what = f"one of the integers 0..{k - 1}" if names is None else f"one of {names}"
+        raise UserError(f"{where}: {col} {v!r} is not a class of the training split ({what}); fix the row, "
+                        "or add examples of that class to the training split")
+    return names.index(str(v).strip())
 
 
 def glue_task(folder):
@@ -266,8 +382,10 @@ def read_table(file, task=None):
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
     headerless = task == "cola" and file.stem != "test"
-    with open(file, encoding="utf-8", errors="replace") as f:
-        first = list(itertools.islice(filter(str.strip, f), 2))  # the first two non-blank lines
+    text = utf8_text(file)
+    if file.suffix in (".json", ".jsonl"):
+        check_json_table(text, file)
+    first = list(itertools.islice(filter(str.strip, text.split("\n")), 2))  # the first two non-blank lines
     if len(first) < (1 if headerless or file.suffix in (".json", ".jsonl") else 2):
         raise UserError(f"{file} holds no examples (only blank lines or a header); give it at least one")
     kw = {}
@@ -278,11 +396,25 @@ def read_table(file, task=None):
     if headerless:
         kw.update(header=None, column_names=COLA_COLUMNS)
     kind = "json" if file.suffix in (".json", ".jsonl") else "csv"
+    datasets_cache()
     try:
         return load_dataset(kind, data_files=str(file), split="train", **kw)
     except DatasetGenerationError as e:  # the parser's own error is its cause
         cause = " ".join(str(e.__cause__ or e).split())[:200]
         raise UserError(f"{file} could not be read as {file.suffix[1:]} ({cause}); fix the file") from None
+
+
+def check_json_table(text, file):
+    """A JSON table parsed here first: a syntax error or a lone surrogate is one line naming where (the
+    parser behind load_dataset would log a traceback)."""
+    if file.suffix == ".jsonl":
+        rows = [(f"line {i + 1}", json_value(line, file, i + 1)) for i, line in enumerate(text.split("\n")) if line.strip()]
+    else:
+        rows = [(f"record {i}", r) for i, r in enumerate(json_value(text, file) if text.strip() else [])]
+    for where, row in rows:
+        if any(isinstance(v, str) and not is_text(v) for v in (row.values() if isinstance(row, dict) else [row])):
+            raise UserError(f"{file} {where}: a cell holds a lone surrogate escape (e.g. \\ud800), not text; fix "
+                            "that cell (write the character itself, or a valid pair of escapes)")
 
 
 def hub_split(split, task):
@@ -299,14 +431,6 @@ def find_columns(columns, source):
         raise UserError(f"{source}: found columns {', '.join(map(str, columns))}; expected text "
                         f"columns ({expected}) and a label column ({' | '.join(LABEL_COLUMNS)})")
     return list(texts), label
-
-
-def to_class(v, names, source):
-    if isinstance(v, str) and not v.lstrip("-").isdigit():
-        if names is None or v not in names:
-            raise UserError(f"{source}: unknown label {v!r}; expected one of {names}")
-        return names.index(v)
-    return int(v)
 
 
 # ------------------------------------------------------------------------------------ images
@@ -342,6 +466,7 @@ def load_images(source, split, processor):
         if not any(f.suffix.lower() in IMAGE_EXTS for f in Path(source).rglob("*")):
             raise UserError(f"{source} holds no images ({', '.join(IMAGE_EXTS)}); pass a folder laid out "
                             "as <split>/<class>/<image> or <class>/<image>")
+        datasets_cache()
         dsd = load_dataset("imagefolder", data_dir=str(source))
     else:
         dsd = hub(source)

@@ -302,11 +302,14 @@ def _commonsense_files(source):
 def commonsense_records(path):
     """The records of an LLM-Adapters test file: a JSON list of {"instruction", "answer"} objects (strings;
     "input" optional), or a UserError naming the record and field."""
-    from data import json_value
-    records = json_value(Path(path).read_text(encoding="utf-8"), path)
+    from data import is_text, json_value, utf8_text
+    records = json_value(utf8_text(path), path)
     if not isinstance(records, list):
         raise UserError(f"{path} holds a JSON {type(records).__name__}, not a list of records; "
                         "write [{\"instruction\": ..., \"answer\": ...}, ...]")
+    if not records:
+        raise UserError(f"{path} holds no records (an empty task would score 0 and pull the average down); "
+                        "fill it or remove the file")
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise UserError(f"{path}: record {i} is a JSON {type(r).__name__}, not an object; "
@@ -317,6 +320,10 @@ def commonsense_records(path):
             what = "is missing" if bad not in r else f"is not a string (a JSON {type(r[bad]).__name__})"
             raise UserError(f"{path}: record {i}'s {bad} {what}; give every record an instruction and an "
                             "answer as JSON strings")
+        bad = next((k for k in ("instruction", "input", "answer") if not is_text(r.get(k) or "")), None)
+        if bad:
+            raise UserError(f"{path}: record {i}'s {bad} holds a lone surrogate escape (e.g. \\ud800), not text; "
+                            "fix that record")
     return records
 
 
@@ -381,8 +388,9 @@ def evaluate_loss(model, batches):
     with _eval_mode(model):
         for b in batches:
             k = int((b["labels"][:, 1:] != -100).sum())
-            total += float(model(**b).loss) * k
-            n += k
+            if k:  # a batch with no target token has loss nan (0 / 0): it counts nothing
+                total += float(model(**b).loss) * k
+                n += k
     return total / max(n, 1)
 
 

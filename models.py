@@ -72,9 +72,13 @@ def smollm2_path():
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf.state_dict())
     tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+        os.replace(tmp, out)
+    except OSError as e:  # HOME (or XDG_CACHE_HOME) not writable, a full disk
+        raise UserError(f"the model cache {CACHE} cannot be written ({e.strerror or e}); set XDG_CACHE_HOME to a "
+                        "folder you can write (e.g. XDG_CACHE_HOME=/tmp/cache) and run again") from None
     return str(out)
 
 

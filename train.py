@@ -28,7 +28,9 @@ import os
 import pickle
 import re
 import resource
+import shutil
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -92,6 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--grad_ckpt", action="store_true", help="non-reentrant gradient checkpointing")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer and the loss (default: eager)")
     p.add_argument("--seed", type=int, default=0)
     # evaluation and outputs
     p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: before/after only)")
@@ -276,10 +279,12 @@ def load_data(args, task, proc):
         examples = data.tokenize_instructions(train_recs, proc, args.max_len)
         if not any(any(t != -100 for t in e["labels"]) for e in examples):
             raise UserError(f"--max_len {args.max_len} cuts off every response; raise --max_len")
+        if args.data != "builtin":
+            check_held_out(test_recs, proc, args)
         return examples, test_recs, {"task": args.data}
     if task == "cls":
         train, info = data.load_classification(args.data, "train", proc, args.max_len)
-        dev, _ = data.load_classification(args.data, "validation", proc, args.max_len)
+        dev, _ = data.load_classification(args.data, "validation", proc, args.max_len, space=info)
         return train, dev, info
     train, info = data.load_images(args.data, "train", proc)
     for split in ("test", "validation"):
@@ -289,6 +294,19 @@ def load_data(args, task, proc):
             continue
     raise UserError(f"{args.data} has no test or validation split for evaluation; add a test/ or "
                     "validation/ folder of <class>/<image> beside train/")
+
+
+def check_held_out(records, proc, args):
+    """The held-out records' eval loss needs target tokens: none left within --max_len is refused, some
+    records without any is a warning (they do not count in eval_loss)."""
+    held = data.tokenize_instructions(records[:args.eval_limit] if args.eval_limit else records, proc, args.max_len)
+    empty = sum(all(t == -100 for t in e["labels"][1:]) for e in held)  # the loss predicts labels[1:]
+    if empty == len(held):
+        raise UserError(f"--max_len {args.max_len} cuts off the response of every held-out record (their prompts "
+                        "fill it), so the eval loss would be nan; raise --max_len or shorten those prompts")
+    if empty:
+        print(f"warning: {empty} of {len(held)} held-out records have no response token within --max_len "
+              f"{args.max_len} and do not count in eval_loss; raise --max_len to count them", file=sys.stderr)
 
 
 class Batches:
@@ -404,7 +422,7 @@ def plain_lm_head(model):
     return plain
 
 
-def causal_loss(model, batch, n_items, chunk=1024, plain=True):
+def causal_loss(model, batch, n_items, chunk=1024, plain=True, ce=None):
     """model(**batch, num_items_in_batch=n_items).loss (next-token cross-entropy summed over the target tokens,
     over n_items) without the (tokens × vocab) fp32 logits and their gradient: the LM head and the loss run
     `chunk` positions at a time, each chunk recomputed in backward (non-reentrant checkpoint), so one
@@ -423,7 +441,7 @@ def causal_loss(model, batch, n_items, chunk=1024, plain=True):
     h = out[0].flatten(0, 1)  # (B·T, H)
     y = nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100).flatten()  # next token, as HF shifts
     head = core.get_output_embeddings()
-    return sum(checkpoint(_ce_sum, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+    return sum(checkpoint(ce or _ce_sum, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
                for i in range(0, len(y), chunk)) / n_items
 
 
@@ -431,7 +449,7 @@ def _ce_sum(head, h, y):
     return nn.functional.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
 
 
-def forward_backward(net, micro, task, accum, ctx, plain, device):
+def forward_backward(net, micro, task, accum, ctx, plain, device, ce=None):
     """Forward and backward of this process's micro-batches of one optimizer step (gradients accumulate;
     DDP reduces after the last); returns the step's loss summed over the processes. Causal LM losses are
     normalised by the target tokens of the whole step, counted on the host before the copies."""
@@ -443,7 +461,7 @@ def forward_backward(net, micro, task, accum, ctx, plain, device):
     for j, b in enumerate(micro):
         with ctx, no_sync(net, j < len(micro) - 1):
             if task == "causal":
-                loss = causal_loss(net, b, n_items, plain=plain)  # through net: DDP's forward runs
+                loss = causal_loss(net, b, n_items, plain=plain, ce=ce)  # through net: DDP's forward runs
             else:
                 loss = net(**b).loss / accum
         loss.backward()
@@ -510,7 +528,14 @@ def load_adapter(model, method, run_dir, batches=(), expect=None):
                             "pass the same --method and --model")
     state = load_weights(os.path.join(run_dir, "method_state.pt"), "re-run the training that wrote it")
     with method_errors():
-        method.attach(model, batches, state=state)
+        try:
+            method.attach(model, batches, state=state)
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            if "method" in meta:  # an adapter that names its method: this is a bug, keep the traceback
+                raise
+            raise UserError(f"{run_dir}'s adapter has no method in its metadata and its method state does not fit "
+                            f"--method {type(method).__name__.lower()} ({type(e).__name__}: {e}); pass the --method "
+                            "(and --model, --targets) it was trained with") from None
     to_fp32(model)
     load_trainable(model, tensors)
 
@@ -564,7 +589,11 @@ def load_trainable(model, tensors):
 
 # ------------------------------------------------------------------------------- run safety
 
-RUN_FILES = ("ckpt.pt", "summary.json", "adapter.safetensors")  # what a run leaves in its --output_dir
+PREV = "ckpt.prev.pt"  # the checkpoint before ckpt.pt, kept for a run that diverges
+RUN_FILES = ("ckpt.pt", "summary.json", "adapter.safetensors", "eval.json")  # the files that mark a run
+OUTPUTS = ("ckpt.pt", PREV, "summary.json", "adapter.safetensors", "method_state.pt", "eval.json", "peft", "merged",
+           "g2r2_modules.png", "pilora_partition.png", "taso_importance.png", "spsft_rows.png")  # everything a run writes into its --output_dir (--overwrite moves them aside)
+LOCK = ".lock"
 STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s)]
 CUDA = torch.cuda  # the CUDA generators checkpoints save (tests put a stub here on machines without CUDA)
 
@@ -620,9 +649,11 @@ def rank_seed(seed, rank):
 
 
 def output_folder(args, rank):
-    """--output_dir made ready, or a new out/<method>-<model>-<date>-<time> (printed). A folder that holds
-    another run (RUN_FILES) is refused unless --resume continues it or --overwrite replaces it (its
-    files are removed, so a later --resume cannot pick up the old checkpoint)."""
+    """(--output_dir checked and locked, or a new out/<method>-<model>-<date>-<time> (printed); the old run's
+    entries that --overwrite moves aside at this run's first write). A folder that holds another run
+    (RUN_FILES; --eval_only: its own eval.json, peft/) is refused unless --resume continues it or
+    --overwrite replaces it. Nothing is moved or deleted here: clear_old_run does it once every input is
+    checked and the new run writes."""
     d = args.output_dir
     if d is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -642,18 +673,91 @@ def output_folder(args, rank):
         raise UserError(f"--output_dir {d} cannot be made ({e.strerror or e}); pass a folder you can write to") from None
     if not os.access(d, os.W_OK | os.X_OK):
         raise UserError(f"--output_dir {d} is not writable; pass a folder you can write to")
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    mine = ["eval.json"] + (["peft"] if args.export else []) if args.eval_only else RUN_FILES
+    found = [f for f in mine if os.path.exists(os.path.join(d, f))]
     resumable = args.resume and "ckpt.pt" in found
     if found and not resumable and not args.overwrite:
         how = ("pass --resume to continue it, " if "ckpt.pt" in found and not args.eval_only else "") + \
             "--overwrite to replace it, or another --output_dir"
-        what = "holds a finished run and no ckpt.pt to resume" if args.resume else "holds another run"
+        what = "holds a finished run and no ckpt.pt to resume" if args.resume else \
+            "holds an earlier evaluation" if args.eval_only else "holds another run"
         raise UserError(f"{d} {what} ({describe_run(d, found)}); {how}")
-    if found and args.overwrite and rank == 0:
-        for f in found + ["method_state.pt"]:
-            if os.path.exists(os.path.join(d, f)):
-                os.remove(os.path.join(d, f))
-    return d
+    if rank == 0:
+        lock(d)
+    old = []
+    if found and args.overwrite:  # training replaces every output; --eval_only only its own
+        old = [f for f in (mine if args.eval_only else OUTPUTS) if os.path.lexists(os.path.join(d, f))]
+    return d, old
+
+
+def clear_old_run(r):
+    """--overwrite, at the new run's first write: the old run's outputs move to <dir>.old-<time> (printed),
+    so nothing is lost and a later --resume cannot pick up the old checkpoint."""
+    if not r.old or r.rank > 0:
+        return
+    d = os.path.normpath(r.out)
+    dest = base = f"{d}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in itertools.count(1):
+        if not os.path.exists(dest):
+            break
+        dest = f"{base}-{k}"
+    os.makedirs(dest)
+    for f in r.old:
+        os.replace(os.path.join(d, f), os.path.join(dest, f))
+    tqdm.write(f"--overwrite: the old run's {', '.join(r.old)} moved to {dest}; delete it when you no longer need it")
+    r.old = []
+
+
+LOCKS = []  # the lock files this process holds (released when main returns)
+
+
+def lock(d):
+    """One process per output folder: <d>/.lock holds the owner's pid and host. A lock of a live process is
+    refused; one whose process is gone (same host) is taken over with a line saying so."""
+    path, me = os.path.join(d, LOCK), f"{os.getpid()} {socket.gethostname()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if attempt or not stale_lock(path, d):
+                raise UserError(f"{d} is in use by another run ({LOCK}: pid {lock_owner(path)}); wait for it to end, "
+                                f"or pass another --output_dir (if that process is gone, delete {path})") from None
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        LOCKS.append(path)
+        return
+
+
+def lock_owner(path):
+    try:
+        return open(path).read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def stale_lock(path, d):
+    """True (and the lock removed, with a printed line) when the lock's process is gone from this host."""
+    pid, _, host = lock_owner(path).partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return False  # alive (or not ours to signal: alive too)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    os.remove(path)
+    print(f"{d}: taking over the lock of pid {pid}, which is no longer running")
+    return True
+
+
+def release_locks():
+    while LOCKS:
+        path = LOCKS.pop()
+        if lock_owner(path).split(" ")[0] == str(os.getpid()):
+            os.remove(path)
 
 
 def describe_run(d, found):
@@ -666,10 +770,13 @@ def describe_run(d, found):
         elif "ckpt.pt" in found:
             c = torch.load(os.path.join(d, "ckpt.pt"), weights_only=True, mmap=True, map_location="cpu")
             info = {"method": c["args"]["method"], "model": c["args"]["model"], "step": c["step"]}
-        else:
+        elif "adapter.safetensors" in found:
             from safetensors import safe_open
             with safe_open(os.path.join(d, "adapter.safetensors"), "pt") as f:
                 info = {**(f.metadata() or {}), "step": "?"}
+        elif "eval.json" in found:
+            s = json.load(open(os.path.join(d, "eval.json")))
+            info = {"method": s.get("method"), "model": s.get("model"), "step": "- (an evaluation)"}
     except Exception:  # a damaged file still names the run; what it holds stays unknown
         pass
     run = f"--method {info.get('method', '?')} --model {info.get('model', '?')}, step {info.get('step', '?')}, "
@@ -682,7 +789,10 @@ def main(argv=None):
     """The run train.py's command line describes; a signal stops it as stop_signals says."""
     args = parse_args(argv)
     with stop_signals() as stop:
-        return run(args, stop)
+        try:
+            return run(args, stop)
+        finally:
+            release_locks()
 
 
 def run(args, stop):
@@ -699,8 +809,10 @@ def run(args, stop):
 
 
 def setup(args):
-    """Everything a run shares, as one namespace `r`: process, device and autocast, output folder, data,
-    model (loaded in the run's dtype), batches, schedule length and the method (not attached yet)."""
+    """Everything a run shares, as one namespace `r`, with every input checked before anything is written:
+    process, device and autocast, output folder (locked; an --overwrite'n run still in place), the --resume
+    checkpoint (loaded, checked against the flags), data, model (loaded in the run's dtype), batches,
+    schedule length and the method (not attached yet)."""
     check_paths(args)
     r = SimpleNamespace(accum=args.batch_size // args.micro_batch_size)
     r.rank, r.world = interop.init_distributed(args)  # torchrun: WORLD_SIZE > 1
@@ -708,8 +820,9 @@ def setup(args):
     r.device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     r.ctx = torch.autocast(r.device, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    args.output_dir = output_folder(args, r.rank)
-    r.ckpt_path = os.path.join(args.output_dir, "ckpt.pt")
+    args.output_dir, r.old = output_folder(args, r.rank)
+    r.out, r.ckpt_path = args.output_dir, os.path.join(args.output_dir, "ckpt.pt")
+    r.ckpt = resume_checkpoint(args, r.ckpt_path)
 
     # data first: a classification head needs the number of labels
     r.path, r.task, r.proc = on_rank0(resolve, args) or resolve(args)  # rank 0 first: it fills the caches
@@ -720,6 +833,7 @@ def setup(args):
         raise UserError(f"no training examples in {args.data}; check the file, or raise --max_samples")
     with model_errors(r.path) if r.path else nullcontext():
         r.model = load_model(args, r.path, r.task, r.info.get("num_labels", 2), r.info.get("regression", False), dtype)
+    check_max_len(r.model, args, r.task)
     r.model.to(r.device)  # only the device: the dtypes are from_pretrained's (fp32 rotary buffers stay fp32)
     r.model.config.use_cache = False
     r.plain = r.task != "causal" or plain_lm_head(r.model)
@@ -739,57 +853,89 @@ def setup(args):
     return r
 
 
+def check_max_len(model, args, task):
+    """--max_len within a model's learnt position embeddings (BERT's 512, GPT-2's 1024): beyond them the
+    forward fails on the first long example. Rotary models (Llama) have no such table."""
+    tables = [m.num_embeddings for n, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and n.endswith(("position_embeddings", "wpe"))]
+    if task != "image" and tables and args.max_len > min(tables):
+        raise UserError(f"--max_len {args.max_len} is longer than the {min(tables)} positions {args.model} has "
+                        f"embeddings for; pass --max_len {min(tables)} or less")
+
+
+def compile_model(model):
+    """--compile: torch.compile of each decoder layer (transformers' GradientCheckpointingLayer, else the
+    entries of the model's first layer list); the loss is compiled in forward_backward's caller."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        layers = next((list(m) for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)), [])
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def eval_now(args, r):
     """The model's metrics on the evaluation set (rank 0 evaluates; None on the others)."""
     return on_rank0(run_eval, args, r.model, r.proc, r.task, r.eval_set, r.info, r.ctx, r.device)
 
 
 def evaluate_only(args, r):
-    """--eval_only: the (adapted) model's metrics, written to summary.json; --export its PEFT adapter."""
+    """--eval_only: the (adapted) model's metrics, written to eval.json (a run's own files are never touched);
+    --export its PEFT adapter."""
     if args.adapter:
         load_adapter(r.model, r.method, args.adapter, expect=r.run_id)
     metrics = eval_now(args, r)
     if r.rank > 0:
         return None  # rank 0 evaluated and writes
+    clear_old_run(r)
     if args.export:
-        interop.save_peft(r.model, os.path.join(args.output_dir, "peft"), r.path or args.model)
-    summary = {"method": args.method, "model": args.model, "total_params": r.total_params,
+        with writing(r, "peft"):
+            interop.save_peft(r.model, os.path.join(args.output_dir, "peft"), r.path or args.model)
+    summary = {"method": args.method, "model": args.model, "adapter": args.adapter, "total_params": r.total_params,
                "metrics": {"eval": metrics}}
     evaluate.print_table(metrics, "eval")
-    write_json(summary, os.path.join(args.output_dir, "summary.json"))
+    with writing(r, "eval.json"):
+        write_json(summary, os.path.join(args.output_dir, "eval.json"))
     return summary
 
 
 def start_training(args, r):
     """The state the loop starts from: a checkpoint's (--resume) or a fresh one. The method attaches (its
     scoring passes see at most one epoch of training batches), the trainable tensors go to fp32, the
-    optimizer is built, and a checkpoint's tensors, optimizer, losses and RNG streams are restored."""
-    ckpt = None
-    if args.resume and os.path.exists(r.ckpt_path):
-        ckpt = load_weights(r.ckpt_path, "delete it to start from scratch, or pass another --output_dir")
-        check_ckpt(ckpt, r.ckpt_path, args)
-    if args.resume and ckpt is None:
-        print(f"no checkpoint at {r.ckpt_path}; starting from scratch")
-    r.metrics = {"before": ckpt["metrics_before"] if ckpt else eval_now(args, r)}
+    optimizer is built, and a checkpoint's tensors, optimizer, metrics, losses and RNG streams are restored."""
+    ckpt, r.ckpt = r.ckpt, None
+    r.metrics = (ckpt.get("metrics") or {"before": ckpt["metrics_before"]}) if ckpt else {"before": eval_now(args, r)}
     r.model.train()
     t0 = time.time()
-    with r.ctx:
-        calib = itertools.islice(r.batches.stream(), r.rank, r.batches.per_epoch, r.world)  # this process's share
+    with r.ctx, tqdm(itertools.islice(r.batches.stream(), r.rank, r.batches.per_epoch, r.world),  # this process's share
+                     desc="scoring", total=len(range(r.rank, r.batches.per_epoch, r.world)), leave=False,
+                     dynamic_ncols=True, disable=r.rank > 0) as calib:
         with method_errors(method_kwargs(args)[1]):
             r.method.attach(r.model, calib, state=ckpt["method"] if ckpt else None)
     attach_time = time.time() - t0
     to_fp32(r.model)
+    r.ce = _ce_sum
+    if args.compile:
+        compile_model(r.model)
+        r.ce = torch.compile(_ce_sum)
     rank_seed(args.seed, r.rank)  # model, adapters and data order are set up alike; dropout differs per process
     r.trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(r.model)[0]
     r.opt = build_optimizer(r.model, r.method, args)
     r.start, r.losses, r.step_times, r.stage_times = 0, [], [], {}
     r.saved = ckpt["step"] if ckpt else None  # the step of the last checkpoint this run can fall back to
+    r.prev = ckpt.get("prev_step") if ckpt and os.path.exists(os.path.join(r.out, PREV)) else None
     if not ckpt:
         r.stage_times["attach"] = attach_time
         return
     load_trainable(r.model, ckpt["trainable"])
-    r.opt.load_state_dict(ckpt["optimizer"])
+    try:
+        r.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{r.ckpt_path}: its optimizer state does not fit this run's trainable tensors ({e}); resume "
+                        "with the flags of the run that wrote it, or start a new run in another --output_dir") from None
     r.start, r.losses, r.stage_times = ckpt["step"], ckpt["losses"], ckpt["stage_times"]
+    r.step_times = ckpt.get("step_times", [])
     rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
     rngs = [s if isinstance(s, dict) else {"cpu": s, "cuda": []} for s in rngs]  # older checkpoints: CPU only
     if r.rank < len(rngs):
@@ -798,21 +944,59 @@ def start_training(args, r):
         torch.manual_seed(args.seed + 1_000_003 * r.rank + r.start)
 
 
+def resume_checkpoint(args, path):
+    """--resume: the folder's ckpt.pt, loaded and checked against this run's flags (None: start from scratch)."""
+    if not args.resume:
+        return None
+    if not os.path.exists(path):
+        print(f"no checkpoint at {path}; starting from scratch")
+        return None
+    ckpt = load_weights(path, "delete it to start from scratch, or pass another --output_dir")
+    check_ckpt(ckpt, path, args)
+    return ckpt
+
+
 def save_checkpoint(args, r, step, stop):
-    """ckpt.pt (atomically, rank 0) with everything --resume needs, every process's RNG streams included."""
+    """ckpt.pt (atomically, rank 0) with everything --resume needs, every process's RNG streams included; the
+    one it replaces stays as ckpt.prev.pt (what a diverged run falls back to)."""
     rngs = common.all_gather(rng_state())  # every process's dropout streams (CPU, each GPU)
+    prev = r.saved
     if r.rank == 0:
+        clear_old_run(r)
+        prev = r.saved if keep_previous(r.ckpt_path) else None
         save_atomic({"step": step, "trainable": common.trainable_state_dict(r.model), "optimizer": r.opt.state_dict(),
                      "method": r.method.state_dict(), "losses": r.losses, "stage_times": r.stage_times,
-                     "rng": rngs[0], "rng_ranks": rngs, "metrics_before": r.metrics["before"],
-                     "trainable_params_start": r.trainable_start, "args": vars(args)}, r.ckpt_path)
-    r.saved = step
+                     "rng": rngs[0], "rng_ranks": rngs, "metrics_before": r.metrics["before"], "metrics": r.metrics,
+                     "step_times": r.step_times, "prev_step": prev, "trainable_params_start": r.trainable_start,
+                     "args": vars(args)}, r.ckpt_path)
+    r.saved, r.prev = step, prev
     stop["where"] = f"{r.ckpt_path} keeps step {step}; continue with the same command and --resume"
+
+
+def keep_previous(path):
+    """The checkpoint at `path` also as ckpt.prev.pt (a hard link: no copy, no moment without a ckpt.pt)."""
+    if not os.path.exists(path):
+        return False
+    prev = os.path.join(os.path.dirname(path), PREV)
+    try:
+        if os.path.exists(prev + ".tmp"):
+            os.remove(prev + ".tmp")
+        try:
+            os.link(path, prev + ".tmp")
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, prev + ".tmp")
+        os.replace(prev + ".tmp", prev)
+        return True
+    except OSError:
+        if os.path.exists(prev + ".tmp"):
+            os.remove(prev + ".tmp")
+        return False
 
 
 def train_loop(args, r, stop):
     """The optimizer steps from r.start: lr, forward_backward, the method's hooks, clip, step, log, save.
-    Returns None at the end, or {"stopped_at", "losses"[, "signal"]} when a signal or --stop_after ends it."""
+    Returns None at the end, or {"stopped_at", "losses"[, "signal"]} when a signal or --stop_after ends it.
+    A non-finite loss or gradient, or a loss stuck at --lr far too high, stops it (diverged)."""
     net = wrap(r.model, r.method)
     peak_memory(reset=True)
     bar = tqdm(range(r.start, r.total), initial=r.start, total=r.total, dynamic_ncols=True, disable=r.rank > 0)
@@ -825,15 +1009,16 @@ def train_loop(args, r, stop):
         for g in r.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         micro = [r.batches.host(step * r.accum + k) for k in range(r.rank, r.accum, r.world)]  # this process's share
-        loss_sum = forward_backward(net, micro, r.task, r.accum, r.ctx, r.plain, r.device)
+        loss_sum = forward_backward(net, micro, r.task, r.accum, r.ctx, r.plain, r.device, r.ce)
+        params = [p for g in r.opt.param_groups for p in g["params"]]
         if not math.isfinite(loss_sum):  # stop before the step spreads it into the weights
-            bar.close()
-            kept = f"{r.ckpt_path} keeps step {r.saved}" if r.saved else "no checkpoint was written (--save_every N)"
-            raise UserError(f"the loss is {loss_sum} at step {step + 1}, training stopped and {kept}; lower --lr "
-                            f"(now {args.lr}) or check the data, then run again (--resume continues a checkpoint)")
+            diverged(args, r, bar, f"the loss is {loss_sum} at step {step + 1}", step + 1)
+        norm = float(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        if not math.isfinite(norm):
+            diverged(args, r, bar, f"the gradient norm is {norm} at step {step + 1}", step + 1)
         r.method.after_backward(step)
         if args.clip:
-            nn.utils.clip_grad_norm_([p for g in r.opt.param_groups for p in g["params"]], args.clip)
+            nn.utils.clip_grad_norm_(params, args.clip)
         r.opt.step()
         if r.method.after_step(step):
             r.opt = build_optimizer(r.model, r.method, args, old=r.opt)
@@ -844,6 +1029,10 @@ def train_loop(args, r, stop):
         r.step_times.append(time.time() - t)
         r.stage_times[r.method.stage] = r.stage_times.get(r.method.stage, 0.0) + r.step_times[-1]
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", stage=r.method.stage)
+        since = stuck_since(args, r.losses, step + 1 == r.total)
+        if since:
+            diverged(args, r, bar, f"the loss has stayed at {loss_sum:.6g} since step {since} (step {step + 1} now) "
+                     f"at --lr {args.lr:g}, far above any rate that trains (>= {STUCK_LR:g})", since)
         stopped = between_steps(args, r, step + 1, stop)
         if stopped:
             bar.close()
@@ -852,9 +1041,49 @@ def train_loop(args, r, stop):
     return None
 
 
+STUCK_LR, STUCK_STEPS = 0.1, 10  # a loss flat for STUCK_STEPS steps at --lr >= STUCK_LR is a dead run
+
+
+def stuck_since(args, losses, last):
+    """The first step of a flat tail of the losses (equal to 1e-6 relative) that is STUCK_STEPS long (3 at
+    the last step) at --lr >= STUCK_LR, else None: a saturated model whose every output is uniform."""
+    if args.lr < STUCK_LR or not losses:
+        return None
+    n = next((k for k, x in enumerate(reversed(losses)) if abs(x - losses[-1]) > 1e-6 * abs(losses[-1])), len(losses))
+    return len(losses) - n + 1 if n >= (3 if last else STUCK_STEPS) else None
+
+
+def diverged(args, r, bar, what, first_bad):
+    """Stop a run whose loss at step `first_bad` already came from a bad update (step first_bad - 1): the
+    checkpoints that hold that update are removed (ckpt.prev.pt comes back if it is older), nothing else is
+    written, and one line says which step ckpt.pt keeps and what to change."""
+    bar.close()
+    good = lambda c: c is not None and c <= first_bad - 2  # noqa: E731: written before update first_bad - 1
+    prev, removed = os.path.join(r.out, PREV), []
+    if r.saved is not None and not good(r.saved):
+        if r.rank == 0 and good(r.prev) and os.path.exists(prev):
+            os.replace(prev, r.ckpt_path)
+            removed.append(f"step {r.saved}")
+            r.saved = r.prev
+        else:
+            removed.append(f"step {r.prev} and {r.saved}" if r.prev is not None else f"step {r.saved}")
+            if r.rank == 0:
+                for f in (r.ckpt_path, prev):
+                    if os.path.exists(f):
+                        os.remove(f)
+            r.saved = None
+    gone = f" (the checkpoint of {removed[0]} held it and was removed)" if removed else ""
+    fix = f"lower --lr (now {args.lr:g}, e.g. --lr {args.lr / 10:g}) or check the data"
+    kept = (f"{r.ckpt_path} keeps step {r.saved}, the last checkpoint before it{gone}; {fix}, then continue with "
+            "--resume" if r.saved else f"no checkpoint from before it is kept{gone}; {fix}, then run again")
+    raise UserError(f"{what}: the update of step {first_bad - 1} diverged, training stopped and no adapter is "
+                    f"written; {kept}")
+
+
 def between_steps(args, r, done, stop):
     """After optimizer step `done`: --eval_every, the checkpoint (--save_every, --save_every_min, the last
-    step, a signal), then a stop. Returns None, or the stopped run's dict."""
+    step, a signal; the routine ones held back while the loss looks stuck), then a stop. Returns None, or
+    the stopped run's dict."""
     if args.eval_every and done % args.eval_every == 0 and done < r.total:
         m = eval_now(args, r)
         if r.rank == 0:
@@ -863,7 +1092,8 @@ def between_steps(args, r, done, stop):
         r.model.train()
     due = bool(args.save_every_min) and time.time() - r.last_save >= 60 * args.save_every_min
     flags = common.all_reduce(torch.tensor([int(stop["signal"] is not None), int(due)]))  # alike on every rank
-    if (args.save_every and done % args.save_every == 0) or done == r.total or flags.any():
+    routine = ((args.save_every and done % args.save_every == 0) or flags[1]) and not suspect(args, r.losses)
+    if routine or done == r.total or flags[0]:
         save_checkpoint(args, r, done, stop)
         r.last_save = time.time()
     if flags[0]:  # a signal (on any process): every process stops after this step
@@ -877,6 +1107,12 @@ def between_steps(args, r, done, stop):
     return None
 
 
+def suspect(args, losses):
+    """The last two losses equal at --lr >= STUCK_LR: the start of what stuck_since stops; no routine
+    checkpoint is written over the good ones meanwhile."""
+    return args.lr >= STUCK_LR and len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= 1e-6 * abs(losses[-1])
+
+
 def finish(args, r):
     """After the last step: evaluate, then (rank 0) the adapter, plots, --export, --merge and summary.json."""
     peak = peak_memory()
@@ -884,7 +1120,9 @@ def finish(args, r):
     if r.rank > 0:
         return None  # rank 0 writes the adapter, summary, plots and merged model
     model, method = r.model, r.method
-    save_adapter(model, method, args.output_dir, meta=r.run_id)
+    clear_old_run(r)
+    with writing(r, "adapter.safetensors"):
+        save_adapter(model, method, args.output_dir, meta=r.run_id)
     summary = {
         "method": args.method, "model": args.model, "task": r.task, "data": args.data,
         "total_params": r.total_params, "trainable_params_start": r.trainable_start,
@@ -896,20 +1134,43 @@ def finish(args, r):
         "device": r.device, "world_size": r.world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
         **method.summary(),
     }
-    plots.plot(method, args.output_dir)
+    with writing(r, "the method's picture"):
+        plots.plot(method, args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers
-        interop.save_peft(model, os.path.join(args.output_dir, "peft"), r.path or args.model)
+        with writing(r, "peft"):
+            interop.save_peft(model, os.path.join(args.output_dir, "peft"), r.path or args.model)
     if args.merge:  # in fp32: adding ΔW into a bf16 W drops every update below half a bf16 step of W
-        merged = method.export(cast_parameters(model, torch.float32))
-        merged.save_pretrained(os.path.join(args.output_dir, "merged"))
-        r.proc.save_pretrained(os.path.join(args.output_dir, "merged"))
-    write_json(summary, os.path.join(args.output_dir, "summary.json"))
+        with writing(r, "merged"):
+            merged = method.export(cast_parameters(model, torch.float32))
+            merged.save_pretrained(os.path.join(args.output_dir, "merged"))
+            r.proc.save_pretrained(os.path.join(args.output_dir, "merged"))
+    with writing(r, "summary.json"):
+        write_json(summary, os.path.join(args.output_dir, "summary.json"))
     evaluate.print_table({"before": r.metrics["before"], "after": r.metrics["after"]}, args.method)
     return summary
 
 
+@contextmanager
+def writing(r, what):
+    """A full disk (or any write error) while writing an output: one line saying what the folder keeps."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or (re.findall(r'message: "([^"]+)"', str(e)) or [str(e)[:160]])[0]
+        again = (f"{r.ckpt_path} keeps the finished run (step {r.saved}): free space (or fix the folder) and run the "
+                 "same command with --resume, which evaluates and writes the outputs" if r.saved else
+                 "free space (or fix the folder) and run the command again")
+        raise UserError(f"could not write {os.path.join(r.out, what)} ({reason}); {again}") from None
+
+
+RUN_DEFINING = ("method", "model", "task", "data", "max_samples", "max_len", "batch_size", "micro_batch_size",
+                "targets", "r", "alpha", "dropout", "seed")  # --resume refuses a change of these (and --<method>_*)
+
+
 def check_ckpt(ckpt, path, args):
-    """A checkpoint of this run: a train.py checkpoint, of the same --method and --model."""
+    """A checkpoint of this run: a train.py checkpoint whose run-defining flags (RUN_DEFINING and the
+    method's own) are this run's; --lr, --max_steps, the evaluation and saving flags may change."""
     fix = "delete it to start from scratch, or pass another --output_dir"
     if not isinstance(ckpt, dict) or not {"step", "trainable", "optimizer", "method", "args"} <= set(ckpt):
         raise UserError(f"{path} is not a train.py checkpoint; {fix}")
@@ -917,14 +1178,26 @@ def check_ckpt(ckpt, path, args):
     if was["method"] != args.method or model_id(str(was["model"])) != model_id(args.model):
         raise UserError(f"{path} was written by a --method {was['method']} --model {was['model']} run, this "
                         f"run has --method {args.method} --model {args.model}; resume with those flags or {fix}")
+    flag = lambda v: "(default)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    same = lambda k, a, b: model_id(str(a)) == model_id(str(b)) if k == "data" else a == b  # noqa: E731
+    for k in [*RUN_DEFINING, *sorted(k for k in vars(args) if k.startswith(args.method + "_"))]:
+        if k in ckpt["args"] and not same(k, ckpt["args"][k], getattr(args, k)):
+            raise UserError(f"{path} was written with --{k} {flag(ckpt['args'][k])}, this run has --{k} "
+                            f"{flag(getattr(args, k))}; resume with --{k} {flag(ckpt['args'][k])} (it defines the run), "
+                            "or start a new run in another --output_dir")
 
 
 def save_adapter(model, method, out_dir, meta=None):
     """adapter.safetensors (with `meta`, {"method", "model"}, as its metadata) and method_state.pt."""
     from safetensors.torch import save_file
     tensors = {n: t.contiguous() for n, t in common.trainable_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter.safetensors.tmp"), metadata=meta)
-    os.replace(os.path.join(out_dir, "adapter.safetensors.tmp"), os.path.join(out_dir, "adapter.safetensors"))
+    tmp = os.path.join(out_dir, "adapter.safetensors.tmp")
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, os.path.join(out_dir, "adapter.safetensors"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     save_atomic(method.state_dict(), os.path.join(out_dir, "method_state.pt"))
 
 

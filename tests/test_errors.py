@@ -74,7 +74,28 @@ def spoil(src, dst, how):
         (dst / "ckpt.pt").unlink()
     elif how == "not_a_ckpt":
         torch.save({"weights": torch.ones(2)}, dst / "ckpt.pt")
+    elif how == "no_metadata":  # an adapter written before the metadata existed
+        from safetensors.torch import load_file, save_file
+        save_file(load_file(dst / "adapter.safetensors"), dst / "adapter.safetensors")
+    elif how == "eval":
+        (dst / "eval.json").write_text(json.dumps({"method": "lora", "model": "tiny-llama", "metrics": {}}))
     return str(dst)
+
+
+def table_dir(tmp, train_rows, dev_rows, name="task", header="sentence\tlabel"):
+    """A classification folder <name>/train.tsv + dev.tsv with the given label cells (one film each)."""
+    for split, rows in (("train", train_rows), ("dev", dev_rows)):
+        write(tmp / name / f"{split}.tsv", header + "\n" + "".join(f"film {i}\t{y}\n" for i, y in enumerate(rows)))
+    return str(tmp / name)
+
+
+def raw(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+SURROGATE = '{"instruction": "say \\ud800", "output": "hi"}'  # JSON's escape of a lone surrogate
 
 
 def image_folder(d):
@@ -219,18 +240,108 @@ CASES = [
     ("run folder not empty", lambda t, r: ["--output_dir", spoil(r, t / "o", "")],
      "holds another run (ckpt.pt, summary.json, adapter.safetensors: --method lora --model tiny-llama, step 2 "
      "(finished), 20"),
-    ("eval into a run folder", lambda t, r: ["--eval_only", "--output_dir", spoil(r, t / "o", "")],
-     "holds another run (ckpt.pt, summary.json, adapter.safetensors: --method lora"),
+    ("eval over an earlier eval", lambda t, r: ["--eval_only", "--output_dir", spoil(r, t / "o", "eval")],
+     "holds an earlier evaluation (eval.json: --method lora --model tiny-llama, step - (an evaluation)"),
     ("finished run without ckpt", lambda t, r: ["--resume", "--output_dir", spoil(r, t / "o", "no_ckpt")],
      "holds a finished run and no ckpt.pt to resume (summary.json, adapter.safetensors: --method lora --model "
      "tiny-llama, step 2 (finished)"),
     ("resume and overwrite", lambda t, r: ["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     ("resume with another rank", lambda t, r: ["--resume", "--r", "4", "--output_dir", spoil(r, t / "o", "")],
-     "saved tensors do not fit this model"),
+     "was written with --r 8, this run has --r 4; resume with --r 8 (it defines the run)"),
     ("resume with fewer targets", lambda t, r: ["--resume", "--targets", "q_proj", "--output_dir", spoil(r, t / "o", "")],
-     "saved tensors are not in this model"),
+     "was written with --targets (default), this run has --targets q_proj; resume with --targets (default)"),
     ("save_every_min < 0", lambda t, r: ["--save_every_min", "-1"], "--save_every_min must be >= 0"),
+    # issue 33: one label space per task (tiny-bert; the train split's classes, dev mapped through them)
+    ("dev label unseen in train", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, ["neg", "pos"] * 4, ["neg", "zzz"])],
+     "dev.tsv line 3: label 'zzz' is not a class of the training split (one of ['neg', 'pos'])"),
+    ("dev integer label out of range", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [0, 1] * 4, [1, 5])],
+     "dev.tsv line 3: label 5 is outside the training split's classes 0..1"),
+    ("glue integer label out of range", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [0, 1, 5, 1], [0, 1], "SST-2")],
+     "train.tsv line 4: label 5 is outside the training split's classes 0..1"),
+    ("mixed integer and name labels", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, ["1", "neg", "pos", "neg"], ["neg"])],
+     "train.tsv line 2 has the integer label '1' and ", ),
+    ("blank label", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, ["neg", "pos", "", "neg"], ["neg"])],
+     "train.tsv line 4: the label cell is blank; give every row a label or remove the row"),
+    ("blank dev label", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [0, 1, 0, 1], [0, " "])],
+     "dev.tsv line 3: the label cell is blank"),
+    ("repeated header row", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, ["neg", "pos", "label", "neg"], ["neg"])],
+     "train.tsv line 4 repeats the header row ('label' as a label); remove that line"),
+    ("repeated header in dev", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [0, 1, 0, 1], [0, "label"])],
+     "dev.tsv line 3 repeats the header row"),
+    ("single-class train set", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, ["pos"] * 6, ["pos", "neg"])],
+     "every training row has the label 'pos': a classifier needs at least two classes"),
+    ("single integer class", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [1] * 6, [1])],
+     "every training row has the label 1"),
+    ("negative dev label", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [0, 1, 0, 1], [0, -1])],
+     "dev.tsv line 3: label is -1, and negative labels mean unlabelled"),
+    ("regression score not a number", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, [0.5, 1.5, 2.5], [1.5, "high"], "STS-B")],
+     "dev.tsv line 3: label 'high' is not a number, and this task is a regression"),
+    ("json table label unseen", lambda t, r: ["--model", "tiny-bert", "--data", jsonl_dir(t, ["a", "b", "a"], ["c"])],
+     "dev.jsonl line 1: label 'c' is not a class of the training split"),
+    # issue 33: text that is not UTF-8, lone surrogates
+    ("json not utf-8", lambda t, r: ["--data", raw(t / "l1.json", '[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))],
+     "l1.json is not UTF-8 text (byte 0xe9 at line 1); save the file as UTF-8"),
+    ("jsonl not utf-8", lambda t, r: ["--data", raw(t / "l1.jsonl", (json.dumps(records()[0]) + '\n{"instruction": "\xe9"}\n').encode("latin-1"))],
+     "l1.jsonl is not UTF-8 text (byte 0xe9 at line 2)"),
+    ("table not utf-8", lambda t, r: ["--model", "tiny-bert", "--data", raw(t / "l1.csv", "sentence,label\ncaf\xe9,0\nb,1\n".encode("latin-1"))],
+     "l1.csv is not UTF-8 text (byte 0xe9 at line 2)"),
+    ("commonsense not utf-8", lambda t, r: ["--eval_commonsense", raw(t / "cs" / "boolq.json", '[{"instruction": "\xe9", "answer": "true"}]'.encode("latin-1"))],
+     "boolq.json is not UTF-8 text (byte 0xe9 at line 1)"),
+    ("lone surrogate json", lambda t, r: ["--data", write(t / "s.json", "[" + ", ".join([SURROGATE] * 4) + "]")],
+     "record 0's instruction holds a lone surrogate escape (e.g. \\ud800), not text"),
+    ("lone surrogate jsonl", lambda t, r: ["--data", write(t / "s.jsonl", json.dumps(records()[0]) + "\n" + SURROGATE + "\n")],
+     "record 1's instruction holds a lone surrogate escape"),
+    ("lone surrogate in a table", lambda t, r: ["--model", "tiny-bert", "--data", write(t / "s2.jsonl", "".join(
+        f'{{"text": "{x}", "label": {y}}}\n' for x, y in [("a", 0), ("b\\udc00", 1), ("c", 0)]))],
+     "s2.jsonl line 2: a cell holds a lone surrogate escape"),
+    ("lone surrogate commonsense", lambda t, r: ["--eval_commonsense", write(t / "cs" / "piqa.json", '[{"instruction": "\\ud800", "answer": "solution1"}]')],
+     "piqa.json: record 0's instruction holds a lone surrogate escape"),
+    # issue 33: a model's limits, changed runs, adapters, empty tasks, the folder's lock
+    ("max_len above position embeddings", lambda t, r: ["--model", "tiny-bert", "--max_len", "300", "--data", table_dir(t, [0, 1] * 4, [0, 1])],
+     "--max_len 300 is longer than the 256 positions tiny-bert has embeddings for; pass --max_len 256 or less"),
+    ("resume with another batch size", lambda t, r: ["--resume", "--batch_size", "8", "--output_dir", spoil(r, t / "o", "")],
+     "was written with --batch_size 4, this run has --batch_size 8; resume with --batch_size 4 (it defines the run)"),
+    ("resume with more targets", lambda t, r: ["--resume", "--targets", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                               "up_proj", "down_proj", "lm_head", "--output_dir", spoil(r, t / "o", "")],
+     "was written with --targets (default), this run has --targets q_proj k_proj"),
+    ("resume with other data", lambda t, r: ["--resume", "--data", write(t / "d.json", json.dumps(records())),
+                                             "--output_dir", spoil(r, t / "o", "")],
+     "was written with --data builtin, this run has --data /"),
+    ("resume with another seed", lambda t, r: ["--resume", "--seed", "1", "--output_dir", spoil(r, t / "o", "")],
+     "was written with --seed 0, this run has --seed 1"),
+    ("resume with another max_len", lambda t, r: ["--resume", "--max_len", "200", "--output_dir", spoil(r, t / "o", "")],
+     "was written with --max_len 256, this run has --max_len 200"),
+    ("resume with another method flag", lambda t, r: ["--resume", "--method", "spsft", "--spsft_rows", "8",
+                                                      "--output_dir", spsft_run(t)],
+     "was written with --spsft_rows 4, this run has --spsft_rows 8"),
+    ("adapter without metadata of another method", lambda t, r: ["--eval_only", "--method", "spsft", "--adapter",
+                                                                  spoil(r, t / "o", "no_metadata")],
+     "adapter has no method in its metadata and its method state does not fit --method spsft"),
+    ("empty commonsense task", lambda t, r: ["--eval_commonsense", write(t / "cs" / "boolq" / "test.json", "[]")],
+     "boolq/test.json holds no records (an empty task would score 0 and pull the average down)"),
+    ("every held-out prompt fills max_len", lambda t, r: ["--max_len", "200", "--data", held_out_file(t, long_held=True)],
+     "--max_len 200 cuts off the response of every held-out record"),
 ]
+
+
+def jsonl_dir(t, train_labels, dev_labels):
+    for split, ys in (("train", train_labels), ("dev", dev_labels)):
+        write(t / "j" / f"{split}.jsonl", "".join(json.dumps({"text": "a", "label": y}) + "\n" for y in ys))
+    return str(t / "j")
+
+
+def spsft_run(t):
+    """A finished 1-step SPSFT run with --spsft_rows 4 and its checkpoint."""
+    train.main(TINY + ["--method", "spsft", "--spsft_rows", "4", "--max_steps", "1", "--output_dir", str(t / "sp")])
+    return str(t / "sp")
+
+
+def held_out_file(t, long_held):
+    """40 instruction records whose held-out ones (the 2 the run draws with --seed 0) have a prompt longer than
+    --max_len 200 when long_held (the others are short); for the warning, only one of them."""
+    held = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:2].tolist()  # load_data's draw (input, not result)
+    recs = [{"instruction": ("x" * 300 if i in held[:2 if long_held else 1] else "Say hi"), "output": "hi"} for i in range(40)]
+    return write(t / "held.json", json.dumps(recs))
 
 
 @pytest.mark.parametrize("name, make, phrase", CASES, ids=[c[0] for c in CASES])
@@ -241,7 +352,7 @@ def test_bad_input_exits_2_with_one_line(name, make, phrase, tmp_path, done, cap
 
 
 def test_battery_size():
-    assert len(CASES) >= 25 + 17
+    assert len(CASES) >= 67 + 33  # issues 18 and 24, then issue 33's cases and 15 more of their families
 
 
 def test_resume_needs_output_dir(capsys):
@@ -297,17 +408,6 @@ def test_main_raises_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_data", bug)
     with pytest.raises(KeyError):  # not a UserError: cli() does not hide it
         train.cli(TINY + ["--output_dir", str(tmp_path)])
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    out = tmp_path / "o"
-    # lr 1e30: Adam moves every adapter weight by ~1e30 in step 1, so step 2's logits overflow
-    line = cli(capsys, TINY + ["--max_steps", "4", "--lr", "1e30", "--save_every", "1", "--warmup", "0",
-                               "--output_dir", str(out)])
-    assert re.search(r"the loss is (nan|inf) at step 2\b.*ckpt.pt keeps step 1\b", line), line
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 1 and len(ckpt["losses"]) == 1 and math.isfinite(ckpt["losses"][0])
-    assert not (out / "summary.json").exists()
 
 
 def test_adapter_records_method_and_model(done):
@@ -370,3 +470,94 @@ def test_every_torch_load_in_the_project_is_weights_only():
                 loads.append((f.name, node.lineno, safe))
     unsafe = [(f, n) for f, n, safe in loads if not safe and f != "test_errors.py"]
     assert any(f == "train.py" for f, _, _ in loads) and not unsafe, unsafe
+
+
+# ------------------------------------------------------------------- issue 33: never save garbage over good
+
+def finished_files(d):
+    return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+def test_nan_loss_removes_the_checkpoint_that_holds_the_bad_update(tmp_path, capsys):
+    out = tmp_path / "o"
+    # lr 1e30: Adam moves every adapter weight by ~1e30 in step 1, so step 2's logits overflow: the update of
+    # step 1 is the bad one, and the checkpoint of step 1 holds it
+    line = cli(capsys, TINY + ["--max_steps", "4", "--lr", "1e30", "--save_every", "1", "--warmup", "0",
+                               "--output_dir", str(out)])
+    assert re.search(r"the loss is (nan|inf) at step 2: the update of step 1 diverged, training stopped and no "
+                     r"adapter is written; no checkpoint from before it is kept \(the checkpoint of step 1 held it and "
+                     r"was removed\); lower --lr \(now 1e\+30, e.g. --lr 1e\+29\)", line), line
+    assert sorted(p.name for p in out.iterdir()) == []  # no ckpt.pt, summary.json or adapter of garbage
+
+
+def nan_at(monkeypatch, k, grad=False):
+    """The k-th optimizer step's loss (or, grad=True, one gradient) becomes non-finite, as an overflow makes it."""
+    calls, fb = [0], train.forward_backward
+
+    def spy(net, *a, **kw):
+        loss = fb(net, *a, **kw)
+        calls[0] += 1
+        if calls[0] == k and grad:
+            next(p for p in net.parameters() if p.grad is not None).grad[0] = float("inf")
+        return float("nan") if calls[0] == k and not grad else loss
+    monkeypatch.setattr(train, "forward_backward", spy)
+
+
+def test_divergence_falls_back_to_the_checkpoint_before_the_bad_update(tmp_path, capsys, monkeypatch):
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    train.main(TINY + ["--max_steps", "5", "--save_every", "1", "--stop_after", "1", "--output_dir", str(ref)])
+    with monkeypatch.context() as m:
+        nan_at(m, 3)
+        line = cli(capsys, TINY + ["--max_steps", "5", "--save_every", "1", "--output_dir", str(out)])
+    assert f"the loss is nan at step 3: the update of step 2 diverged, training stopped and no adapter is written; " \
+           f"{out}/ckpt.pt keeps step 1, the last checkpoint before it (the checkpoint of step 2 held it and was " \
+           "removed); lower --lr (now 0.0003, e.g. --lr 3e-05) or check the data, then continue with --resume" in line
+    got, want = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, ref))
+    assert got["step"] == 1 and all(torch.equal(got["trainable"][n], t) for n, t in want["trainable"].items())
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
+    assert train.cli(TINY + ["--max_steps", "5", "--lr", "3e-5", "--resume", "--output_dir", str(out)]) == 0
+
+
+def test_non_finite_gradient_stops_before_the_step(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    nan_at(monkeypatch, 2, grad=True)
+    line = cli(capsys, TINY + ["--max_steps", "4", "--output_dir", str(out)])
+    assert "the gradient norm is inf at step 2: the update of step 1 diverged" in line, line
+    assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize("steps, since, now", [(25, 2, 11), (4, 2, 4)])
+def test_loss_stuck_at_a_huge_lr_is_not_saved_as_finished(tmp_path, capsys, steps, since, now):
+    """--lr 1e6: the logits saturate, every loss is ln(260) = 5.5607 from step 2 on; exit 2, no adapter, and
+    the checkpoints of the flat steps removed (10 flat steps stop a run; 3 at its end)."""
+    out = tmp_path / "o"
+    line = cli(capsys, TINY + ["--max_steps", str(steps), "--lr", "1e6", "--warmup", "0", "--save_every", "1",
+                               "--output_dir", str(out)])
+    assert f"the loss has stayed at {math.log(260):.6g} since step {since} (step {now} now) at --lr 1e+06, far " \
+           "above any rate that trains (>= 0.1): the update of step 1 diverged" in line, line
+    assert not any(out.iterdir())
+
+
+def test_home_not_writable(tmp_path, capsys, monkeypatch):
+    import datasets.config
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", os.path.join(write(tmp_path / "home", "a file"), ".cache"))
+    line = cli(capsys, TINY + ["--model", "tiny-bert", "--data", table_dir(tmp_path, [0, 1] * 4, [0, 1]),
+                               "--output_dir", str(tmp_path / "o")])
+    assert f"the datasets cache {tmp_path}/home/.cache cannot be written (Not a directory); set HF_HOME" in line, line
+
+
+def test_held_out_records_without_a_target_token_are_a_warning(tmp_path, capsys):
+    s = train.main(TINY + ["--max_len", "200", "--eval_limit", "2", "--data", held_out_file(tmp_path, long_held=False),
+                           "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "warning: 1 of 2 held-out records have no response token within --max_len 200" in err, err
+    assert all(math.isfinite(s["metrics"][k]["eval_loss"]) for k in ("before", "after"))
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """.ci/run is the README's install line and test command, nothing more: CI cannot be greener than a newcomer."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme.split("## Two commands")[1].split("\n## ")[0], re.S)
+    install, test = blocks[0].splitlines()[0], blocks[1].strip()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', install, test], ci

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -293,3 +294,105 @@ def test_torchrun_ranks_draw_their_own_masks_and_resume_them(tmp_path):
         assert n == len(f["masks"]) // 2 and all(torch.equal(x, y) for x, y in zip(r["masks"], f["masks"][-n:]))
         assert torch.equal(r["rng"], f["rng"])
     same_run(cut_dir, full_dir)
+
+
+# ---------------------------------------------- issue 33: nothing deleted before every input is checked
+
+def files(d):
+    """Every file under d (relative path -> bytes)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_eval_only_overwrite_never_touches_a_finished_run(tmp_path, tmp_path_factory):
+    ref = full("lora", tmp_path_factory)
+    import shutil
+    shutil.copytree(ref, tmp_path / "run")
+    before = files(tmp_path / "run")
+    run = str(tmp_path / "run")
+    assert train.cli(argv("lora", run, "--eval_only", "--overwrite", "--adapter", run)) == 0
+    after = files(tmp_path / "run")
+    assert {k: v for k, v in after.items() if k != "eval.json"} == before  # the run's own files, byte for byte
+    timeless = lambda m: {k: v for k, v in m.items() if k != "eval_time_s"}  # noqa: E731
+    assert timeless(json.loads(after["eval.json"])["metrics"]["eval"]) == \
+        timeless(json.loads(before["summary.json"])["metrics"]["after"])
+
+
+@pytest.mark.parametrize("bad", [["--data", "./no/such/data.json"], ["--targets", "q_projj"],
+                                 ["--model", "./no/such/model"], ["--r", "1000"]])
+def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, tmp_path_factory, bad):
+    """Every input is checked before --overwrite touches the folder: a mistyped path, a target that matches
+    nothing (found only when the method attaches), a missing model: exit 2, the old run byte for byte."""
+    import shutil
+    shutil.copytree(full("lora", tmp_path_factory), tmp_path / "run")
+    before = files(tmp_path / "run")
+    assert train.cli(argv("lora", tmp_path / "run", "--overwrite", *bad)) == 2
+    assert files(tmp_path / "run") == before and not list(tmp_path.glob("run.old-*"))
+
+
+def test_overwrite_moves_the_old_run_aside_at_the_first_write(tmp_path, tmp_path_factory, capsys):
+    import shutil
+    shutil.copytree(full("lora", tmp_path_factory), tmp_path / "run")
+    before = files(tmp_path / "run")
+    assert train.cli(argv("taso", tmp_path / "run", "--overwrite")) == 0
+    old, = tmp_path.glob("run.old-*")
+    assert files(old) == before  # nothing lost
+    assert f"--overwrite: the old run's ckpt.pt, summary.json, adapter.safetensors, method_state.pt moved to {old}; " \
+           "delete it when you no longer need it" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "run" / "summary.json"))["method"] == "taso"
+
+
+def test_one_process_per_output_folder(tmp_path, capsys):
+    """A lock of a live process (a real other process) is refused; once it is gone, the lock is taken over
+    with a line; the run's lock is released when it ends."""
+    out = tmp_path / "o"
+    out.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".lock").write_text(f"{other.pid} {socket.gethostname()}\n")
+        assert train.cli(argv("lora", out)) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out} is in use by another run (.lock: pid {other.pid} " in err, err
+        assert (out / ".lock").read_text().startswith(str(other.pid)) and not (out / "ckpt.pt").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert train.cli(argv("lora", out)) == 0
+    assert f"{out}: taking over the lock of pid {other.pid}, which is no longer running" in capsys.readouterr().out
+    assert not (out / ".lock").exists() and (out / "summary.json").exists()
+
+
+def test_eval_every_history_survives_sigterm(tmp_path, monkeypatch):
+    """summary.json's evaluations during training after SIGTERM + --resume equal the uninterrupted run's."""
+    timeless = lambda s: [{k: v for k, v in m.items() if k != "eval_time_s"} for m in s["metrics"]["during"]]  # noqa: E731
+    full_run = tmp_path / "full"
+    assert train.cli(argv("lora", full_run, "--eval_every", "1")) == 0
+    with monkeypatch.context() as m:
+        signal_after_step(m, 2, signal.SIGTERM)
+        assert train.cli(argv("lora", tmp_path / "cut", "--eval_every", "1")) == 128 + signal.SIGTERM
+    assert train.cli(argv("lora", tmp_path / "cut", "--eval_every", "1", "--resume")) == 0
+    sf, sc = (json.load(open(d / "summary.json")) for d in (full_run, tmp_path / "cut"))
+    assert [m["step"] for m in sf["metrics"]["during"]] == [1, 2] and timeless(sc) == timeless(sf)
+    same_run(tmp_path / "cut", full_run)
+
+
+def test_full_disk_at_the_adapter_save(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """ENOSPC while adapter.safetensors is written (safetensors' own error): one line, no half file, the final
+    ckpt.pt kept; --resume once there is space writes the outputs of the uninterrupted run."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    save = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        open(path, "wb").write(b"the first bytes")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert train.cli(argv("lora", tmp_path)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"error: could not write {tmp_path}/adapter.safetensors (No space left on device); "
+                    f"{tmp_path}/ckpt.pt keeps the finished run (step 3): free space (or fix the folder) and run the "
+                    "same command with --resume, which evaluates and writes the outputs"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no half adapter, no summary
+    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    assert train.cli(argv("lora", tmp_path, "--resume")) == 0
+    same_run(tmp_path, full("lora", tmp_path_factory))
