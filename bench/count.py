@@ -32,6 +32,8 @@ memory.Counter, so the memory count runs alongside) records every op dispatched 
   kernel's own max (tighter: a memory-bound kernel cannot use the compute a matmul leaves idle). Peaks in PEAKS
   (dense bf16, SXM, NVIDIA's data sheets). A bound, never a GPU time: launch latency, kernel efficiency and
   host syncs are not in it.
+A LLaMA row's attention is counted as the GPU runs it on the all-ones batch: SDPA with is_causal=True and no
+mask (on fake tensors HF would pass an explicit causal mask; `causal` drops it).
 Phases: forward, backward, recompute (checkpointing's forwards inside backward), optimizer (AdamW), other
 (clip, zero_grad, the loop's loss read).
 
@@ -125,6 +127,20 @@ def attention_flop(func, args, kwargs):
     return int(2.5 * fwd) if "backward" in name else fwd
 
 
+def causal(func, args, kwargs):
+    """An SDPA call with an explicit mask as the causal call without one. HF builds a causal mask on fake
+    tensors (it cannot see that the batch's attention mask is all ones); on real tensors it calls SDPA with
+    is_causal=True and no mask, which is what the GPU runs (count_row's batches are all ones)."""
+    names = [a.name for a in func._schema.arguments]
+    args, kwargs = list(args), dict(kwargs, attn_mask=None)
+    i = names.index("is_causal")
+    if i < len(args):
+        args[i] = True
+    else:
+        kwargs["is_causal"] = True
+    return tuple(args), kwargs
+
+
 def op_flop(func, args, kwargs, out):
     f = attention_flop(func, args, kwargs)
     if f is not None:
@@ -166,7 +182,7 @@ class StepCounter(memory.Counter):
 
     def __init__(self, activation=None, cuda_like=True):
         super().__init__()
-        self.activation, self.cuda_like = activation, cuda_like
+        self.activation, self.cuda_like, self.causal_sdpa = activation, cuda_like, False
         self.stats, self.on, self.in_opt, self.draw, self.pending, self.hooks = Stats(), False, False, None, None, []
 
     # -- the mode
@@ -203,6 +219,7 @@ class StepCounter(memory.Counter):
             w = model.get_submodule(n).weight
             shapes |= {tuple(w.shape), tuple(w.shape[::-1])}
         self.activation = (tokens, getattr(cfg, "hidden_size", 1), shapes)
+        self.causal_sdpa = cfg.model_type == "llama" and bool(batch["attention_mask"].dtype == torch.long)
 
     def phase(self):
         if self.in_opt:
@@ -213,6 +230,8 @@ class StepCounter(memory.Counter):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.causal_sdpa and kwargs.get("attn_mask") is not None and "scaled_dot_product" in op_name(func):
+            args, kwargs = causal(func, args, kwargs)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.on:
             self.account(func, args, kwargs, out)

@@ -191,4 +191,7 @@ def test_count_row_small_shape(tmp_path):
     linear = 2 * (4 * 128 * 128 + 3 * 128 * 512) + 512 * 128  # 2 layers (q k v o, gate up down) + lm_head
     assert row["flop_by_phase"]["forward"] >= 2 * 32 * linear
     assert row["syncs"].get("_local_scalar_dense") == 1
+    # attention as the GPU runs it on an all-ones batch: causal SDPA, 2 layers × 2 heads × d 64 (loops: j ≤ i)
+    fwd = 2 * sum(1 for i in range(32) for j in range(32) if j <= i) * (2 * 64 + 2 * 64)
+    assert row["attention_flop"] == 2 * (fwd + int(2.5 * fwd))
     assert json.loads(out.read_text())["rows"][0]["kernels"] == row["kernels"]
