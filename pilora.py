@@ -16,8 +16,8 @@ cumulative hit count reaches τ·ΣH (`tau`, 0.7: where Fig. 6 saturates). Table
 
 Stage 2 (lines 15–23): a fresh two-group LoRA on Θ₀ (the stage-1 adapters are discarded):
 h = W₀x + s·(M ⊗ B_d)A_d x + s·(M̄ ⊗ B_s)A_s x (Eq 10) with B_d |M| × r, A_d r × n, B_s (m−|M|) × r′,
-A_s r′ × n. The mask mapping M ⊗ B (Eq 9) is an index scatter of the compact outputs into their rows
-(common.scatter_rows): no m × n matrix and no zero-padded B is ever built. Merge (Eq 11):
+A_s r′ × n trained (the compact blocks). Each step builds the mask mapping M ⊗ B (Eq 9, m × r) from them, and
+Eq 10 runs as one LoRA pair, [M ⊗ B_d, M̄ ⊗ B_s]·[A_d; A_s]: no m × n matrix, no index op on activations. Merge (Eq 11):
 W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
 
 Readings of the paper and deviations:
@@ -118,9 +118,16 @@ def select_rows(H, S, tau, how="hits", generator=None):
 
 # ------------------------------------------------------------- stage 2: the adapter layer (Eq 9–11)
 
+def mask_map(B, idx, m):
+    """M ⊗ B (Eq 9): the m × r matrix whose row idx[k] is B's row k, zero elsewhere (idx ascending, so
+    k = k(i) − 1). r × m entries: built each step from the compact B, never stored."""
+    return B.new_zeros(m, B.shape[1]).index_copy(0, idx, B)
+
+
 class PiLoRALinear(nn.Module):
     """A frozen `base` (m × n) plus two compact LoRAs (Eq 10): rank r on the dominant rows idx_d
     (B_d: |M| × r, A_d: r × n) and rank r′ on the others idx_s (B_s: (m−|M|) × r′, A_s: r′ × n)."""
+    lean = True  # Eq 10 as one LoRA pair on the padded factors(); False: term by term, as written
 
     def __init__(self, base: nn.Linear, dominant, r, r_supp, alpha, dropout=0.0, generator=None):
         super().__init__()
@@ -131,9 +138,8 @@ class PiLoRALinear(nn.Module):
         m, n, dev = base.out_features, base.in_features, base.weight.device
         mask = torch.zeros(m, dtype=torch.bool)
         mask[common.check_index(torch.as_tensor(dominant).cpu(), m, "dominant")] = True  # M
-        # ascending rows: compact row k(i) − 1 of B holds row i, k(i) = Σ_{j≤i} M_j (Eq 9)
-        self.register_buffer("idx_d", mask.nonzero().flatten().to(dev), persistent=False)
-        self.register_buffer("idx_s", (~mask).nonzero().flatten().to(dev), persistent=False)
+        self.register_buffer("idx_d", mask.nonzero().flatten().to(dev))  # M, ascending (Eq 9's k(i))
+        self.register_buffer("idx_s", (~mask).nonzero().flatten().to(dev))  # M̄
         self.r, self.r_supp, self.scaling = r, r_supp, alpha / r  # one s = α / r for both groups
         self.lora_A_d, self.lora_B_d = new_adapter(len(self.idx_d), r, n, dev, generator)
         self.lora_A_s, self.lora_B_s = new_adapter(len(self.idx_s), r_supp, n, dev, generator)
@@ -145,35 +151,34 @@ class PiLoRALinear(nn.Module):
                                               (self.lora_A_s, self.lora_B_s, self.idx_s)) if A is not None]
 
     def forward(self, x):
-        out = self.base(x)  # (..., m)
-        gs = self.groups()
-        axs = common.dropout_linear(x, self.dropout, *[A for A, _, _ in gs])  # one dropout of x for both groups
-        for (A, B, idx), ax in zip(gs, axs):
-            y = F.linear(ax, B) * self.scaling  # (..., |idx|)
-            out = common.scatter_rows(out, idx, y.to(out.dtype))  # Eq 9–10: (M ⊗ B)Ax as a scatter into rows idx
-        return out
+        m, gs = self.base.out_features, self.groups()
+        if not gs:  # |M| = 0 and r′ = 0: nothing trains here
+            return self.base(x)
+        if self.lean:  # one dropout, one A and one B matmul for both groups, no index op on x
+            A, B = self.factors()
+            ax, = common.dropout_linear(x, self.dropout, A)  # (..., r + r′)
+            h = self.base(x)
+            return h + (F.linear(ax, B) * self.scaling).to(h.dtype)  # in the base's dtype, as the plain form
+        d = self.dropout(x)  # Eq 10: h = W₀x + s(M ⊗ B_d)A_d x + s(M̄ ⊗ B_s)A_s x
+        return self.base(x) + sum(F.linear(F.linear(d, A), mask_map(B, idx, m)) * self.scaling for A, B, idx in gs)
+
+    def factors(self):
+        """Eq 10's two terms as one product: A = [A_d; A_s] ((r + r′) × n), B = [M ⊗ B_d, M̄ ⊗ B_s]
+        (m × (r + r′): B_d in rows M, columns :r; B_s in rows M̄, columns r:), built from the compact blocks."""
+        gs, m = self.groups(), self.base.out_features
+        return torch.cat([A for A, _, _ in gs]), torch.cat([mask_map(B, idx, m) for _, B, idx in gs], 1)
 
     def merge(self) -> nn.Linear:
-        """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11), in fp32; rows without an adapter stay W₀."""
-        gs = self.groups()
-        rows = torch.cat([idx for _, _, idx in gs]) if gs else self.idx_d[:0]
-        delta = (torch.cat([self.scaling * (B.detach().float() @ A.detach().float()) for A, B, _ in gs]) if gs
-                 else self.base.weight.new_zeros(0, self.base.in_features, dtype=torch.float32))
-        return common.merged_linear(self.base, delta, rows=rows)
+        """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11) = W₀ + s·B A with factors(), summed in fp32."""
+        f = self.lora_factors()
+        return common.merged_linear(self.base, torch.zeros_like(self.base.weight) if f is None else self.scaling * (f[1] @ f[0]))
 
     def lora_factors(self):
-        """Eq 10 as one rank-(r + r′) LoRA for PEFT: A = [A_d; A_s], B = [M ⊗ B_d, M̄ ⊗ B_s] (B_d in rows M,
-        columns :r; B_s in rows M̄, columns r:; zero elsewhere); s = α / r kept, so α_PEFT = s·(r + r′).
+        """factors() for PEFT, fp32, detached: one rank-(r + r′) LoRA with s = α / r kept, so α_PEFT = s·(r + r′).
         None when neither group has an adapter (the module carries no update)."""
-        gs = self.groups()
-        if not gs:
+        if not self.groups():
             return None
-        A = torch.cat([A.detach().float() for A, _, _ in gs])  # (r + r′, n)
-        B = A.new_zeros(self.base.out_features, A.shape[0])    # (m, r + r′)
-        k = 0
-        for A_g, B_g, idx in gs:
-            B[idx, k:k + len(A_g)] = B_g.detach().float()
-            k += len(A_g)
+        A, B = (t.detach().float() for t in self.factors())
         return A, B, self.scaling * len(A)
 
 

@@ -13,8 +13,9 @@ The paper's equation numbers are unknown, so the equations are numbered here (T1
                                 T6  merge: W[R][:, C] += s · B_R A_C
   §4 LR scaling (formula ours)  T7  lr_TASO = lr · ρ^(-1/2),  ρ = p
 
-B_R (|R| × r, zeros) and A_C (r × |C|, Kaiming-uniform over the kept columns) are stored compactly:
-no out × in mask and no zero-padded A or B exists. Trainable parameters per matrix: r·(|R| + |C|);
+B_R (|R| × r, zeros) and A_C (r × |C|, Kaiming-uniform over the kept columns) are the trained tensors; each step
+builds from them A (r × in) zero outside C and B (out × r) zero outside R, and T5 runs as one LoRA pair
+s·B A x: no out × in matrix, no index op on activations. Trainable parameters per matrix: r·(|R| + |C|);
 with the defaults r = 8, p = 1/r that is out + in, the budget of dense LoRA with rank 1.
 
 Our readings and deviations (each is a keyword of TASO):
@@ -32,8 +33,7 @@ Our readings and deviations (each is a keyword of TASO):
 - A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
   LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
 - ρ = p in T7; `lr_scale="linear"` uses ρ^(-1), `"none"` uses 1.
-- Adapter dropout is applied to x[..., C] after the gather: the same distribution as dropping x
-  first, and the mask is |C| wide instead of in wide.
+- Adapter dropout acts on the full x (the one LoRA pair reads x): the same distribution as dropping x[..., C].
 - Ablations: `metric` g|w|random replace T1 by |G|, |W| or uniform noise (w and random need no
   pass); `select` rows|cols choose only that axis by T3–T4 and draw the other at random with
   the same size, so every variant has the same shape and budget (keeping the other axis whole
@@ -55,6 +55,7 @@ import common
 
 class TASOLinear(nn.Module):
     """A frozen `base` Linear plus s·scatter_R(B_R(A_C x[..., C])) (T5); taso_A, taso_B in fp32."""
+    lean = True  # T5 as one LoRA pair on the padded factors(); False: gather and scatter, as written
 
     def __init__(self, base: nn.Linear, rows, cols, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -65,8 +66,8 @@ class TASOLinear(nn.Module):
         common.need(len(rows) and len(cols), f"`rows` and `cols` must not be empty, got {len(rows)} and {len(cols)}")
         self.base = base.requires_grad_(False)
         dev = base.weight.device
-        self.register_buffer("rows", rows.to(dev, torch.long), persistent=False)  # R, sorted
-        self.register_buffer("cols", cols.to(dev, torch.long), persistent=False)  # C, sorted
+        self.register_buffer("rows", rows.to(dev, torch.long))  # R, sorted
+        self.register_buffer("cols", cols.to(dev, torch.long))  # C, sorted
         self.taso_A = nn.Parameter(torch.empty(r, len(cols), device=dev, dtype=torch.float32))  # A_C
         self.taso_B = nn.Parameter(torch.zeros(len(rows), r, device=dev, dtype=torch.float32))  # B_R
         nn.init.kaiming_uniform_(self.taso_A, a=math.sqrt(5))  # fan-in = |C|
@@ -74,10 +75,19 @@ class TASOLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        out = self.base(x)                                                     # W x, (..., out)
-        ax, = common.dropout_linear(common.gather_cols(x, self.cols), self.dropout, self.taso_A)  # A_C x[..., C], (..., r)
-        y = F.linear(ax, self.taso_B) * self.scaling                           # (..., |R|)
-        return common.scatter_rows(out, self.rows, y.to(out.dtype))            # T5
+        if self.lean:  # one LoRA pair on full x: no index op on x
+            A, B = self.factors()
+            ax, = common.dropout_linear(x, self.dropout, A)  # (..., r)
+            h = self.base(x)
+            return h + (F.linear(ax, B) * self.scaling).to(h.dtype)  # in the base's dtype, as the plain form
+        y = F.linear(F.linear(self.dropout(x)[..., self.cols], self.taso_A), self.taso_B) * self.scaling  # (..., |R|)
+        return self.base(x).index_add(-1, self.rows, y)  # T5: W x + s·scatter_R(B_R A_C x[..., C])
+
+    def factors(self):
+        """A (r × in) zero outside the columns C, B (out × r) zero outside the rows R, built from A_C, B_R:
+        s·B A is T5's update as one dense LoRA pair."""
+        A = self.taso_A.new_zeros(len(self.taso_A), self.base.in_features).index_copy(1, self.cols, self.taso_A)
+        return A, self.taso_B.new_zeros(self.base.out_features, self.taso_B.shape[1]).index_copy(0, self.rows, self.taso_B)
 
     def delta_block(self):
         return self.scaling * (self.taso_B @ self.taso_A)  # (|R|, |C|), fp32
@@ -86,11 +96,8 @@ class TASOLinear(nn.Module):
         return common.merged_linear(self.base, self.delta_block(), rows=self.rows, cols=self.cols)  # T6
 
     def lora_factors(self):
-        """T5 as a rank-r LoRA for PEFT: B (out × r) zero outside R, A (r × in) zero outside C, α = s·r."""
-        A = self.taso_A.new_zeros(len(self.taso_A), self.base.in_features)
-        B = self.taso_B.new_zeros(self.base.out_features, self.taso_B.shape[1])
-        A[:, self.cols] = self.taso_A.detach().float()
-        B[self.rows] = self.taso_B.detach().float()
+        """T5 as a rank-r LoRA for PEFT (factors(), fp32, detached), α = s·r."""
+        A, B = (t.detach().float() for t in self.factors())
         return A, B, self.scaling * len(A)
 
 

@@ -1,7 +1,7 @@
 """PiLoRA (pilora.py) against brute force: Eq 7 by finite differences and full autograd (float64),
 Eq 8 scores and hit counts by loops, the τ partition on hand examples, the Eq 9–10 masked forward
-against a dense loop-built M ⊗ B, group isolation, the Eq 11 merge, the parameter count, the saved
-tensors of the scatter, a planted-signal recovery, and two-stage bf16 + checkpointed runs that resume
+against a dense loop-built M ⊗ B (lean and plain forms), group isolation, the Eq 11 merge, the parameter
+count, the saved tensors, a planted-signal recovery, and two-stage bf16 + checkpointed runs that resume
 exactly mid-stage-1 and mid-stage-2."""
 import os
 import sys
@@ -190,10 +190,12 @@ def dense_mask_mapping(mask, B):
     return torch.stack(rows)
 
 
-def test_masked_forward_and_grads_equal_dense_reconstruction_float64():
+@pytest.mark.parametrize("lean", [True, False])
+def test_masked_forward_and_grads_equal_dense_reconstruction_float64(lean):
     m, n, r, rs = 11, 7, 3, 2
     dominant = [1, 4, 5, 9]
     layer = random_layer(m, n, dominant, r, rs)
+    layer.lean = lean
     mask = torch.zeros(m, dtype=torch.bool)
     mask[dominant] = True
     assert layer.lora_B_d.shape == (4, r) and layer.lora_A_d.shape == (r, n)
@@ -217,9 +219,11 @@ def test_masked_forward_and_grads_equal_dense_reconstruction_float64():
     assert layer.base.weight.grad is None
 
 
-def test_groups_are_isolated():
+@pytest.mark.parametrize("lean", [True, False])
+def test_groups_are_isolated(lean):
     """Supplementary rows get exactly nothing from the dominant adapter, and vice versa."""
     layer = random_layer(10, 6, [0, 2, 3, 8], 3, 1)
+    layer.lean = lean
     x = torch.randn(3, 6, dtype=torch.float64)
     out = layer(x)
     layer(x)[:, layer.idx_s].sum().backward()
@@ -269,9 +273,9 @@ def test_param_count_formula(m, n, k, r, rs):
         assert got == k * r + r * n + (m - k) * rs + rs * n
 
 
-def test_scatter_saves_no_tokens_by_block_tensor():
-    """Only x, idx and the rank-sized Ax are saved; a compact block output (tokens × |M|) is not.
-    The same hook does catch it when the scatter is written with index_add (negative control)."""
+def test_lean_forward_saves_no_tokens_by_block_tensor():
+    """Only x, the padded factors and the rank-sized Ax are saved; a compact block output (tokens × |M|) is
+    not. The same hook does catch it when the scatter is written with index_add (negative control)."""
     m, n, r, rs, tokens = 24, 20, 3, 2, 2 * 13
     layer = random_layer(m, n, list(range(0, 24, 3)), r, rs, dtype=torch.float32)
     blocks = (len(layer.idx_d), len(layer.idx_s))
@@ -290,7 +294,7 @@ def test_scatter_saves_no_tokens_by_block_tensor():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             shapes = saved_shapes(lambda: layer(x))
         assert not [s for s in shapes if is_block(s)], shapes
-        assert (2, 13, r) in shapes or (26, r) in shapes  # LoRA's own A x, tokens × r
+        assert (2, 13, r + rs) in shapes or (26, r + rs) in shapes  # LoRA's own A x, tokens × (r + r′)
 
     def index_add_forward():
         y = F.linear(F.linear(x, layer.lora_A_d), layer.lora_B_d)

@@ -1,5 +1,5 @@
 """TASO (taso.py) against brute force: naive float64 autograd importance, explicit-loop core regions,
-dense ΔW forward/merge, saved tensors, a planted block, and tiny-llama runs under bf16 + checkpointing."""
+dense ΔW forward/merge (lean and plain forms), saved tensors, a planted block, and tiny-llama runs under bf16 + checkpointing."""
 import copy
 import math
 import os
@@ -231,8 +231,10 @@ def make_layer(dtype=torch.float64, seed=0, r=3, dropout=0.0):
     return layer.to(dtype), R, C
 
 
-def test_forward_equals_dense_delta_grads_only_into_blocks():
+@pytest.mark.parametrize("lean", [True, False])
+def test_forward_equals_dense_delta_grads_only_into_blocks(lean):
     layer, R, C = make_layer()
+    layer.lean = lean
     assert layer.taso_A.shape == (3, 7) and layer.taso_B.shape == (5, 3)
     W, b, A, B, s = layer.base.weight, layer.base.bias, layer.taso_A, layer.taso_B, layer.scaling
     dW = torch.zeros(16, 20, dtype=torch.float64)  # explicit, zeros outside R × C
@@ -290,8 +292,8 @@ def test_no_tokens_by_rows_tensor_saved(autocast):
     y.float().sum().backward()
     sizes = [t.numel() for t in saved]
     assert T * len(R) not in sizes  # the compact output B_R A_C x_C (tokens × |R|) is not kept
-    assert r * inn not in sizes and out * r not in sizes  # no zero-padded A or B
-    assert T * len(C) in sizes  # x[..., C] is A_C's input (LoRA keeps x itself)
+    assert T * len(C) not in sizes and T * inn in sizes  # nor x[..., C]: x itself (as LoRA keeps it)
+    assert r * inn in sizes and out * r in sizes  # the zero-padded A and B, rank-sized
     full = [t for t in saved if t.numel() == out * inn]
     assert len(full) == 1  # W for the base matmul, nothing else out × in (no dense mask)
     if not autocast:
