@@ -10,6 +10,7 @@ Paper: ../shared/papers/004_584a2078842cda78.txt. Per target weight W (d_out × 
   Eq 5          h = f(W, x) + f(M W_f, x) = base(x) + M (W_f x): W_f x is scattered into the selected
                 output features in place (common.scatter_rows), so autograd keeps x and W_f
                 only, never the tokens × r activation W_f x that LoRA keeps as A x (§5.4, App. D.4).
+                The plain form (`lean = False`): F.linear(x, M W_f) with M dense, tested equal.
   §4.2, §5.3    all attention + MLP linear layers, or MLP only (`mlp_only`, the "FA" rows of
                 Tables 6–9: attention frozen). Heads (`heads`) train fully. No dropout.
   Merge         W[idx] += W_f in fp32, cast once: a plain Linear, no extra latency.
@@ -35,9 +36,8 @@ Deviations and readings:
 - `ratio`: the paper gives no rounding ("approximately 5 %", §4.2); r = ratio·d_out rounded
   to the nearest whole row, halves up (2.5 → 3), at least 1.
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
-  last calibration batch (reduced to row scores in its grad hook): the memory of dense fine-tuning's
-  gradients, which is why §5.3 uses ℓ2 for LLMs. With `calib_batches` = 1 nothing is kept;
-  `score_groups` = G keeps 1/G of it at a time (G passes over the same batches, the same rows).
+  last calibration batch: the memory of dense fine-tuning's gradients, which is why §5.3 uses ℓ2 for
+  LLMs. `score_groups` = G keeps 1/G of it at a time (G passes over the same batches, the same rows).
 - `rows` larger than a matrix's d_out selects all its rows (top-r of fewer than r rows).
 - `norms` (optional, §1.1 bullet 2) trains every LayerNorm / RMSNorm affine vector in full
   (d values each) instead of selecting elements of them.
@@ -46,11 +46,11 @@ Deviations and readings:
 """
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
@@ -60,7 +60,16 @@ IMPORTANCE = ("l2", "taylor", "qm_taylor")
 # ----------------------------------------------------------------------------- the adapter layer
 
 class SPSFTLinear(nn.Module):
-    """A frozen `base` Linear plus the selected rows' update: h = W x + M (W_f x) (Eq 5)."""
+    """A frozen `base` Linear plus the selected rows' update: h = W x + M (W_f x) (Eq 5).
+
+    The lean branch scatters W_f x into the rows (common.scatter_rows: index_add_ forward, index_select
+    backward). Counted against the weight-space forms (bench/count.py count_layer, forward + backward, bf16
+    autocast, r = 128, tokens 2048, bytes read + written / kernels / per-kernel roofline sum on an H100):
+    4096 × 4096: scatter 0.297 GB / 10 / 0.188 ms, a zero-padded W_f added into W each forward (own backward)
+    0.316 GB / 9 / 0.193 ms, M as an out × r one-hot matmul 0.333 GB / 11 / 0.198 ms; 11008 × 4096: 0.552 /
+    0.740 / 0.648 GB; 4096 × 11008: 0.653 / 0.762 / 0.689 GB. The scatter touches tokens × r entries, the
+    others an out × in weight or a tokens × out product: it is kept (no GPU measured it)."""
+    lean = True  # False: the plain line of Eq 5, F.linear(x, M W_f) with M dense (an out × in product)
 
     def __init__(self, base: nn.Linear, idx: torch.Tensor):
         super().__init__()
@@ -69,25 +78,29 @@ class SPSFTLinear(nn.Module):
         common.need(len(idx) > 0, "`idx` (the selected rows) must not be empty")
         self.base = base.requires_grad_(False)
         dev = base.weight.device
-        self.register_buffer("idx", idx.to(device=dev, dtype=torch.long), persistent=False)  # i_1 … i_r
+        self.register_buffer("idx", idx.to(device=dev, dtype=torch.long))  # i_1 … i_r, saved with the model
         self.spsft_W_f = nn.Parameter(torch.zeros(len(idx), base.in_features, device=dev,
                                                   dtype=torch.float32))  # §3.1: zeros, so Ŵ = W at step 0
 
     def forward(self, x):
-        out = self.base(x)                                                             # W x
-        y = F.linear(common.adapter_input(x, self.spsft_W_f), self.spsft_W_f)          # W_f x, (..., r)
-        return common.scatter_rows(out, self.idx, y.to(out.dtype))                    # Eq 5: + M (W_f x)
+        if not self.lean:
+            return self.base(x) + F.linear(x, self.M() @ self.spsft_W_f)                 # Eq 5
+        out, y = self.base(x), F.linear(common.adapter_input(x, self.spsft_W_f), self.spsft_W_f)  # W x, W_f x
+        return common.scatter_rows(out, self.idx, y.to(out.dtype))                    # Eq 5: W x + M (W_f x)
+
+    def M(self):
+        """The row selection M ∈ {0,1}^{d_out × r}, M_{i_j j} = 1 (§3.1), fp32."""
+        k = len(self.idx)
+        M = self.spsft_W_f.new_zeros(self.base.out_features, k)
+        M[self.idx, torch.arange(k, device=M.device)] = 1.0
+        return M
 
     def merge(self) -> nn.Linear:
         return common.merged_linear(self.base, self.spsft_W_f, rows=self.idx)          # W + M W_f
 
     def lora_factors(self):
-        """M W_f as a rank-|rows| LoRA for PEFT: B = the one-hot selection M (d_out × r), A = W_f,
-        α = r (scaling 1)."""
-        k = len(self.idx)
-        B = self.spsft_W_f.new_zeros(self.base.out_features, k)
-        B[self.idx, torch.arange(k, device=B.device)] = 1.0  # M_{i_j j} = 1 (§3.1)
-        return self.spsft_W_f.detach().float(), B, float(k)
+        """M W_f as a rank-|rows| LoRA for PEFT: B = M, A = W_f, α = r (scaling 1)."""
+        return self.spsft_W_f.detach().float(), self.M().detach(), float(len(self.idx))
 
 
 # ----------------------------------------------------------------------------- importance (§3.2)
@@ -108,34 +121,28 @@ def quantiles_mean(eta_t):
     return torch.quantile(eta_t, q, dim=0).mean(dim=0)
 
 
-def taylor_pass(model, weights, terms, desc="spsft taylor"):
+def taylor_pass(model, weights, terms):
     """Row scores taylor_rows(g, W) for every W in `weights` {name: Parameter}, where g is the gradient
-    of Σ_k c_k · loss(batch_k) over `terms` [(batch, c)], with dropout off (common.scoring_mode). Each
-    gradient is folded into an fp32 sum as it is produced and the model's .grad is freed; the last
-    term's hook reduces the sum to rows."""
+    of Σ_k c_k · loss(batch_k) over `terms` [(batch, c)] (summed over the processes under torchrun before
+    the |·|), with dropout off (common.scoring_mode). Each gradient is folded into an fp32 sum as it is
+    produced and the model's .grad is freed."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in flags:
         p.requires_grad_(False)
-    gsum, scores, last = {}, {}, [False]
+    gsum = {}
 
     def hook_for(name):
         def hook(p):
             g = p.grad.float()  # the model's .grad is handed over (or cast) and then dropped
             p.grad = None
-            if name in gsum:
-                g = gsum.pop(name).add_(g)
-            if last[0]:
-                scores[name] = taylor_rows(g, p)
-            else:
-                gsum[name] = g
+            gsum[name] = gsum.pop(name).add_(g) if name in gsum else g
         return hook
 
     handles = [w.requires_grad_(True).register_post_accumulate_grad_hook(hook_for(n)) for n, w in weights.items()]
     try:
         with torch.enable_grad(), common.scoring_mode(model):
-            for k, (batch, c) in enumerate(tqdm(terms, desc=desc, unit="batch", leave=False)):
-                last[0] = k == len(terms) - 1 and common.world()[1] == 1  # torchrun: sum over processes first
-                (model(**batch).loss * c).backward()
+            for batch, c in terms:
+                (common.task_loss(model, batch) * c).backward()
     finally:
         for h in handles:
             h.remove()
@@ -143,11 +150,8 @@ def taylor_pass(model, weights, terms, desc="spsft taylor"):
             p.requires_grad_(f)
         for w in weights.values():
             w.grad = None
-    for name, w in weights.items():  # a weight the last term did not reach; under torchrun every weight
-        if name not in scores:
-            g = gsum.pop(name) if name in gsum else torch.zeros(w.shape, device=w.device)
-            scores[name] = taylor_rows(common.all_reduce(g), w)  # Σ over processes before the |·|
-    return scores
+    zeros = lambda w: torch.zeros(w.shape, device=w.device)  # a weight no term reached
+    return {n: taylor_rows(common.all_reduce(gsum.pop(n) if n in gsum else zeros(w)), w) for n, w in weights.items()}
 
 
 def class_labels(batches, model):
@@ -155,11 +159,12 @@ def class_labels(batches, model):
     problem = getattr(getattr(model, "config", None), "problem_type", None)
     for b in batches:
         y = b.get("labels")
-        if y is None or y.dim() != 1 or y.is_floating_point() or problem in ("regression",
-                                                                            "multi_label_classification"):
-            shape = None if y is None else tuple(y.shape)
+        if y is None:
+            raise common.UserError("attach(model, batches): a calibration batch has no `labels`; put each "
+                                   "example's class in its batch as `labels` (Eq 6 splits the loss by class)")
+        if y.dim() != 1 or y.is_floating_point() or problem in ("regression", "multi_label_classification"):
             raise ValueError(f"`importance` qm_taylor needs one class label per example (Eq 6), but this "
-                             f"task's labels have shape {shape}; use `importance` taylor or l2")
+                             f"task's labels have shape {tuple(y.shape)}; use `importance` taylor or l2")
     return [b["labels"] for b in batches]
 
 
@@ -180,6 +185,8 @@ def row_importance(model, weights, batches, kind, groups=1):
                 for n, eta in row_importance(model, part, batches, kind).items()}
     if kind == "l2":
         return {n: l2_rows(w) for n, w in weights.items()}
+    if not all(isinstance(b, Mapping) for b in batches):  # refused with what attach expects
+        common.task_loss(model, next(b for b in batches if not isinstance(b, Mapping)))
     n_batches = int(common.all_reduce(torch.tensor(len(batches))))  # torchrun: each process has its share
     if not n_batches:
         raise ValueError(f"`importance` {kind} needs calibration batches; give attach() some (or use l2)")
@@ -194,7 +201,7 @@ def row_importance(model, weights, batches, kind, groups=1):
     for t in classes:  # Eq 6: η_i^t from L(D^t, F), the mean loss over the class-t examples
         n_t = int(common.all_reduce(torch.tensor(sum(int((y == t).sum()) for y in labels))))
         terms = [(sub_batch(b, y == t), int((y == t).sum()) / n_t) for b, y in zip(batches, labels) if (y == t).any()]
-        for n, s in taylor_pass(model, weights, terms, f"spsft qm_taylor class {t}").items():
+        for n, s in taylor_pass(model, weights, terms).items():
             eta_t[n].append(s)
     return {n: quantiles_mean(torch.stack(v)) for n, v in eta_t.items()}  # Eq 7
 
@@ -255,8 +262,7 @@ class SPSFT(common.Method):
         self.importance_time_s = 0.0
 
     def attach(self, model, batches=(), state=None):
-        common.prepare(model, self.heads)
-        self.model = model
+        common.prepare(model, self.heads, self, state)
         names = [n for n in common.find_targets(model, self.targets, heads=self.heads)
                  if not (self.mlp_only and is_attention(n))]
         if not names:
@@ -285,10 +291,10 @@ class SPSFT(common.Method):
                     mod.register_forward_hook(same_dtype)  # an fp32 vector must not turn the stream fp32
         self.idx = {n: idx[n].cpu() for n in names}
         self.shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}  # (d_out, d_in)
-        return model
+        return self.attached(model, state)
 
     def state_dict(self):
-        return {"idx": dict(self.idx), "importance_time_s": self.importance_time_s}
+        return {**super().state_dict(), "idx": dict(self.idx), "importance_time_s": self.importance_time_s}
 
     def summary(self):
         params = sum(len(i) * self.shapes[n][1] for n, i in self.idx.items())   # Σ r · d_in
