@@ -7,6 +7,7 @@ B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out 
 """
 import hashlib
 import math
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 
@@ -73,6 +74,7 @@ def check_index(idx, size, kw):
 
 class LoRALinear(nn.Module):
     """A frozen `base` Linear plus s·B(A(dropout(x))); A, B in fp32, computed under the caller's autocast."""
+    lean = True  # False: the plain line of Eq 3 (its nn.Dropout keeps a mask and a dropped copy of x)
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -87,14 +89,15 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def lora_delta(self, x, dropout=True):
-        """s·B A dropout(x), (..., out). Same dtype as x; no explicit fp32 copy of x under autocast, no kept
-        dropped copy (dropout_linear). dropout=False: x is already dropped."""
-        ax, = dropout_linear(x, self.dropout if dropout else None, self.lora_A)  # (..., r)
-        return (F.linear(ax, self.lora_B) * self.scaling).to(x.dtype)  # (..., out)
-
     def forward(self, x):
-        return self.base(x) + self.lora_delta(x)
+        if not self.lean:
+            return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # Eq 3
+        return self.base(x) + self.lora_delta(x)  # the same, keeping neither mask nor copy (dropout_linear)
+
+    def lora_delta(self, x, dropout=True):
+        """s·B A dropout(x), (..., out) in x's dtype, through dropout_linear. dropout=False: x is already dropped."""
+        ax, = dropout_linear(x, self.dropout if dropout else None, self.lora_A)  # (..., r)
+        return (F.linear(ax, cast(self.lora_B, ax)) * self.scaling).to(x.dtype)  # (..., out)
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A).mul_(self.scaling)  # (out, in), fp32, one out × in tensor
@@ -108,8 +111,37 @@ class LoRALinear(nn.Module):
 
 
 # ------------------------------------------ lean machinery: adapter dropout that keeps no mask, no copy
-# What it saves: nn.Dropout's mask and dropped copy of x per adapter input (plain equivalent: F.linear(nn.Dropout(p)(x), A),
-# tests/test_memory.py: forward, gradients and saved bytes against plain_dropout_linear).
+# What it saves: nn.Dropout's mask and dropped copy of x per adapter input; in kernels, one fused dropout per
+# adapter input and each adapter weight cast once per forward. Plain form: F.linear(nn.Dropout(p)(x), A)
+# (LoRALinear's `lean = False` branch; tests/test_memory.py: values, gradients and saved bytes against it).
+
+def dropout_linear(x, dropout, *weights):
+    """(F.linear(d, w) for w in weights) with d = dropout(x), one mask for all: what nn.Dropout followed by the
+    adapter's first projection computes (the same draws from the same RNG state), without the memory. Autograd
+    keeps x (shared by every adapter reading it, and by nothing when x is the base layer's input: a frozen
+    matmul saves only its weight), the cast weights and the RNG state — not d and not the mask, which backward
+    draws again. `dropout`: an nn.Dropout (active while training), nn.Identity or None. Under torch.compile the
+    plain form runs (no generator state calls in a traced region; the compiler fuses and recomputes itself)."""
+    p = active_p(dropout)
+    if p == 0 or not weights or torch.compiler.is_compiling():
+        xd = F.dropout(x, p) if p else x
+        return tuple(F.linear(xd.to(w.dtype), w) for w in [cast(w, x) for w in weights])
+    return _DropoutLinear.apply(x, p, *weights)
+
+
+def active_p(dropout):
+    """The drop probability `dropout` applies now: p of an nn.Dropout in training mode, else 0."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def cast(w, x):
+    """w as F.linear(x, w) computes with it: autocast's dtype under autocast (cast once here, so the same copy
+    serves forward and backward), x's dtype when wider than w, else w (a bf16 model run without autocast
+    computes its fp32 adapters in fp32: x is cast up instead)."""
+    if torch.is_autocast_enabled(x.device.type) and w.dtype == torch.float32:
+        return w.to(torch.get_autocast_dtype(x.device.type))
+    return w
+
 
 def adapter_input(x, weight):
     """x as F.linear(x, weight) wants it: unchanged under autocast (autocast casts both operands),
@@ -119,27 +151,25 @@ def adapter_input(x, weight):
     return x.to(weight.dtype)
 
 
-def dropout_linear(x, dropout, *weights):
-    """(F.linear(d, w) for w in weights) with d = dropout(x), one mask for all: what nn.Dropout followed by the
-    adapter's first projection computes (the same draws from the same RNG state, CPU-exact), without the
-    memory. Autograd keeps x (shared by every adapter reading it, and by nothing when x is the base layer's
-    input: a frozen matmul saves only its weight), the weights and the RNG state — not d and not the mask,
-    which backward draws again. `dropout`: an nn.Dropout (active while training), nn.Identity or None."""
-    p = active_p(dropout)
-    if p == 0 or not weights:
-        return tuple(F.linear(adapter_input(x, w), w) for w in weights)
-    return _DropoutLinear.apply(x, p, *weights)
+def _dropout(x, p):
+    """(x·mask / (1 − p), mask), one fused kernel on CUDA (torch.native_dropout, nn.Dropout's own kernel there),
+    scaled in fp32. Its CPU kernel would round 1 / (1 − p) to a half x's dtype (+0.2 % at p = 0.05 in bf16), so
+    a half x is scaled in fp32 there (the same mask: CPU draws do not depend on the dtype)."""
+    if half_on_cpu(x):
+        y, mask = torch.native_dropout(x.float(), p, True)
+        return y.to(x.dtype), mask
+    return torch.native_dropout(x, p, True)
 
 
-def active_p(dropout):
-    """The drop probability `dropout` applies now: p of an nn.Dropout in training mode, else 0."""
-    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+def _dropout_backward(g, mask, p):
+    """∂L/∂x of _dropout: g·mask / (1 − p) (one kernel; fp32 scale on the CPU, as _dropout)."""
+    if half_on_cpu(g):
+        return torch.ops.aten.native_dropout_backward(g.float(), mask, 1 / (1 - p)).to(g.dtype)
+    return torch.ops.aten.native_dropout_backward(g, mask, 1 / (1 - p))
 
 
-def _dropout_scale(x, p):
-    """The mask / (1 − p) that nn.Dropout multiplies x by (CPU: bernoulli_ on a tensor like x, then the divide),
-    in fp32 at least: 1 / (1 − p) rounded to bf16 would bias every kept value (+0.2 % at p = 0.05)."""
-    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, torch.float32)).bernoulli_(1 - p).div_(1 - p)
+def half_on_cpu(x):
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _generator(device):
@@ -152,14 +182,14 @@ def rng_state(device):
     return _generator(device).get_state()
 
 
-def dropout_scale_again(x, p, state):
-    """The mask / (1 − p) that dropout_linear drew for x from generator `state` (rng_state before the call),
-    drawn again; the generator's own stream is left where it was."""
+def dropout_again(x, p, state):
+    """(d, mask) that dropout_linear drew for x from generator `state` (rng_state before the call), drawn again;
+    the generator's own stream is left where it was."""
     gen = _generator(x.device)
     now = gen.get_state()
     gen.set_state(state)
     try:
-        return _dropout_scale(x, p)
+        return _dropout(x, p)
     finally:
         gen.set_state(now)
 
@@ -172,31 +202,31 @@ def in_backward():
 
 
 class _DropoutLinear(torch.autograd.Function):
-    """dropout_linear's autograd: saves x, the weights and the generator state; backward redraws the mask."""
+    """dropout_linear's autograd: saves x, the cast weights and the generator state; backward redraws the mask."""
 
     @staticmethod
     def forward(ctx, x, p, *weights):
         ctx.p, ctx.state = p, rng_state(x.device)
-        xd = (x * _dropout_scale(x, p)).to(x.dtype)  # one rounding of the exact product
-        ctx.save_for_backward(x, *weights)
-        return tuple(F.linear(adapter_input(xd, w), w) for w in weights)  # under the caller's autocast
+        xd, _ = _dropout(x, p)  # the mask is dropped here and drawn again in backward
+        ws = [cast(w, x) for w in weights]
+        ctx.save_for_backward(x, *ws)
+        return tuple(F.linear(xd.to(w.dtype), w) for w in ws)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, *weights = ctx.saved_tensors
-        scale = dropout_scale_again(x, ctx.p, ctx.state)  # the forward's mask again
-        xd = (x * scale).to(x.dtype)
+        x, *ws = ctx.saved_tensors
+        xd, mask = dropout_again(x, ctx.p, ctx.state)  # the forward's mask again
         gx, gws = None, []
-        for g, w, need in zip(grads, weights, ctx.needs_input_grad[2:]):
+        for g, w, need in zip(grads, ws, ctx.needs_input_grad[2:]):
             if g is None:
                 gws.append(None)
                 continue
-            gws.append(g.reshape(-1, g.shape[-1]).T @ xd.to(g.dtype).reshape(-1, x.shape[-1]) if need else None)
+            gws.append(g.reshape(-1, g.shape[-1]).T @ xd.reshape(-1, x.shape[-1]).to(g.dtype) if need else None)
             if ctx.needs_input_grad[0]:
                 gi = g @ w.to(g.dtype)  # (..., in)
                 gx = gi if gx is None else gx + gi
         if gx is not None:
-            gx = (gx.to(scale.dtype) * scale).to(x.dtype)
+            gx = _dropout_backward(gx, mask, ctx.p).to(x.dtype)
         return (gx, None, *gws)
 
 
@@ -311,12 +341,45 @@ def replace_module(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def prepare(model, heads=()):
+def prepare(model, heads=(), method=None, state=None):
     """Freeze every base weight; the modules named by `heads` (a new task head, e.g. ["classifier"])
-    stay trainable and are saved with the adapter."""
+    stay trainable and are saved with the adapter. Every attach starts here: a model that holds adapters
+    already (ours or PEFT's), a `method` object attached before and another method's `state` are refused."""
+    if method is not None and method.model is not None:
+        raise RuntimeError(f"this {type(method).__name__} object is attached to a model already; build a new "
+                           f"method object for each model (and each run)")
+    if method is not None and state is not None and state.get("method", type(method).__name__) != type(method).__name__:
+        raise UserError(f"the state was saved by {state['method']}, not {type(method).__name__}; attach it with "
+                        f"the method (and settings) that saved it")
+    held = [n for n, m in model.named_modules() if (hasattr(m, "base") and hasattr(m, "merge"))
+            or type(m).__module__.startswith("peft.")]
+    if held:
+        raise UserError(f"the model holds adapters already ({held[0] or type(model).__name__}, {len(held)} modules); "
+                        f"attach to the plain base model (for PEFT: model.merge_and_unload() or unload() first)")
     for n, p in model.named_parameters():
         p.requires_grad_(is_head(n, heads))
     return model
+
+
+def task_loss(model, batch):
+    """model(**batch).loss for a scoring pass, refusing what attach(model, batches) cannot score."""
+    if not isinstance(batch, Mapping):
+        raise UserError(f"attach(model, batches) got a batch of type {type(batch).__name__}; give each batch as "
+                        f"a dict of model inputs with labels, e.g. dict(input_ids=..., labels=...), so that "
+                        f"model(**batch).loss is the task loss")
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise UserError(f"attach(model, batches): model(**batch) returned no loss (batch keys: "
+                        f"{', '.join(batch)}); put the targets in each batch as `labels`")
+    return loss
+
+
+def need_grads(ok, who, step):
+    """A scoring or stage decision about to be made from gradients that are all missing or zero."""
+    if not ok:
+        raise RuntimeError(f"{who}: the gradients of step {step} are all missing or zero; call "
+                           f"method.after_backward(step) after loss.backward() and before optimizer.step() and "
+                           f"optimizer.zero_grad()")
 
 
 @contextmanager
@@ -462,8 +525,10 @@ class Method:
     (DDP's find_unused_parameters). `run_steps(steps)` is the number of optimizer steps the run takes
     given the loop's count (PiLoRA's stage 1 may add its own). Constructors take keywords only, named by
     the paper and checked at once (ValueError naming the keyword); train.py maps its flags to them.
-    Misuse is loud and costs an int compare per hook: a step that goes back, and, once after a True
-    from after_step, an optimizer step that lacks the new tensors or keeps the dropped ones.
+    Misuse is loud: hooks before attach; a step that goes back; the first optimizer step after attach, and
+    the first after a True from after_step, that lacks the method's tensors (or keeps dropped ones), loses
+    its learning-rate scale, or (after a True) drops the LR scheduler that drove the old optimizer. A correct
+    loop pays an int compare per hook and one set of tensor ids at those two steps.
     """
     prefix = "lora_"
     lr_scale = 1.0
@@ -472,7 +537,9 @@ class Method:
     unused_params = False
     model = None
     next_step = 0  # the step the next hook call is for: after_step(t) sets t + 1
-    _held = None   # after a change: (missing, stale, steps) noted by the next optimizer step
+    _held = None   # what the watched optimizer step lacked (a list of problems), until the next hook
+    _sched = False  # the watched optimizer had an LR scheduler (torch's schedulers set "initial_lr")
+    _handle = None  # the optimizer step post-hook while watching
 
     def run_steps(self, steps):
         return steps
@@ -485,14 +552,38 @@ class Method:
         self.next_step = step + 1
         return False
 
-    def parameters(self):
+    def attached(self, model, state=None):
+        """The end of every attach: the method belongs to `model` now; a `state` from state_dict() loads
+        the trainable tensors it carries. Arms the check of the first optimizer step."""
+        self.model = model
+        tensors = None if state is None else state.get("tensors")
+        if tensors is not None:
+            mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            bad = sorted(set(mine) ^ set(tensors)) or [n for n in mine if mine[n].shape != tensors[n].shape]
+            if bad:
+                raise UserError(f"the state does not fit this model ({bad[0]}: {len(bad)} tensors differ); attach "
+                                f"it to the model it was saved from, with the same method settings")
+            with torch.no_grad():
+                for n, p in mine.items():
+                    p.copy_(tensors[n])
+        self.watch()
+        return model
+
+    def trainable(self):
         """The tensors that train now (adapters and heads): what the optimizer must hold."""
         if self.model is None:
-            raise RuntimeError(f"{type(self).__name__}.parameters(): call attach(model) first")
+            raise RuntimeError(f"{type(self).__name__}: call attach(model) first")
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def parameters(self):
+        """trainable(), refused when the method scales its tensors' learning rate (use param_groups(lr))."""
+        if self.lr_scale != 1:
+            raise RuntimeError(f"{type(self).__name__} trains its tensors at {self.lr_scale:.4g}x the learning rate; "
+                               f"build the optimizer over method.param_groups(lr) (clip over method.trainable())")
+        return self.trainable()
+
     def param_groups(self, lr, weight_decay=0.0):
-        """parameters() as AdamW groups: decay for matrices, none for vectors; the method's tensors (leaf
+        """trainable() as AdamW groups: decay for matrices, none for vectors; the method's tensors (leaf
         name starts with `prefix`) at lr · lr_scale. Each group carries its "lr_scale"."""
         groups = {}
         for n, p in self.model.named_parameters():
@@ -503,37 +594,57 @@ class Method:
 
     def check_step(self, step, hook, exact=False):
         """Hooks get the 0-based optimizer step counting up (exact: each step once, after_step included)."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}.{hook}({step}): call method.attach(model) first")
         if step < self.next_step or (exact and step > self.next_step):
             raise RuntimeError(f"{type(self).__name__}.{hook}({step}): expected step {self.next_step}; call "
                                f"after_backward(step) then after_step(step) once per optimizer step, step = 0, 1, ...")
-        if self._held is not None:
-            self.check_optimizer()
+        if self._held is not None:  # the watched step came: stop watching (removed here, not while torch runs hooks)
+            held, self._held = self._held, None
+            self._handle = self._handle.remove()
+            if held[0]:
+                raise RuntimeError(f"{type(self).__name__}: the optimizer step {' and '.join(held[0])}; {'; '.join(held[1])}")
 
     def changed(self, before):
-        """after_step is about to return True; `before` were the trainable tensors until now. The next
-        optimizer step (a torch step post-hook) notes whether it holds every tensor trained now and none
-        of those that left; the next hook removes the post-hook and raises if not."""
-        now = {id(p) for p in self.parameters()}
+        """after_step is about to return True; `before` were the trainable tensors until now."""
+        self.watch(before)
+
+    def watch(self, before=()):
+        """The next optimizer step that holds a tensor of this model (a torch step post-hook; other models'
+        optimizers pass) notes what it lacks; the next hook raises with the fix."""
+        now = {id(p) for p in self.trainable()}
+        ours = {id(p) for n, p in self.model.named_parameters() if p.requires_grad
+                and n.rpartition(".")[2].startswith(self.prefix)}
         left = {id(p) for p in before} - now
+        model = {id(p) for p in self.model.parameters()} | left
+        change = bool(before)
 
         def note(opt, args, kwargs):
-            if self._held is None:
-                held = {id(p) for g in opt.param_groups for p in g["params"]}
-                self._held = (len(now - held), len(left & held), len(now), handle)
-        handle = register_optimizer_step_post_hook(note)
-
-    def check_optimizer(self):
-        missing, stale, n, handle = self._held
-        handle.remove()
-        self._held = None
-        if missing or stale:
-            raise RuntimeError(f"{type(self).__name__}: the optimizer step after after_step() returned True "
-                               f"lacks {missing} of the {n} tensors that train now and holds {stale} that left; "
-                               f"when after_step() returns True, rebuild the optimizer over method.parameters() "
-                               f"(or method.param_groups(lr))")
+            group = {id(p): g for g in opt.param_groups for p in g["params"]}
+            if self._held is not None or not model & group.keys():
+                return
+            missing, stale = len(now - group.keys()), len(left & group.keys())
+            lost = sum(group[i].get("lr_scale", 1.0) != self.lr_scale for i in ours & group.keys())
+            sched = any("initial_lr" in g for g in opt.param_groups)
+            whats = [what for what, bad in (
+                (f"lacks {missing} of the {len(now)} tensors that train now", missing),
+                (f"holds {stale} tensors that left", stale),
+                (f"runs {lost} of the method's tensors without its learning-rate scale {self.lr_scale:.4g}", lost)) if bad]
+            fixes = ["rebuild the optimizer over method.param_groups(lr)" + " when after_step() returns True" * change] * bool(whats)
+            if change and self._sched and not sched:
+                whats.append("has no LR scheduler while the optimizer before had one")
+                fixes.append("rebuild the LR scheduler over the new optimizer too (its schedule from method.schedule_start)")
+            self._held = (whats, fixes)
+            self._sched = sched
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = register_optimizer_step_post_hook(note)
 
     def state_dict(self):
-        return {}
+        """What attach(model, state=...) needs to rebuild this run: the method's name and its trainable
+        tensors; each method adds its choices (rows, columns, modules, stage)."""
+        return {"method": type(self).__name__,
+                "tensors": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
 
     def export(self, model):
         return merge_adapters(model)
@@ -556,12 +667,11 @@ class LoRA(Method):
         self.targets, self.heads = check_names(targets, "targets"), check_names(heads, "heads")
 
     def attach(self, model, batches=(), state=None):
-        prepare(model, self.heads)
+        prepare(model, self.heads, self, state)
         self.names = find_targets(model, self.targets, heads=self.heads)
         for n in self.names:
             replace_module(model, n, LoRALinear(model.get_submodule(n), self.r, self.alpha, self.dropout))
-        self.model = model
-        return model
+        return self.attached(model, state)
 
     def summary(self):
         return {"r": self.r, "alpha": self.alpha, "adapted_modules": len(self.names)}

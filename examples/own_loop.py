@@ -45,11 +45,11 @@ for step in range(args.steps):
     loss = model(**batch(step)).loss
     loss.backward()
     method.after_backward(step)  # G²R², PiLoRA score the gradients here
-    torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(method.trainable(), 1.0)
     opt.step()
     if method.after_step(step):  # new trainable set (G²R² refinement, PiLoRA stage 2): new optimizer
         old, opt = opt, torch.optim.AdamW(method.param_groups(args.lr))
-        opt.state.update((q, old.state[q]) for q in method.parameters() if q in old.state)  # survivors' moments
+        opt.state.update((q, old.state[q]) for q in method.trainable() if q in old.state)  # survivors' moments
     opt.zero_grad(set_to_none=True)
     print(f"step {step}: loss {loss.item():.7f}")
 method.export(model).save_pretrained(args.out)  # plain Linears: no extra latency
