@@ -49,7 +49,9 @@ Runs are cached twice, by their train.py argument list: in the output JSON ("cac
 a sweep continued on another machine skips what any earlier sitting finished; the JSON is rewritten after
 every finished run) and under --runs_dir (result.json skipped; an unfinished run resumes from its
 checkpoint, --resume, bit-exact). The JSON in bench/results/ holds the command, versions, machine, every
-run's summary fields, per-row mean ± std, each dev-set run's per-example predictions ("dev_pred", in the cache;
+run's summary fields (with its training FLOP, "train_flop": torch's FlopCounterMode count of matrix products
+and attention over the whole run, evaluations left out; None for a resumed run), per-row mean ± std, each
+dev-set run's per-example predictions ("dev_pred", in the cache;
 the labels once, "dev_gold") and the paired comparisons ("paired"): each row against lora-r8, an ablation also
 against its own method (COMPARE_WITH), by seed (a t-interval) and by dev example (a bootstrap); *better* /
 *worse* only where the 95 % intervals exclude 0, otherwise *no difference shown* (compare()).
@@ -280,21 +282,35 @@ MAX_LOSSES = 100  # a longer loss curve is kept every k-th step ("losses_stride"
 
 
 @contextlib.contextmanager
-def recording_predictions():
-    """A list that fills with (pred, gold) of every GLUE evaluation made inside: evaluate.py's
-    evaluate_classification hands both to evaluate.glue_metrics, the one place that sees them, so that call
-    is recorded (and still made). train.main evaluates before and after training: the last pair is "after"."""
+def recording_evaluations():
+    """{"seen": [(pred, gold)], "flop": {"total", "eval"}} filled while inside: (pred, gold) of every GLUE
+    evaluation (evaluate.py's evaluate_classification hands both to evaluate.glue_metrics, the one place that sees
+    them, so that call is recorded and still made; train.main evaluates before and after training: the last pair
+    is "after"), and the FLOP torch's FlopCounterMode counts (matrix products and attention, forward and
+    backward: the work that grows with the model; elementwise ops are not counted), with the part spent inside
+    evaluate_classification kept apart ("eval"): total − eval is the training FLOP."""
     import evaluate
-    seen, inner = [], evaluate.glue_metrics
+    from torch.utils.flop_counter import FlopCounterMode
+    rec, glue, classify = {"seen": [], "flop": {"eval": 0}}, evaluate.glue_metrics, evaluate.evaluate_classification
+    counter = FlopCounterMode(display=False)
 
     def glue_metrics(task, pred, gold, regression=False):
-        seen.append((list(pred), list(gold)))
-        return inner(task, pred, gold, regression=regression)
-    evaluate.glue_metrics = glue_metrics
+        rec["seen"].append((list(pred), list(gold)))
+        return glue(task, pred, gold, regression=regression)
+
+    def evaluate_classification(*a, **k):
+        before = counter.get_total_flops()
+        try:
+            return classify(*a, **k)
+        finally:
+            rec["flop"]["eval"] += counter.get_total_flops() - before
+    evaluate.glue_metrics, evaluate.evaluate_classification = glue_metrics, evaluate_classification
     try:
-        yield seen
+        with counter:
+            yield rec
     finally:
-        evaluate.glue_metrics = inner
+        evaluate.glue_metrics, evaluate.evaluate_classification = glue, classify
+        rec["flop"]["total"] = counter.get_total_flops()
 
 
 def pack(xs):
@@ -330,13 +346,15 @@ def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
                 if os.path.exists(os.path.join(out_dir, f)):
                     os.remove(os.path.join(out_dir, f))
         resumed, t0 = os.path.exists(os.path.join(out_dir, "ckpt.pt")), time.time()
-        with recording_predictions() as seen:
+        with recording_evaluations() as rec:
             summary = train.main(exec_argv(argv, os.path.join(runs_dir, "carved")) +
                                  ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
         res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
                                                     "resumed": resumed}
-        if seen and dev_run:
-            res["dev_pred"], res["dev_gold"] = map(pack, seen[-1])
+        # a resumed run counted only the part after its checkpoint: no training FLOP
+        res["train_flop"] = None if resumed else rec["flop"]["total"] - rec["flop"]["eval"]
+        if rec["seen"] and dev_run:
+            res["dev_pred"], res["dev_gold"] = map(pack, rec["seen"][-1])
         res["metrics"] = {k: v for k, v in res["metrics"].items() if k in ("before", "after")}
         losses = res.get("losses") or []
         if len(losses) > MAX_LOSSES:
@@ -509,11 +527,12 @@ def row_stats(runs, ref_runs):
         per = [flat(r["metrics"].get(when, {})) for r in runs]
         names = sorted(set().union(*per)) if per else []
         st[when] = {n: mean_std([p.get(n) for p in per]) for n in names}
-    for f in ("trainable_params_start", "trainable_params_end", "head_params", "wall_s", "step_time_s", "steps"):
+    for f in ("trainable_params_start", "trainable_params_end", "head_params", "wall_s", "step_time_s", "steps",
+              "train_flop"):
         st[f] = mean_std([r.get(f) for r in runs])[0]
     if ref_runs:
         ref = {r["seed"]: r for r in ref_runs}
-        for f in ("trainable_params_start", "trainable_params_end"):
+        for f in ("trainable_params_start", "trainable_params_end", "steps", "train_flop"):
             st[f"{f}_ratio"] = _ratio(st[f], mean_std([r.get(f) for r in ref_runs])[0])
         adapter = lambda r, f: None if r.get(f) is None else r[f] - (r.get("head_params") or 0)
         st["adapter_params_end_ratio"] = _ratio(mean_std([adapter(r, "trainable_params_end") for r in runs])[0],

@@ -450,7 +450,7 @@ def accuracy_table(run):
     ratio, optimizer steps and their ratio, wall), a `trivial` row first; verdicts only where the budget rule
     passes."""
     import accuracy
-    rows, ref, pmet = run["rows"], run["reference"], run["primary_metric"]
+    rows, ref, pmet = accuracy.summarize(run["rows"]), run["reference"], run["primary_metric"]  # stats from the runs
     ok = budget(run)["ok"]
     paired = accuracy.comparisons(run)
     own = any(accuracy.COMPARE_WITH.get(n) in rows for n in rows)
@@ -458,12 +458,11 @@ def accuracy_table(run):
     head = ["row", "lr", "seeds", f"{pmet} before", f"{pmet} after", f"vs {ref} (paired, 95 %)"] + \
            (["vs its own method (paired, 95 %)"] if own else []) + [f"{m} after" for m in others] + \
            ["trainable start → end", f"× {ref} (end)", f"adapter × {ref}", f"step time × {ref}", "steps",
-            f"steps × {ref}", "wall / run"]
+            f"steps × {ref}", f"training FLOP × {ref}", "wall / run"]
     b = budget(run)
     body = [["`trivial`", "–", "–", pm((b["untuned"], None)) + " (untuned)",
              ("–" if b["constant"] is None else f"{b['constant']:.3f}") + " (constant)", "–"]
             + ["–"] * (len(head) - 6)]
-    ref_steps = rows.get(ref, {}).get("stats", {}).get("steps")
     for name, r in rows.items():
         st = r["stats"]
         if not r["runs"]:
@@ -477,7 +476,8 @@ def accuracy_table(run):
                     + [pm(st["after"].get(m)) for m in others]
                     + [f"{count(st.get('trainable_params_start'))} → {count(st.get('trainable_params_end'))}",
                        fx(st.get("trainable_params_end_ratio")), fx(st.get("adapter_params_end_ratio")),
-                       fx(st.get("step_time_ratio")), count(st.get("steps")), fx(ratio(st.get("steps"), ref_steps)),
+                       fx(st.get("step_time_ratio")), count(st.get("steps")), fx(st.get("steps_ratio")),
+                       fx(st.get("train_flop_ratio")),
                        "–" if st.get("wall_s") is None else f"{st['wall_s']:.0f} s"])
     notes = sorted({c["boot_missing"] for cs in paired.values() for c in cs if c["boot_missing"]})
     missing = ([f"No bootstrap over dev examples where a side lacks it ({'; '.join(notes)}): those verdicts rest "

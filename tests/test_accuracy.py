@@ -94,6 +94,19 @@ def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     assert accuracy.flat(r1["metrics"]["after"]) == accuracy.flat(r0["metrics"]["after"])  # flat drops *time_s
     assert accuracy.flat(r1["metrics"]["before"]) == accuracy.flat(r0["metrics"]["before"])
     assert r1["trainable_params_end"] == r0["trainable_params_end"]
+    assert r0["train_flop"] > 0 and r1["train_flop"] is None  # a resumed run counted only its second part
+
+
+def test_training_flop_grows_with_the_steps_and_leaves_out_the_evaluations(tmp_path):
+    """Twice the optimizer steps on batches of one length (the hand-made sentences): exactly twice the training
+    FLOP; the before / after evaluations (the same in both runs) are not in it, or the ratio would be below 2."""
+    data = glue_dir(tmp_path)
+    flop = {}
+    for k in (3, 6):
+        argv = ["--model", "tiny-bert", "--data", data, "--method", "lora", "--max_steps", str(k), "--batch_size", "4",
+                "--micro_batch_size", "4", "--seed", "0"]
+        flop[k] = accuracy.run_one(argv, str(tmp_path / "runs"), 100)[0]["train_flop"]
+    assert flop[3] > 0 and flop[6] == 2 * flop[3]
 
 
 def test_mean_std_by_hand():
