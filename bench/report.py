@@ -444,6 +444,32 @@ def paired_cell(c, ok=True):
     return f"{f'**{v}**' if v in ('better', 'worse') else v} {c['diff']:+.3f} (t {interval(c['t'])}{boot})"
 
 
+def verdict_summary(run):
+    """The paired verdicts of one sweep JSON in one list item: the rows *worse* / *better* than the reference,
+    those with no difference shown (each with its interval), then the ablations against their own method.
+    Nothing where the budget rule fails."""
+    import accuracy
+    if not budget(run)["ok"]:
+        return []
+    ref, task = run["reference"], os.path.basename(os.path.normpath(run["data"]))
+    short = lambda c: f"{c['diff']:+.3f} (t {interval(c['t'])}" + (f"; bootstrap {interval(c['boot'])}" if c["boot"] else "") + ")"  # noqa: E731
+    by = {"better": [], "worse": [], "no difference shown": []}
+    own = []
+    for name, cs in accuracy.comparisons(run).items():
+        for c in cs:
+            if c["verdict"] is None:
+                continue
+            item = f"`{name}` {short(c)}"
+            if c["against"] == ref:
+                by[c["verdict"]].append(item)
+            else:
+                own.append(f"`{name}` vs `{c['against']}`: {c['verdict']} {short(c)}")
+    parts = [f"**{v}**: " + ", ".join(xs) for v, xs in by.items() if xs and v != "no difference shown"] + \
+            ([f"no difference shown: {', '.join(by['no difference shown'])}"] if by["no difference shown"] else []) + \
+            ([f"own method: {'; '.join(own)}"] if own else [])
+    return [f"- **{task}** ({run['primary_metric']}, vs `{ref}`, {len(run['seeds'])} seeds) — " + "; ".join(parts) + "."]
+
+
 def accuracy_table(run):
     """One markdown table of an accuracy JSON: rows × (learning rate, primary before / after, the paired verdict
     vs the reference and, for an ablation, vs its own method, other metrics after, parameters, ratios, step time
@@ -587,6 +613,9 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
              "by every row); step time ratios pair each seed with the reference's run of the same seed.", ""]
     # this sweep's tables first, those with learning-rate grids (the method rows) before the budget checks
     runs = sorted(runs, key=lambda r: ("cache" not in r, not r.get("lr_grid"), r["model"], r["data"]))
+    glance = [line for run in runs if "cache" in run and run.get("lr_grid") for line in verdict_summary(run)]
+    if glance:
+        lines += ["## Verdicts at a glance (paired, 95 %; the tables below give every row)", ""] + glance + [""]
     for k, run in enumerate(runs):
         task = os.path.basename(os.path.normpath(run["data"]))
         m = run["machine"]
