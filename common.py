@@ -389,8 +389,8 @@ def scoring_mode(model):
     and a layer's own functional dropout (OPT, BART) reads that same flag, so a checkpointed layer is run
     in eval mode through checkpoint() here instead. Training flags and forwards are restored afterwards."""
     modes = {m: m.training for m in model.modules()}
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and  # transformers'
+              any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__)]  # without importing it
     model.eval()
     for m in layers:  # an instance attribute shadows the class's forward until deleted
         m.forward = partial(checkpoint, m.forward, use_reentrant=False)
