@@ -44,6 +44,7 @@ Deviations and readings (each also beside its line):
     scored again (with score_every = K, at its next scoring).
 """
 import math
+import warnings
 import weakref
 
 import torch
@@ -213,8 +214,7 @@ class G2R2(common.Method):
 
     # -- hooks
     def attach(self, model, batches=(), state=None):
-        common.prepare(model, self.heads)
-        self.model = model
+        common.prepare(model, self.heads, self, state)
         model.register_forward_pre_hook(_weak_hook(self))  # weakly: no model <-> method cycle
         self.names = common.find_targets(model, self.targets, defaults=TARGETS, heads=self.heads)
         self.layers = []
@@ -228,31 +228,36 @@ class G2R2(common.Method):
         self.adapter_params = [layer.lora_A.numel() + layer.lora_B.numel() for layer in self.layers]
         self.R_bar, self.U_bar, self.R_hat = [None] * M, [None] * M, [None] * M
         self.pruned_at = {}  # module index -> optimizer step after which it was zeroed
-        self.refined, self.next_step = False, 0
+        self.refined, self.next_step, self.closing, self.forwards = False, 0, False, 0
         if state is not None:
-            self.load_state(state)
+            self.load_state(state, model)
         self.stage = state["stage"] if state is not None else self.stage_of(0)
         self.set_sinks(self.next_step)
-        return model
+        return self.attached(model, state)
 
     def after_backward(self, step):
         """Score the live modules: R (Eq 7) by the chosen estimator, smoothed into R̂ (Eq 8–10)."""
         self.check_step(step, "after_backward", exact=True)
+        self.closing = True  # until after_step(step)
         if not self.scores_at(step):
             return
         self.scored = step
         live = self.retained()
-        R = random_R(self.seed, step, live, len(self.names)) if self.score == "random" else self.redundancies(live)
+        R = random_R(self.seed, step, live, len(self.names)) if self.score == "random" else self.redundancies(live, step)
         for i, R_i in R.items():
             if R_i is not None:
                 self.R_bar[i], self.U_bar[i], self.R_hat[i] = smooth(
                     self.R_bar[i], self.U_bar[i], torch.tensor(R_i, dtype=torch.float64), self.beta1, self.beta2)
 
-    def redundancies(self, live):
-        """{module: R (Eq 7) or None} of the live modules that got a gradient, from their ΣS (Eq 5)."""
+    def redundancies(self, live, step):
+        """{module: R (Eq 7) or None} of the live modules that got a gradient, from their ΣS (Eq 5). Refused
+        when no live module got one (the hooks called after optimizer.step() and zero_grad())."""
         if self.score == "exact":
-            sums = self.s_sum_exact(live)
+            common.need_grads(any(self.exact.seen[i] for i in live), "G2R2", step)
+            sums = self.exact.s_sums(live)
         else:
+            grads = [g for i in live if (g := self.layers[i].lora_B.grad) is not None]
+            common.need_grads(grads and torch.stack(torch._foreach_norm(grads)).sum() > 0, "G2R2", step)
             estimator = s_sum_paper if self.score == "paper" else s_sum_product
             sums = {i: s for i in live if (s := estimator(self.layers[i])) is not None}
         values = torch.stack([s.double() for s in sums.values()]).cpu().tolist() if sums else []  # one host sync
@@ -273,13 +278,18 @@ class G2R2(common.Method):
             raise RuntimeError(f"G2R2: step {step} scores the modules but after_backward({step}) was not called; "
                                f"call method.after_backward(step) after the backward passes, before optimizer.step()")
         self.stage = self.stage_of(step)  # the stage this step belonged to (progress bar, stage times)
-        self.next_step = step + 1
+        self.next_step, self.closing, self.forwards = step + 1, False, self.exact.forwards
         changed = False
         if self.T_w <= step < self.T_w + self.T_p and not self.refined:
             live = self.retained()
+            R_hat = [None if h is None else float(h) for h in self.R_hat]
+            if step == self.T_w and not any(R_hat[i] for i in live):
+                warnings.warn(f"G2R2: at the first pruning step ({step}) every live module has R̂ = 0 or no score "
+                              f"(R̂ = R̄·Ū needs two scorings with ΔW ≠ 0, and ΔW = 0 at step 0): modules are pruned by "
+                              f"index; give `warmup` >= {2 * self.score_every} steps (T_w = {self.T_w}, score_every = "
+                              f"{self.score_every})", stacklevel=2)
             p = retention(step + 1, self.T_w, self.T_p, self.p0, self.pf)  # Eq 12, after step t
-            keep = select([None if h is None else float(h) for h in self.R_hat], live,
-                          n_keep(p, len(self.names)))  # Eq 11: the lowest p^t % by R̂ keep training
+            keep = select(R_hat, live, n_keep(p, len(self.names)))  # Eq 11: the lowest p^t % by R̂ keep training
             for i in live:
                 if i not in keep:
                     self.pruned_at[i] = step
@@ -288,8 +298,8 @@ class G2R2(common.Method):
                 self.zero(i)
             common.check_same(self.pruned_at, "g2r2 pruned modules")
             if step + 1 == self.T_w + self.T_p:
-                before = self.parameters()
-                self.refine()
+                before = self.trainable()
+                self.refine(self.model)
                 self.changed(before)
                 changed = True
         self.set_sinks(step + 1)
@@ -305,7 +315,7 @@ class G2R2(common.Method):
             self.layers[i].lora_A.zero_()
             self.layers[i].lora_B.zero_()
 
-    def refine(self):
+    def refine(self, model):
         """End of pruning: put the plain base Linear back in place of each pruned module; its tensors
         leave the trainable set (the trainer rebuilds AdamW without them and their state)."""
         for i in self.pruned_at:
@@ -314,7 +324,7 @@ class G2R2(common.Method):
                 continue
             L.lora_A.requires_grad_(False)
             L.lora_B.requires_grad_(False)
-            common.replace_module(self.model, self.names[i], L.base)
+            common.replace_module(model, self.names[i], L.base)
             self.layers[i] = None
         self.refined = True
 
@@ -324,11 +334,11 @@ class G2R2(common.Method):
 
     def state_dict(self):
         f = lambda v: None if v is None else v.item()
-        return {"names": self.names, "r_bar": [f(v) for v in self.R_bar], "u_bar": [f(v) for v in self.U_bar],
+        return {**super().state_dict(), "names": self.names, "r_bar": [f(v) for v in self.R_bar], "u_bar": [f(v) for v in self.U_bar],
                 "pruned_at": dict(self.pruned_at), "refined": self.refined, "next_step": self.next_step,
                 "scored": self.scored, "stage": self.stage}
 
-    def load_state(self, state):
+    def load_state(self, state, model):
         if state["names"] != self.names:
             raise ValueError("the saved state adapts other modules than this model and `targets`; "
                              "restore it into the model and targets it was trained with")
@@ -340,10 +350,15 @@ class G2R2(common.Method):
         for i in self.pruned_at:
             self.prune(i)
         if state["refined"]:
-            self.refine()
+            self.refine(model)
 
     def export(self, model):
+        """Merge the retained modules; warns when the run ended before refinement (`total_steps` too long)."""
         if not self.refined:
+            warnings.warn(f"G2R2: exported after {self.next_step} of total_steps={self.T} optimizer steps, in {self.stage} "
+                          f"with {len(self.retained())} of {len(self.names)} modules live (pruning ends after step "
+                          f"{self.T_w + self.T_p - 1}); total_steps counts optimizer steps, not micro-batches "
+                          f"(the last step ran {self.forwards} forward passes)", stacklevel=2)
             for i in self.pruned_at:
                 common.replace_module(model, self.names[i], self.layers[i].base)
         return common.merge_adapters(model)
@@ -367,11 +382,11 @@ class G2R2(common.Method):
         """Forward pre-hook of the model: one call per micro-batch of the step (not evaluation, not a
         checkpoint's recompute)."""
         if torch.is_grad_enabled() and not common.in_backward():
+            if self.closing:
+                raise RuntimeError(f"G2R2: a training forward pass after after_backward({self.next_step}) and before "
+                                   f"after_step({self.next_step}); call method.after_step(step) after optimizer.step(), "
+                                   f"once per optimizer step")
             self.exact.count_forward()
-
-    def s_sum_exact(self, live):
-        """{module: ΣS (1,)} with the exact ∂ℒ/∂ΔW (Eq 5)."""
-        return self.exact.s_sums(live)
 
 
 # ------------------------------------------------- Lean machinery: the exact ∂ℒ/∂ΔW without a dense ΔW
@@ -414,8 +429,9 @@ class ExactGrad:
     def count_forward(self):
         self.forwards += 1
         if self.forwards > self.micro_batches and any(L is not None and L.sink is not None for L in self.layers):
-            raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one "
-                               "optimizer step; pass `micro_batches` (backward passes per optimizer step)")
+            raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one optimizer "
+                               f"step; call after_backward(step) and after_step(step) once per optimizer step, and pass "
+                               f"`micro_batches` = backward passes per optimizer step")
 
     def capture(self, i, delta_out, x):
         """Backward of module i: this use's Σ δ_out ⊗ x_in, a block of rows at a time. Reduced to ΣS at once
