@@ -183,6 +183,7 @@ class StepCounter(memory.Counter):
     def __init__(self, activation=None, cuda_like=True):
         super().__init__()
         self.activation, self.cuda_like, self.causal_sdpa = activation, cuda_like, False
+        self.always = True  # count from every reset(); count_row's rows count from on_measure() only
         self.stats, self.on, self.in_opt, self.draw, self.pending, self.hooks = Stats(), False, False, None, None, []
 
     # -- the mode
@@ -209,6 +210,9 @@ class StepCounter(memory.Counter):
     def reset(self, record=False):
         super().reset(record)
         self.draw = self.pending = None
+        self.stats, self.on = Stats(), self.always
+
+    def on_measure(self):
         self.stats, self.on = Stats(), True
 
     def on_model(self, model, batch, targets):
@@ -426,8 +430,10 @@ def count_layer(kind, shape=(2, 256, 512), out_features=384, r=8, p=0.05, autoca
 
 def count_row(name, model_name, seq, mbs, ckpt, seed=0):
     """One efficiency row's optimizer step counted (memory.count_row with a StepCounter, one warm-up step)."""
-    return memory.count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=seed, top=3,
-                            counter=StepCounter(), foreach=True)
+    c = StepCounter()
+    c.always = False
+    return memory.count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=seed, top=3, counter=c,
+                            foreach=True)
 
 
 def commit():

@@ -769,6 +769,23 @@ def versions():
     return out
 
 
+def env_report():
+    """`python bench/efficiency.py env`: python, the installed versions beside the pinned ones, the GPU, its clocks."""
+    import importlib.util
+    print("python", platform.python_version(), "|", device_name("cuda" if torch.cuda.is_available() else "cpu"))
+    for pkg, (have, pin) in versions().items():
+        same = not pin or (have or "").split("+")[0] == pin
+        print(f"{pkg:<13} installed {have or 'ABSENT':<16} pinned {pin or '-'}{'' if same else '   << differs'}")
+    print("clocks (sm, mem, max sm, temperature, power, throttle):", gpu_clocks() or "nvidia-smi absent")
+    if importlib.util.find_spec("pytest") is None:
+        print("pytest ABSENT")
+    else:
+        try:
+            import pytest  # noqa: F401
+        except ImportError:
+            print("pytest ABSENT (does not import)")
+
+
 def pairs_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/efficiency.py pairs", description="Each compared pair resident at "
                                 "once, timed in interleaved blocks, ratio with a bootstrap 95 % interval")
@@ -866,5 +883,7 @@ def format_pair(r):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["pairs"]:
         pairs_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["env"]:
+        env_report()
     else:
         main()

@@ -1,38 +1,43 @@
 #!/usr/bin/env bash
-# The device checks (issues 15, 26) as one command: 168 s on one H200 (2026-12-04), at most ~8 minutes by its limits.
-#   1. env      python, torch, transformers, peft, the GPU;
-#   2. tests    the CUDA unit tests (common.dropout_linear's backward redraws the forward's mask from CUDA's
-#               generator): through pytest when it imports, else bench/plain_tests.py (same test functions);
-#   3. train    bench/gpu_train_check.py: train.py's main() for every method on tiny-llama in bf16 with
-#               checkpointing, and --resume from a mid-run checkpoint against the uninterrupted run;
-#   4. 7b-ckpt  bench/efficiency.py's CUDA rows (max_memory_allocated, step time, MFU) at Llama-2-7B shape,
-#   5. 7b-plain seq 2048, bf16, with then without checkpointing: a step of every method, each row from a clean
-#               allocator, within --row_timeout; a failing row is recorded and the next one runs.
+# The device check (issues 15, 26, 31) as one command, at most 7 minutes by its limits on one H100 / H200:
+#   1. env       python and the installed torch / transformers / peft / datasets beside the pinned ones
+#                (requirements.txt, bench/requirements.txt), the GPU and its clocks (nvidia-smi);
+#   2. tests     the CUDA unit tests (common.dropout_linear's backward redraws the forward's mask from CUDA's
+#                generator): through pytest when it imports, else bench/plain_tests.py (same test functions);
+#   3. pairs-off `bench/efficiency.py pairs` at Llama-2-7B shape, seq 2048, bf16, without checkpointing: each
+#   4. pairs-on  compared pair (issue 31's targets) resident at once on one shared base model, timed in
+#                interleaved blocks (A×BLOCK B×BLOCK A×BLOCK …) with CUDA events, STEPS timed steps per row after
+#                warm-up, the same loss (train.causal_loss) in both rows; the ratio of medians with a bootstrap
+#                95 % interval (a target is met only when the interval clears it), MFU from bench/count.py's
+#                counted FLOP (attention included), the GPU's clocks before and after; then with checkpointing;
+#   5. train     bench/gpu_train_check.py (train.py's main() for every method on tiny-llama, bf16, checkpointing,
+#                --resume against the uninterrupted run), only in the time left of the 7 minutes (TOTAL_S).
 # No part stops the script (no set -e): each runs under `timeout`, its exit status and seconds go to the log and
 # to gpu-check-status.json; every JSON is rewritten as it grows, so a part cut short keeps what it measured.
-# $OUT gets at most 6 files: gpu-check.log, gpu-check-status.json, tests.json (without pytest), train-check.json,
-# and one efficiency JSON per mode. Copy the JSONs to bench/results/ and run bench/report.py.
-#   OUT=<folder> bash bench/gpu_check.sh                                  # on the GPU machine
-#   MODEL=llama-h128-l2-v512 SEQ=64 bash bench/gpu_check.sh               # the same commands, small shape (CPU)
-# Knobs (environment): PYTHON, MODEL, SEQ, TEST_FILES, TEST_K, ROWS_CKPT, ROWS_PLAIN, TRAIN_METHODS, TRAIN_STEPS, ROW_TIMEOUT, and the
-# per-part limits in seconds LIMIT_TESTS, LIMIT_TRAIN, LIMIT_CKPT, LIMIT_PLAIN.
+# $OUT gets at most 6 files: gpu-check.log, gpu-check-status.json, tests.json (without pytest), two pairs JSONs,
+# train-check.json. Copy the JSONs to bench/results/ and run bench/report.py.
+#   OUT=<folder> bash bench/gpu_check.sh                                            # on the GPU machine
+#   MODEL=llama-h128-l2-v512 SEQ=64 STEPS=4 BLOCK=2 bash bench/gpu_check.sh         # the same commands, small shape (CPU)
+# Knobs (environment): PYTHON, MODEL, SEQ, STEPS, BLOCK, WARMUP, PAIRS (row names of efficiency.PAIRS), TEST_FILES,
+# TEST_K, TRAIN_METHODS, TRAIN_STEPS, TOTAL_S, and the per-part limits in seconds LIMIT_TESTS, LIMIT_OFF, LIMIT_ON.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-out/gpu}
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-llama-7b-shape}
 SEQ=${SEQ:-2048}
-ROWS_CKPT=${ROWS_CKPT:-"lora-r8 peft-lora-r8 lora-r64 peft-lora-r64 spsft-r128 g2r2-refine g2r2-warmup g2r2-warmup-paper lora-r8-qkvud lora-r32-qkvud pilora-s2 taso-r8 lora-r1"}
-ROWS_PLAIN=${ROWS_PLAIN:-"$ROWS_CKPT"}
+STEPS=${STEPS:-20}
+BLOCK=${BLOCK:-5}
+WARMUP=${WARMUP:-2}
+PAIRS=${PAIRS:-}
 TEST_FILES=${TEST_FILES:-tests/test_memory.py}       # the CUDA tests: files, and words of their names
 TEST_K=${TEST_K:-reuses_the_forward_mask}
 TRAIN_METHODS=${TRAIN_METHODS:-"lora g2r2 pilora taso spsft"}
 TRAIN_STEPS=${TRAIN_STEPS:-6}
-ROW_TIMEOUT=${ROW_TIMEOUT:-45}
+TOTAL_S=${TOTAL_S:-420}
 LIMIT_TESTS=${LIMIT_TESTS:-45}
-LIMIT_TRAIN=${LIMIT_TRAIN:-110}
-LIMIT_CKPT=${LIMIT_CKPT:-170}
-LIMIT_PLAIN=${LIMIT_PLAIN:-150}
+LIMIT_OFF=${LIMIT_OFF:-170}
+LIMIT_ON=${LIMIT_ON:-160}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
@@ -55,14 +60,7 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout, log it, record its 
     "$PARTS" $((SECONDS - T0)) "$MODEL" "$SEQ" "$stamp" > "$STATUS"
 }
 
-part env 30 "$PY" -c "import sys, torch; from importlib.util import find_spec; from importlib.metadata import version
-print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')
-for m in ('transformers', 'peft', 'datasets', 'safetensors', 'tqdm', 'accelerate', 'pytest'):
-    print(m, version(m) if find_spec(m) else 'ABSENT')
-try:
-    import pytest
-except ImportError:
-    print('pytest ABSENT (does not import)')"
+part env 30 "$PY" bench/efficiency.py env
 
 # shellcheck disable=SC2086
 if "$PY" -c "import pytest" 2>/dev/null; then
@@ -71,17 +69,22 @@ else
   part tests "$LIMIT_TESTS" "$PY" bench/plain_tests.py $TEST_FILES -k $TEST_K --json "$OUT/tests.json"
 fi
 
-# shellcheck disable=SC2086
-part train "$LIMIT_TRAIN" "$PY" bench/gpu_train_check.py --methods $TRAIN_METHODS --steps "$TRAIN_STEPS" \
-  --deadline_s $((LIMIT_TRAIN * 3 / 4)) --out "$OUT/train-check.json"
-
-for mode in on off; do
-  if [ $mode = on ]; then rows=$ROWS_CKPT limit=$LIMIT_CKPT name=7b-ckpt; else rows=$ROWS_PLAIN limit=$LIMIT_PLAIN name=7b-plain; fi
+for mode in off on; do
+  if [ $mode = off ]; then limit=$LIMIT_OFF; else limit=$LIMIT_ON; fi
   # shellcheck disable=SC2086
-  part $name "$limit" "$PY" bench/efficiency.py --model "$MODEL" --seq_len "$SEQ" --micro_batch_size 1 \
-    --grad_ckpt $mode --rows $rows --steps 3 --warmup_steps 2 --calib_batches 2 --row_timeout "$ROW_TIMEOUT" \
-    --deadline_s $((limit * 3 / 4)) --out "$OUT/main-$MODEL-$SEQ-ckpt-$mode-$stamp.json"
+  part pairs-$mode "$limit" "$PY" bench/efficiency.py pairs --model "$MODEL" --seq_len "$SEQ" --grad_ckpt $mode \
+    --steps "$STEPS" --block "$BLOCK" --warmup_steps "$WARMUP" ${PAIRS:+--pairs $PAIRS} \
+    --deadline_s $((limit * 3 / 4)) --out "$OUT/pairs-$MODEL-$SEQ-ckpt-$mode-$stamp.json"
 done
+
+left=$((TOTAL_S - (SECONDS - T0) - 10))
+if [ "$left" -ge 30 ]; then
+  # shellcheck disable=SC2086
+  part train "$left" "$PY" bench/gpu_train_check.py --methods $TRAIN_METHODS --steps "$TRAIN_STEPS" \
+    --deadline_s $((left * 3 / 4)) --out "$OUT/train-check.json"
+else
+  echo "=== train: skipped (${left} s left of ${TOTAL_S} s)" | tee -a "$LOG"
+fi
 
 echo "=== done in $((SECONDS - T0)) s: $(cat "$STATUS")" | tee -a "$LOG"
 ls -l "$OUT" | tee -a "$LOG"

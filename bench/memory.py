@@ -140,6 +140,9 @@ class Counter(TorchDispatchMode):
     def on_model(self, model, batch, targets):
         """Called by count_row once the model and batch exist (bench/count.py's counter reads their sizes)."""
 
+    def on_measure(self):
+        """Called by count_row right before the measured steps (after the reset that starts their peak)."""
+
     def fields(self):
         """Extra per-row fields read after the measured steps (bench/count.py's counter: kernels, bytes, FLOP)."""
         return {}
@@ -307,6 +310,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
                 loop.step()
             row["start_bytes"] = c.live
             c.reset(record=True)
+            c.on_measure()
             if fake:
                 for _ in range(steps):
                     loop.step()

@@ -184,35 +184,95 @@ def test_g2r2_model_is_freed_without_a_gc_pass():
 
 
 def test_gpu_check_runs_without_pytest(tmp_path):
-    """bench/gpu_check.sh on CPU, small shape, one row per mode, LoRA's 2-step train check, where `import pytest`
-    fails: every part runs and exits 0, the CUDA tests go through bench/plain_tests.py, and each part writes its
-    JSON (the GPU run takes the same path with more rows and methods; every method's resume is checked by
-    running bench/gpu_train_check.py, about 2 minutes on CPU)."""
+    """bench/gpu_check.sh on CPU, small shape, the LoRA / PEFT pair in both modes, LoRA's 2-step train check, where
+    `import pytest` fails: every part runs and exits 0, the CUDA tests go through bench/plain_tests.py, and each
+    part writes its JSON (the GPU run takes the same path with every pair and method)."""
     import subprocess
     fake = tmp_path / "nopytest"
     fake.mkdir()
     (fake / "pytest.py").write_text("raise ImportError('no pytest on this machine')\n")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(fake), PYTHON=sys.executable, OUT=str(out), MODEL="llama-h128-l2-v512",
-               SEQ="16", ROWS_CKPT="g2r2-refine", ROWS_PLAIN="lora-r8", TRAIN_METHODS="lora",
-               TRAIN_STEPS="2", OMP_NUM_THREADS="1")  # one thread: a shared CPU's cores are 20x slower oversubscribed
+               SEQ="16", STEPS="2", BLOCK="1", WARMUP="1", PAIRS="lora-r8", TRAIN_METHODS="lora", TRAIN_STEPS="2",
+               TOTAL_S="900", OMP_NUM_THREADS="1")  # one thread: a shared CPU's cores are 20x slower oversubscribed
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = json.loads((out / "gpu-check-status.json").read_text())
     assert [(p["part"], p["rc"]) for p in status["parts"]] == [
-        ("env", 0), ("tests", 0), ("train", 0), ("7b-ckpt", 0), ("7b-plain", 0)], status
-    assert "pytest ABSENT" in (out / "gpu-check.log").read_text()
+        ("env", 0), ("tests", 0), ("pairs-off", 0), ("pairs-on", 0), ("train", 0)], status
+    log = (out / "gpu-check.log").read_text()
+    assert "pytest ABSENT" in log and "pinned" in log
     tests = json.loads((out / "tests.json").read_text())
     assert tests["counts"]["passed"] == 2 and tests["counts"]["failed"] == 0  # the CPU cases; CUDA ones skip
     check = json.loads((out / "train-check.json").read_text())
     lora, = check["methods"]
     assert check["all_ok"] and lora["method"] == "lora" and lora["resume_exact"] and len(lora["losses"]) == 2
     assert lora["dtypes"]["trainable"] == ["float32"] and lora["grad_ckpt"] and lora["dtype"] == "bf16"
-    for mode, rows in (("on", ["g2r2-refine"]), ("off", ["lora-r8"])):
-        res, = [json.loads(p.read_text()) for p in out.glob(f"main-*-ckpt-{mode}-*.json")]
-        assert [r["row"] for r in res["rows"]] == rows and not any("error" in r for r in res["rows"])
-    assert len(list(out.iterdir())) <= 8  # what comes back from the device
+    for mode in ("off", "on"):
+        res, = [json.loads(p.read_text()) for p in out.glob(f"pairs-*-ckpt-{mode}-*.json")]
+        pair, = res["pairs"]
+        assert "error" not in pair, pair
+        assert (pair["row"], pair["baseline"], pair["grad_ckpt"]) == ("lora-r8", "peft-lora-r8", mode == "on")
+        assert [len(b) for b in pair["a"]["step_times_s"]] == [1, 1] and pair["a"]["flop"] > 0
+        assert pair["low"] <= pair["ratio"] <= pair["high"]
+    assert len(list(out.iterdir())) <= 6  # what comes back from the device
+
+
+# ----------------------------------------------------------------- timed pairs (bench/efficiency.py pairs)
+
+def test_bootstrap_ratio_by_hand():
+    """Blocks where B takes exactly twice A: every resample gives 0.5, so the interval is [0.5, 0.5]; with one
+    block of B slower the point ratio is the ratio of medians and the interval holds it."""
+    a = [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+    b = [[2 * t for t in blk] for blk in a]
+    assert efficiency.bootstrap_ratio(a, b) == (0.5, 0.5, 0.5)
+    b2 = [[2.0, 2.0], [4.0, 4.0], [9.0, 9.0]]
+    point, low, high = efficiency.bootstrap_ratio(a, b2)
+    assert point == 2.0 / 4.0 and low <= point <= high and low >= 1 / 3 and high <= 0.5
+
+
+def test_against_needs_the_whole_interval():
+    assert efficiency.against(0.9, 0.80, 0.89) == "met"
+    assert efficiency.against(0.9, 0.85, 0.95) == "not resolved"
+    assert efficiency.against(0.9, 0.91, 0.99) == "missed"
+    assert efficiency.against(0.4, 0.41, 0.5, at_most=False) == "met"
+    assert efficiency.against(None, 0.1, 0.2) is None
+
+
+def test_twin_shares_the_frozen_weights():
+    """A pair's two models hold the base weights once; replacing a module in one leaves the other alone."""
+    base = models.build_tiny("tiny-llama")
+    a, b = efficiency.twin(base), efficiency.twin(base)
+    pa, pb, p0 = (dict(m.named_parameters()) for m in (a, b, base))
+    assert all(pa[k] is p0[k] and pb[k] is p0[k] for k in p0)
+    common.LoRA(r=2).attach(a)
+    assert type(b.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert type(a.model.layers[0].self_attn.q_proj).__name__ == "LoRALinear"
+
+
+def test_pair_runs_interleaved_blocks(monkeypatch):
+    """run_pair times A×block, B×block, A×block, … (the order recorded by stand-in loops) and reports each
+    row's median over all its steps."""
+    order = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name, self.warmup_s, self.trainable = name, 0.0, 1
+            self.model, self.opt = torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters())
+
+        def step(self):
+            order.append(self.name)
+    monkeypatch.setattr(efficiency, "pair_loop", lambda name, *a: Stub(name))
+    monkeypatch.setattr(efficiency, "counted_flop", lambda *a: (None, None))
+    opts = efficiency.pairs_args(["--steps", "6", "--block", "2", "--model", "tiny-llama", "--out", "x.json"])
+    base = torch.nn.Linear(2, 2)
+    pair = efficiency.PAIRS[0]
+    res = efficiency.run_pair(pair, base, {}, 16, False, opts, "cpu", [])
+    a, b = pair[1], pair[2]
+    assert order == [a, a, b, b] * 3
+    assert [len(x) for x in res["a"]["step_times_s"]] == [2, 2, 2] and res["a"]["steps"] == 6
+    assert res["verdict"] in ("met", "missed", "not resolved")
 
 
 def test_a_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch, tmp_path):
