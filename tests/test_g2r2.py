@@ -613,3 +613,97 @@ def test_train_main_three_stages_and_resume(tmp_path):
     assert resumed["losses"] == full["losses"]
     assert resumed["retained_modules"] == full["retained_modules"]
     assert resumed["pruned_at_step"] == full["pruned_at_step"]
+
+
+# ------------------------------------------------------------ own-loop mistakes (issue 32), save / load
+
+def own_loop(meth, model, steps, order="right", micro=1, stop=None):
+    """A 20-line loop on tiny-llama in fp32; order "late": the hooks after optimizer.step() + zero_grad()."""
+    opt = torch.optim.AdamW(meth.param_groups(1e-2), lr=1e-2)
+    for step in range(steps if stop is None else stop):
+        for k in range(micro):
+            model(**lm_batch(100 * step + k)).loss.backward()
+        if order == "right":
+            meth.after_backward(step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if order == "late":
+            meth.after_backward(step)
+        if meth.after_step(step):
+            opt = torch.optim.AdamW(meth.param_groups(1e-2), lr=1e-2)
+    return opt
+
+
+@pytest.mark.parametrize("score", ["paper", "product", "exact"])
+def test_scoring_from_missing_gradients_names_the_hook_order(score):
+    """paper / product read .grad, which zero_grad() has cleared; exact with no backward pass of this step."""
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, warmup=3, prune=2, score=score)
+    model = tiny_llama()
+    meth.attach(model)
+    with pytest.raises(RuntimeError, match=r"after loss.backward\(\) and before optimizer.step\(\)"):
+        if score == "exact":
+            meth.after_backward(0)  # called before the step's backward
+        own_loop(meth, model, 2, order="late")
+
+
+def test_warmup_too_short_to_rank_warns_with_the_numbers():
+    """T_w = 1: step 0 scores ΔW = 0 (B = 0), step 1 is pruning: every R̂ is 0 or missing, modules go by index."""
+    meth = g2r2.G2R2(dropout=0.0, total_steps=6, warmup=1, prune=2)
+    model = tiny_llama()
+    meth.attach(model)
+    with pytest.warns(UserWarning, match=r"pruned by index; give `warmup` >= 2 steps \(T_w = 1, score_every = 1\)"):
+        own_loop(meth, model, 2)
+
+
+def test_export_before_refinement_warns_total_steps_counts_optimizer_steps():
+    """total_steps given in micro-batches (4 × 5 instead of 5): the run ends mid-pruning and never refines."""
+    meth = g2r2.G2R2(dropout=0.0, total_steps=20, warmup=2, prune=6, micro_batches=4)
+    model = tiny_llama()
+    meth.attach(model)
+    own_loop(meth, model, 5, micro=4)
+    assert not meth.refined and meth.stage == "prune" and 0 < len(meth.pruned_at) < 8
+    with pytest.warns(UserWarning, match=r"after 5 of total_steps=20 optimizer steps, in prune with \d+ of 10 "
+                                         r"modules live .* not micro-batches \(the last step ran 4 forward passes\)"):
+        meth.export(model)
+
+
+def test_forgetting_after_step_names_after_step():
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, warmup=3, prune=2)
+    model = tiny_llama()
+    meth.attach(model)
+    model(**lm_batch(0)).loss.backward()
+    meth.after_backward(0)
+    with pytest.raises(RuntimeError, match=r"call method.after_step\(step\) after optimizer.step\(\)"):
+        model(**lm_batch(1)).loss.backward()
+
+
+def test_one_method_object_on_two_models_and_a_state_of_another_method_refuse():
+    meth = g2r2.G2R2(dropout=0.0, total_steps=10, warmup=3, prune=2)
+    meth.attach(tiny_llama())
+    with pytest.raises(RuntimeError, match="attached to a model already; build a new method object"):
+        meth.attach(tiny_llama())
+    other = common.LoRA(r=2)
+    other.attach(tiny_llama())
+    with pytest.raises(common.UserError, match="saved by LoRA, not G2R2"):
+        g2r2.G2R2(dropout=0.0, total_steps=10, warmup=3, prune=2).attach(tiny_llama(), state=other.state_dict())
+
+
+@pytest.mark.parametrize("stop", [4, 7], ids=["mid-pruning", "refined"])
+def test_own_loop_state_dict_reload_gives_equal_logits(stop):
+    """method.state_dict() -> attach(fresh model, state=...): the same modules pruned / removed, the same tensors,
+    the same logits; a state saved from other targets refuses."""
+    kw = dict(dropout=0.05, total_steps=10, warmup=2, prune=4, pf=0.3)
+    meth, model = g2r2.G2R2(**kw), tiny_llama()
+    meth.attach(model)
+    own_loop(meth, model, 10, stop=stop)
+    assert (0 < len(meth.pruned_at) and not meth.refined) if stop == 4 else meth.refined
+    state = meth.state_dict()
+    fresh, meth2 = tiny_llama(), g2r2.G2R2(**kw)
+    meth2.attach(fresh, state=state)
+    ids = lm_batch(7)["input_ids"]
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    assert meth2.summary() == meth.summary() and meth2.next_step == stop
+    with pytest.raises(ValueError, match="adapts other modules"):
+        g2r2.G2R2(**kw, targets=["q_proj"]).attach(tiny_llama(), state=state)
