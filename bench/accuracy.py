@@ -51,10 +51,10 @@ every finished run) and under --runs_dir (result.json skipped; an unfinished run
 checkpoint, --resume, bit-exact). The JSON in bench/results/ holds the command, versions, machine, every
 run's summary fields (with its training FLOP, "train_flop": torch's FlopCounterMode count of matrix products
 and attention over the whole run, evaluations left out; None for a resumed run), per-row mean ± std, each
-dev-set run's per-example predictions ("dev_pred", in the cache;
-the labels once, "dev_gold") and the paired comparisons ("paired"): each row against lora-r8, an ablation also
-against its own method (COMPARE_WITH), by seed (a t-interval) and by dev example (a bootstrap); *better* /
-*worse* only where the 95 % intervals exclude 0, otherwise *no difference shown* (compare()).
+dev-set run's per-example predictions ("dev_pred", in the cache; the labels once, "dev_gold") and the paired
+comparisons ("paired"): each row against lora-r8, an ablation also against its own method (COMPARE_WITH), by
+seed (a t-interval) and by dev example (a bootstrap); *better* / *worse* only where the 95 % intervals exclude
+0, otherwise *no difference shown* (compare()).
 """
 import argparse
 import collections
