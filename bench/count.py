@@ -27,7 +27,8 @@ memory.Counter, so the memory count runs alongside) records every op dispatched 
   AdamW's step counters live on the host on CUDA, so its `.item()`s are not counted.
 - **index ops** (`index_select`, `index_add_`, `index_put_`, `gather`, `scatter*`, …; embedding lookups left
   out), and how many touch an *activation-sized* tensor: one with at least tokens × hidden elements that is
-  not weight-shaped (out × in or in × out of a target).
+  not weight-shaped (out × in or in × out of a target); an op whose result is empty moves none (HF's
+  `logits_to_keep` slice of no position).
 - **roofline**: max(FLOP / peak, bytes / bandwidth) for the whole step, and the sum over kernels of each
   kernel's own max (tighter: a memory-bound kernel cannot use the compute a matmul leaves idle). Peaks in PEAKS
   (dense bf16, SXM, NVIDIA's data sheets). A bound, never a GPU time: launch latency, kernel efficiency and
@@ -268,7 +269,7 @@ class StepCounter(memory.Counter):
                "flop": op_flop(func, args, kwargs, out), "attention": attention_flop(func, args, kwargs) is not None,
                "index": None if name not in INDEX else {
                    "op": name, "shapes": [list(t.shape) for t in ins + outs],
-                   "activation": any(self.activation_sized(t) for t in ins + outs)}}
+                   "activation": any(t.numel() for t in outs) and any(self.activation_sized(t) for t in ins + outs)}}
         rec["made"] = {k[0] for k in rec["outs"]}
         g = self.draw
         if g is not None and name in DRAW_FOLD and g["phase"] == rec["phase"] and rec["ins"] & g["made"]:

@@ -5,6 +5,13 @@
         --seq_len 512 1024 2048 4096 --grad_ckpt on                                                    # GPU sweep
     python bench/efficiency.py --model llama-small-shape --seq_len 256 --grad_ckpt both                  # CPU suite
     python bench/report.py                          # bench/results/*.json -> BENCHMARKS.md (+ bench/efficiency.png)
+    python bench/efficiency.py pairs --model llama-7b-shape --seq_len 2048 --out out/gpu/pairs.json  # issue 31, GPU
+
+`pairs` (bench/gpu_check.sh; docs/gpu-check.md) times each pair of PAIRS with both rows resident at once (their
+models share the frozen weights), in interleaved blocks (A B A B …), with CUDA events, the same loss
+(train.causal_loss) in both rows; the ratio of medians gets a bootstrap 95 % interval (met only when the interval
+clears the target) and MFU comes from bench/count.py's counted FLOP. The main suite below times rows one after
+another, each with its own loss (HF's for PEFT), MFU from 4·N·T: kept for the runs already recorded.
 
 Every row builds a fresh model (same seed, so the same base weights), attaches one method and drives it
 through its Method hooks exactly as train.py's loop does (attach under the autocast ctx -> to_fp32 ->

@@ -146,12 +146,14 @@ def test_causal_attention_flop_by_loops():
 
 
 def test_index_ops_are_listed_with_activation_size():
-    """An index_select over a (tokens × features) tensor is activation-sized; one over a small factor is not."""
+    """An index_select over a (tokens × features) tensor is activation-sized; one over a small factor is not,
+    nor one that selects nothing (HF's logits_to_keep of no position)."""
     def setup():
         x, a, idx = torch.randn(2, 16, 32), torch.randn(4, 32), torch.arange(0, 32, 4)
-        return lambda: (x.index_select(-1, idx), a.index_select(-1, idx))
+        none = torch.zeros(0, dtype=torch.long)
+        return lambda: (x.index_select(-1, idx), a.index_select(-1, idx), x[:, none])
     f, _ = counted(setup, activation=(32, 32, {(32, 32)}))
-    assert f["index_ops"] == 2 and f["activation_index_ops"] == 1
+    assert f["index_ops"] == 3 and f["activation_index_ops"] == 1
 
 
 # ------------------------------------------------------------------------------- the lean-path bounds
