@@ -822,10 +822,10 @@ def setup(args):
     r.ctx = torch.autocast(r.device, dtype=dtype) if dtype != torch.float32 else nullcontext()
     args.output_dir, r.old = output_folder(args, r.rank)
     r.out, r.ckpt_path = args.output_dir, os.path.join(args.output_dir, "ckpt.pt")
-    r.ckpt = resume_checkpoint(args, r.ckpt_path)
 
     # data first: a classification head needs the number of labels
     r.path, r.task, r.proc = on_rank0(resolve, args) or resolve(args)  # rank 0 first: it fills the caches
+    r.ckpt = resume_checkpoint(args, r.ckpt_path)  # after that wait: rank 0's last write has landed
     examples, r.eval_set, r.info = load_data(args, r.task, r.proc)
     if args.max_samples:
         examples = examples[:args.max_samples]

@@ -278,3 +278,21 @@ def test_builtin_task_rule_and_determinism():
     assert len({key(r) for r in test}) == len(test)
     first = [r["input"].split(" or ")[0] == r["answer"] for r in train]
     assert 0.35 < sum(first) / len(first) < 0.65  # the answer's position is no shortcut
+
+
+def test_every_split_is_mapped_through_the_training_classes(tmp_path, tok):
+    """Issue 33: train neg/neu/pos, dev neg/pos: dev's pos is class 2 (pos of the training split), not 1
+    (its index among dev's own labels); integer labels keep their value whatever the dev split holds."""
+    d = tmp_path / "three"
+    d.mkdir()
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"f{i}\t{y}\n" for i, y in enumerate(["neg", "neu", "pos"] * 2)))
+    (d / "dev.tsv").write_text("sentence\tlabel\nf0\tneg\nf1\tpos\nf2\tpos\n")
+    train_ex, info = data.load_classification(str(d), "train", tok, 64)
+    dev_ex, dev_info = data.load_classification(str(d), "validation", tok, 64, space=info)
+    assert info["label_names"] == ["neg", "neu", "pos"] and dev_info == info
+    assert [e["labels"] for e in train_ex] == [0, 1, 2, 0, 1, 2] and [e["labels"] for e in dev_ex] == [0, 2, 2]
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"f{i}\t{y}\n" for i, y in enumerate([0, 1, 2, 3])))
+    (d / "dev.tsv").write_text("sentence\tlabel\nf0\t3\nf1\t1\n")
+    train_ex, info = data.load_classification(str(d), "train", tok, 64)
+    dev_ex, _ = data.load_classification(str(d), "validation", tok, 64, space=info)
+    assert info["num_labels"] == 4 and [e["labels"] for e in dev_ex] == [3, 1]

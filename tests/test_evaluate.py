@@ -390,7 +390,7 @@ def test_evaluate_loss_is_the_mean_over_all_response_tokens():
     model = build_tiny("tiny-llama")
     model.train()
     batches = []
-    for b, t, cut in ((2, 9, 4), (3, 6, 2)):  # different sizes and prompt lengths
+    for b, t, cut in ((2, 9, 4), (3, 6, 2), (2, 5, 5)):  # different sizes and prompt lengths; the last all prompt
         ids = torch.randint(0, 260, (b, t))
         labels = ids.clone()
         labels[:, :cut] = -100

@@ -257,13 +257,13 @@ DRIVER = """import json, os, sys
 import torch
 sys.path.insert(0, {repo!r})
 import common, train
-masks, draw = [], common._dropout_scale
+masks, draw = [], common._dropout
 
-def record(x, p):  # every dropout mask this process draws
-    s = draw(x, p)
-    masks.append(s != 0)
-    return s
-common._dropout_scale = record
+def record(x, p):  # every dropout mask this process draws (forward, and backward's redraw)
+    y, mask = draw(x, p)
+    masks.append(mask.bool().clone())
+    return y, mask
+common._dropout = record
 for out, argv in json.load(open(sys.argv[1])):
     masks.clear()
     train.main(argv)

@@ -3,6 +3,7 @@ adapter round trip, merge, and the two real offline checkpoints."""
 import argparse
 import importlib.util
 import json
+import re
 import os
 import sys
 
@@ -208,3 +209,10 @@ def test_readme_paper_commands_parse():
             for line in blk.replace("\\\n", " ").splitlines() if line.strip().startswith("python train.py")]
     methods = {train.parse_args(shlex.split(c, comments=True)[2:]).method for c in cmds}
     assert {"g2r2", "pilora", "taso", "spsft"} <= methods and len(cmds) >= 9
+
+
+def test_scoring_passes_show_a_progress_bar(tmp_path, capsys):
+    """The batches a method scores on (TASO's calibration pass) go through a tqdm bar named "scoring"."""
+    run(tmp_path, "--method", "taso", "--taso_calib_batches", "3", "--max_steps", "1")
+    err = capsys.readouterr().err
+    assert re.search(r"scoring: +\d+%.*\| \d+/24 ", err), err[-2000:]  # tqdm redraws at most every 0.1 s
