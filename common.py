@@ -262,6 +262,8 @@ def scatter_rows(out, idx, y):
     into the output features idx of out (..., d_out), in place. Autograd saves only idx, never y (the
     autograd form `out.index_add(-1, idx, y)` saves y: ../shared/notes/scatter-saved-tensors.md), and
     the in-place index_add_ / index_select pair runs ~4× faster on CPU than `out[..., idx] += y`."""
+    if torch.compiler.is_compiling():  # the compiler chooses what to save (it cannot trace mark_dirty's in-place form)
+        return out.index_add(-1, idx, y)
     return _ScatterRows.apply(out, idx, y)
 
 
