@@ -197,3 +197,39 @@ def test_count_row_small_shape(tmp_path):
     fwd = 2 * sum(1 for i in range(32) for j in range(32) if j <= i) * (2 * 64 + 2 * 64)
     assert row["attention_flop"] == 2 * (fwd + int(2.5 * fwd))
     assert json.loads(out.read_text())["rows"][0]["kernels"] == row["kernels"]
+
+
+def test_report_section_verdicts(tmp_path):
+    """bench/report.py's issue-31 section: the counter's verdict holds kernels and bytes to the baseline's ×
+    the time target (0.90× met at 0.90; 1.10× missed at 1.05, with the op that grew); without a CUDA pairs JSON
+    every GPU cell says not measured, with one the pair's interval decides."""
+    import report
+
+    def row(name, kernels, nbytes, ops):
+        roof = {g: {"roofline_ms": 1.0, "kernel_sum_ms": 2.0} for g in count.PEAKS}
+        return {"row": name, "grad_ckpt": False, "kernels": kernels, "bytes_read": nbytes, "bytes_written": 0,
+                "flop": 1e12, "host_syncs": 1, "index_ops": 0, "activation_index_ops": 0, "dropout_kernels": 0,
+                "kernels_by_phase": {p: 0 for p in count.PHASES} | {"forward": kernels}, "top_ops": ops,
+                "roofline": roof, "aux_bytes": nbytes}
+    run = {"commit": "abc1234", "date": "2026-12-07 15:00 UTC", "torch": "2.13", "transformers": "5.23",
+           "model": "llama-7b-shape", "seq_len": 2048, "micro_batch_size": 1, "peaks": count.PEAKS,
+           "command": "python bench/count.py --json x.json", "layers": [],
+           "rows": [row("lora-r8", 90, 90, {"mm": 50}), row("peft-lora-r8", 100, 100, {"mm": 50}),
+                    row("pilora-s2", 110, 100, {"mm": 50, "index_select": 20}),
+                    row("lora-r32-qkvud", 100, 100, {"mm": 50})]}
+    path = tmp_path / "count-x.json"
+    path.write_text(json.dumps(run))
+    text = "\n".join(report.count_section([str(path)]))
+    line = lambda label: next(x for x in text.splitlines() if x.startswith(f"| {label}"))  # noqa: E731
+    assert "commit abc1234" in text and "Not measured for the new code" in text
+    assert "kernels 0.90×, bytes 0.90× **met**" in line("lora-r8 vs PEFT: step ≤ 0.90× (no checkpointing)")
+    miss = line("PiLoRA stage 2 vs LoRA r=32: step ≤ 1.05× (no checkpointing)")
+    assert "kernels 1.10×, bytes 1.00× **missed**" in miss and "`index_select` +20" in miss
+    assert "| not measured |" in miss
+    pairs = {"check": "pairs", "device": "cuda", "device_name": "H100", "date": "2026-12-08 10:00 UTC",
+             "pairs": [{"pair": "x", "row": "lora-r8", "baseline": "peft-lora-r8", "grad_ckpt": False, "ratio": 0.85,
+                        "low": 0.84, "high": 0.86, "verdict": "met", "a": {}, "b": {}}]}
+    (tmp_path / "pairs-x.json").write_text(json.dumps(pairs))
+    text = "\n".join(report.count_section([str(path), str(tmp_path / "pairs-x.json")]))
+    assert "0.850× [0.840, 0.860] **met**" in line("lora-r8 vs PEFT: step ≤ 0.90× (no checkpointing)")
+    assert "Not measured for the new code" not in text
