@@ -289,12 +289,17 @@ class SPSFT(common.Method):
                     for p in mod.parameters(recurse=False):
                         p.requires_grad_(True)
                     mod.register_forward_hook(same_dtype)  # an fp32 vector must not turn the stream fp32
-        self.idx = {n: idx[n].cpu() for n in names}
-        self.shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}  # (d_out, d_in)
+        self.layers = {n: model.get_submodule(n) for n in names}
+        self.shapes = {n: tuple(L.base.weight.shape) for n, L in self.layers.items()}  # (d_out, d_in)
         return self.attached(model, state)
 
+    @property
+    def idx(self):
+        """{target: its rows}, read from the layers' buffers (which model.load_state_dict restores)."""
+        return {n: L.idx.cpu() for n, L in self.layers.items()}
+
     def state_dict(self):
-        return {**super().state_dict(), "idx": dict(self.idx), "importance_time_s": self.importance_time_s}
+        return {**super().state_dict(), "idx": self.idx, "importance_time_s": self.importance_time_s}
 
     def summary(self):
         params = sum(len(i) * self.shapes[n][1] for n, i in self.idx.items())   # Σ r · d_in

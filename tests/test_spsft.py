@@ -440,3 +440,84 @@ def test_train_main_tiny_vit_qm_taylor_mlp_only_resume(tmp_path):
                                     "--spsft_mlp_only"])
     assert sorted(s["rows_per_matrix"].values()) == [3, 3, 6, 6]  # fc2 64 × 0.05 → 3, fc1 128 × 0.05 → 6
     assert s["trainable_params_start"] == s["spsft_params"] + 3 * 64 + 3  # + the classifier head
+
+
+# ----------------------------------------------------------------------------- lean / plain, issue 32
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_forward_equals_the_plain_line_of_eq5(dtype):
+    """layer.lean = False: W x + F.linear(x, M W_f) with M dense; the lean scatter gives the same values and
+    gradients (fp32 <= 1e-6, float64 <= 1e-12)."""
+    torch.manual_seed(0)
+    layer = spsft.SPSFTLinear(nn.Linear(10, 24, dtype=dtype), torch.tensor([2, 5, 11, 23]))
+    layer.spsft_W_f = nn.Parameter(torch.randn(4, 10, dtype=dtype))
+    x0, g = torch.randn(3, 7, 10, dtype=dtype), torch.randn(3, 7, 24, dtype=dtype)
+    out = {}
+    for lean in (True, False):
+        layer.lean, x = lean, x0.clone().requires_grad_()
+        h = layer(x)
+        (h * g).sum().backward()
+        out[lean] = (h.detach(), x.grad, layer.spsft_W_f.grad)
+        layer.spsft_W_f.grad = None
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def bert():
+    return build_tiny("tiny-bert", num_labels=3)
+
+
+@pytest.mark.parametrize("batches,importance,match", [
+    ([(torch.randint(0, 260, (2, 9)), torch.tensor([0, 1]))], "taylor", "got a batch of type tuple; give each batch as a dict"),
+    ([dict(input_ids=torch.randint(0, 260, (2, 9)))], "taylor", "returned no loss .* put the targets in each batch as `labels`"),
+    ([dict(input_ids=torch.randint(0, 260, (2, 9)))], "qm_taylor", "a calibration batch has no `labels`; put each example's class"),
+], ids=["tuple", "no-labels-taylor", "no-labels-qm"])
+def test_wrong_batches_fail_with_what_attach_expects(batches, importance, match):
+    with pytest.raises(common.UserError, match=match):
+        spsft.SPSFT(importance=importance, rows=4, calib_batches=1).attach(bert(), iter(batches))
+
+
+def test_a_state_of_another_method_or_another_object_refuses():
+    lora = common.LoRA(r=2)
+    lora.attach(bert())
+    with pytest.raises(common.UserError, match="saved by LoRA, not SPSFT"):
+        spsft.SPSFT(rows=4).attach(bert(), state=lora.state_dict())
+    m = spsft.SPSFT(rows=4)
+    m.attach(bert())
+    with pytest.raises(RuntimeError, match="attached to a model already"):
+        m.attach(bert())
+
+
+@pytest.mark.parametrize("kw", [dict(importance="l2", rows=5), dict(importance="taylor", rows=5, calib_batches=2),
+                                dict(importance="qm_taylor", rows=5, calib_batches=2)], ids=["l2", "taylor", "qm_taylor"])
+def test_own_loop_reload_gives_equal_logits(kw):
+    """Train two steps; then (a) attach(fresh, state=method.state_dict()) and (b) a fresh attach scored on other
+    batches, then fresh.load_state_dict(model.state_dict()): the persistent row indices come back with W_f, so the
+    logits are equal (with non-persistent indices (b) kept the other rows: the logits were off)."""
+    calib = bert_batches([4, 4], seed=3)
+    model, m = bert(), spsft.SPSFT(**kw)
+    m.attach(model, iter(calib))
+    opt = torch.optim.AdamW(m.param_groups(1e-2), lr=1e-2)
+    for b in bert_batches([4, 4], seed=5):
+        model(**b).loss.backward()
+        m.after_backward(m.next_step)
+        opt.step()
+        opt.zero_grad()
+        m.after_step(m.next_step)
+    model.eval()
+    ids = bert_batches([3], seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    a, ma = bert().eval(), spsft.SPSFT(**kw)
+    ma.attach(a, state=m.state_dict())
+    b, mb = bert().eval(), spsft.SPSFT(**kw)
+    mb.attach(b, iter(bert_batches([4, 4], labels=2, seed=11)))  # other batches: other Taylor rows
+    changed = any(not torch.equal(mb.idx[n], m.idx[n]) for n in m.idx)
+    assert changed or kw["importance"] == "l2"
+    b.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, want)
+        assert torch.equal(b(input_ids=ids).logits, want)
+    assert all(torch.equal(mb.idx[n], m.idx[n]) for n in m.idx)  # the method reads the restored rows
+    assert mb.state_dict()["idx"].keys() == m.idx.keys()
