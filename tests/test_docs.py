@@ -222,3 +222,28 @@ def test_a_single_classification_file_is_called_the_evaluation_set(tmp_path, cap
     assert err.startswith("warning: ") and "evaluation set" in err and "folder with train and dev" in err
     data.load_classification(str(folder), "validation", tok, 32)  # a folder's dev file: no warning
     assert "warning" not in capsys.readouterr().err
+
+
+def test_copy_paste_figures_are_the_count():
+    """README.md's and docs/own-code.md's copy-paste table is what bench/copy_paste.py counts now (a stated
+    figure that differs fails: run `python bench/copy_paste.py --write`)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import copy_paste
+    table = copy_paste.render()
+    for doc in copy_paste.DOCS:
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        assert copy_paste.stale(text, table) == text, f"{doc}: run `python bench/copy_paste.py --write`"
+
+
+def test_copy_paste_counts_by_hand(tmp_path, monkeypatch):
+    """The counter on two hand-made files: lines, code lines (no docstring, comment or blank line), the import
+    closure and the third-party modules with where they are imported."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import copy_paste
+    (tmp_path / "a.py").write_text('"""doc\nstring"""\nimport b\nimport torch\n\n# note\nx = 1  # one\n')
+    (tmp_path / "b.py").write_text("def f():\n    import tqdm\n    return 2\n")
+    monkeypatch.setattr(copy_paste, "ROOT", str(tmp_path))
+    assert copy_paste.closure("a.py") == ["a.py", "b.py"]
+    assert copy_paste.lines(["a.py", "b.py"]) == 7 + 3
+    assert copy_paste.code_lines(["a.py"]) == 3 and copy_paste.code_lines(["b.py"]) == 3
+    assert copy_paste.third_party(["a.py", "b.py"]) == {"torch": True, "tqdm": False}
