@@ -461,6 +461,8 @@ def parse_args(argv=None):
                    "(2 × 256 × 512, r = 8, p = 0.05, bf16 autocast)")
     p.add_argument("--no_rows", action="store_true", help="only --layers")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--commit", help="the commit counted (default: this checkout's HEAD and its uncommitted "
+                   "changes; give it when counting an exported tree, e.g. `git archive HEAD`)")
     a = p.parse_args(argv)
     unknown = [r for r in a.rows if r not in efficiency.ROWS]
     if unknown:
@@ -472,7 +474,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
     import transformers
-    res = {"counter": "bench/count.py", "command": "python bench/count.py " + " ".join(argv), "commit": commit(),
+    res = {"counter": "bench/count.py", "command": "python bench/count.py " + " ".join(argv), "commit": a.commit or commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "model": a.model, "seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size, "peaks": PEAKS,

@@ -987,6 +987,15 @@ def grew(a, b, n=3):
     return ", ".join(f"`{k}` {v:+,}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:n] if v > 0) or "–"
 
 
+def phase_grew(a, b):
+    """" (most in <phase>: +x GB)": where row a moves the most bytes more than row b."""
+    pa, pb = a.get("bytes_by_phase"), b.get("bytes_by_phase")
+    if not pa or not pb:
+        return ""
+    ph, d = max(((p, pa[p] - pb.get(p, 0)) for p in pa), key=lambda kv: kv[1])
+    return f" (most in {ph}: {d / 1e9:+,.0f} GB)" if d > 0 else ""
+
+
 def count_section(paths, groups=None):
     """BENCHMARKS.md's issue-31 section: the GPU targets (timed pairs, or plainly not measured), the CPU
     counter's kernels and bytes per row against its baseline × its time target, every row at 7B shape beside
@@ -1014,7 +1023,8 @@ def count_section(paths, groups=None):
              "elements). **roofline** = max(FLOP / peak, bytes / bandwidth) for the whole step, **Σ kernels** = "
              "the sum over kernels of each one's max: bounds, not GPU times. Peaks (dense bf16, SXM): "
              + "; ".join(f"{g} {v['tflops']:,.0f} TFLOP/s, {v['tbps']} TB/s" for g, v in peaks.items()) + ".", "",
-             "```bash", "nice -n 19 " + re.sub(r"--json \S+", f"--json bench/results/{run['file']}", run["command"]),
+             "```bash", "nice -n 19 " + re.sub(r" --commit \S+", "", re.sub(r"--json \S+", f"--json bench/results/{run['file']}",
+                                                                     run["command"])),
              "```", ""]
     # -- the GPU targets
     lines += ["### GPU targets (issue 31, item 5)", ""]
@@ -1051,8 +1061,8 @@ def count_section(paths, groups=None):
         k, m = ra["kernels"] / rb["kernels"], (ra["bytes_read"] + ra["bytes_written"]) / (rb["bytes_read"] + rb["bytes_written"])
         ok = k <= target and m <= target
         why = [] if ok else ([f"kernels {ra['kernels'] - rb['kernels']:+,} ({grew(ra, rb)})"] if k > target else []) + \
-            ([f"bytes {gb(ra['bytes_read'] + ra['bytes_written'] - rb['bytes_read'] - rb['bytes_written'])} GB more"]
-             if m > target else [])
+            ([f"bytes {gb(ra['bytes_read'] + ra['bytes_written'] - rb['bytes_read'] - rb['bytes_written'])} GB more"
+              + phase_grew(ra, rb)] if m > target else [])
         return f"kernels {k:.2f}×, bytes {m:.2f}× **{'met' if ok else 'missed'}**" + (f" ({'; '.join(why)})" if why else "")
 
     body = []
