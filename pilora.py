@@ -15,9 +15,9 @@ cumulative hit count reaches τ·ΣH (`tau`, 0.7: where Fig. 6 saturates). Table
 (the ⌊m/2⌋ highest rows in that order).
 
 Stage 2 (lines 15–23): a fresh two-group LoRA on Θ₀ (the stage-1 adapters are discarded):
-h = W₀x + s·(M ⊗ B_d)A_d x + s·(M̄ ⊗ B_s)A_s x (Eq 10) with B_d |M| × r, A_d r × n, B_s (m−|M|) × r′,
-A_s r′ × n trained (the compact blocks). Each step builds the mask mapping M ⊗ B (Eq 9, m × r) from them, and
-Eq 10 runs as one LoRA pair, [M ⊗ B_d, M̄ ⊗ B_s]·[A_d; A_s]: no m × n matrix, no index op on activations. Merge (Eq 11):
+h = W₀x + s·(M ⊗ B_d)A_d x + s·(M̄ ⊗ B_s)A_s x (Eq 10); B_d |M| × r, A_d r × n, B_s (m−|M|) × r′, A_s r′ × n
+train. Each step builds the mask mapping M ⊗ B (Eq 9, m × r) from them and runs Eq 10 as one LoRA pair,
+[M ⊗ B_d, M̄ ⊗ B_s]·[A_d; A_s] x: no m × n matrix, no index op on activations. Merge (Eq 11):
 W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
 
 Readings of the paper and deviations:
@@ -30,12 +30,9 @@ Readings of the paper and deviations:
 - "Consistently engaged" (§3.3) is read as Fig. 6's cumulative threshold with a 1e-9 tolerance, as
   G²R²'s ⌈p·M⌉ (τ = 0.07, ΣH = 100 keeps 1 row with 7 hits, not 2); rows with equal hit counts are
   ordered by their last score S_i, then by row index.
-- With the shared s = α / r a supplementary row's update s·B_s A_s is scaled like a dominant row's;
-  α / r′ would make it r / r′ = 16× larger at r = 32, r′ = 2.
-- Table 4 gives `random` top-half's parameter count (0.66 %), not the hit rule's (0.63 %).
-- Both groups use the same s = α / r (the paper does not say how the rank-r′ group is scaled), and
-  share one dropout of x. r′ = 0 freezes the supplementary rows (Fig. 4's left point); a group with no
-  rows (|M| = 0 or |M| = m) gets no adapter.
+- Both groups use the same s = α / r (the paper does not say how the rank-r′ group is scaled: α / r′ would
+  make a supplementary row's update r / r′ = 16× larger at r = 32, r′ = 2), and share one dropout of x.
+  r′ = 0 freezes the supplementary rows (Fig. 4's left point); a group with no rows (|M| = 0 or m) gets no adapter.
 - Stage 2 starts from Θ₀ (Alg. 1 line 15): new adapters with standard init (A Kaiming, B = 0) drawn
   from a generator seeded with `seed`, and task heads reset to their values at attach (new tensors, so
   their Adam state goes too). `warm_start` instead copies B_d = B[M], A_d = A from stage 1 (so
@@ -119,8 +116,7 @@ def select_rows(H, S, tau, how="hits", generator=None):
 # ------------------------------------------------------------- stage 2: the adapter layer (Eq 9–11)
 
 def mask_map(B, idx, m):
-    """M ⊗ B (Eq 9): the m × r matrix whose row idx[k] is B's row k, zero elsewhere (idx ascending, so
-    k = k(i) − 1). r × m entries: built each step from the compact B, never stored."""
+    """M ⊗ B (Eq 9): the m × r matrix with B's row k in row idx[k] (ascending: k = k(i) − 1), zero elsewhere."""
     return B.new_zeros(m, B.shape[1]).index_copy(0, idx, B)
 
 
@@ -170,8 +166,8 @@ class PiLoRALinear(nn.Module):
 
     def merge(self) -> nn.Linear:
         """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11) = W₀ + s·B A with factors(), summed in fp32."""
-        f = self.lora_factors()
-        return common.merged_linear(self.base, torch.zeros_like(self.base.weight) if f is None else self.scaling * (f[1] @ f[0]))
+        f = self.lora_factors()  # None: no adapter, W′ = W₀
+        return common.merged_linear(self.base, 0 * self.base.weight if f is None else self.scaling * (f[1] @ f[0]))
 
     def lora_factors(self):
         """factors() for PEFT, fp32, detached: one rank-(r + r′) LoRA with s = α / r kept, so α_PEFT = s·(r + r′).
@@ -186,8 +182,7 @@ def new_adapter(rows, rank, n, device, generator=None):
     """(A, B) with LoRA's init (A Kaiming-uniform a=√5, B zeros), or (None, None) when empty."""
     if rows == 0 or rank == 0:
         return None, None
-    A = torch.empty(rank, n, dtype=torch.float32)
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    A = nn.init.kaiming_uniform_(torch.empty(rank, n, dtype=torch.float32), a=math.sqrt(5), generator=generator)
     return nn.Parameter(A.to(device)), nn.Parameter(torch.zeros(rows, rank, device=device))
 
 
@@ -237,8 +232,7 @@ class PiLoRA(common.Method):
         self.dominant = None
 
     def attach(self, model, batches=(), state=None):
-        common.prepare(model, self.heads)
-        self.model = model
+        common.prepare(model, self.heads, self, state)
         self.names = common.find_targets(model, self.targets, defaults=TARGETS, heads=self.heads)
         base = {n: model.get_submodule(n) for n in self.names}
         self.shapes = {n: (b.out_features, b.in_features) for n, b in base.items()}
@@ -247,21 +241,22 @@ class PiLoRA(common.Method):
                          for n, (m, _) in self.shapes.items()}  # device: scoring never waits for the host
             self.scores = {n: torch.zeros(m, device=base[n].weight.device) for n, (m, _) in self.shapes.items()}
             self.heads0 = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        elif {n: len(h) for n, h in state["hits"].items()} != {n: m for n, (m, _) in self.shapes.items()}:
+            raise common.UserError("the PiLoRA state does not fit this model (other targets or rows); attach it "
+                                   "to the model it was saved from, with the same `targets`")
         else:
             for k in ("stage", "phase", "r_supp", "scorings", "schedule_start", "hits", "scores", "heads0",
-                      "dominant"):
+                      "dominant", "next_step", "scored"):
                 setattr(self, k, state[k])
-            self.next_step = state.get("next_step", 0)
-            self.scored = state.get("scored", self.next_step - 1)
         if self.stage == "stage1":
             for n in self.names:
                 common.replace_module(model, n, common.LoRALinear(base[n], self.r, self.alpha, self.dropout))
-        else:  # the trainer loads the trained tensors; a private generator leaves the global RNG alone
+        else:  # attached() loads the trained tensors; a private generator leaves the global RNG alone
             g = torch.Generator().manual_seed(self.seed)
             for n in self.names:
                 common.replace_module(model, n, PiLoRALinear(base[n], self.dominant[n], self.r, self.r_supp,
                                                              self.alpha, self.dropout, g))
-        return model
+        return self.attached(model, state)
 
     def run_steps(self, steps):
         """The whole run: `total_steps` (with `extend`, stage 1 plus stage 2's), else the loop's `steps`."""
@@ -285,7 +280,7 @@ class PiLoRA(common.Method):
         self.check_step(step, "after_backward", exact=True)
         if self.stage != "stage1" or step % self.interval:  # Alg. 1 line 7: t mod K == 0
             return
-        self.scored = step
+        self.scored, S = step, None
         for n in self.names:
             mod = self.model.get_submodule(n)
             A, B = mod.lora_A, mod.lora_B
@@ -294,6 +289,7 @@ class PiLoRA(common.Method):
             S = neuron_scores(A.float(), B.float(), A.grad.float(), B.grad.float())  # Eq 7–8, per module
             self.hits[n] = count_hits(self.hits[n].to(S.device), S)  # .to: a no-op but after a resume
             self.scores[n] = S
+        common.need_grads(S is not None and bool(S.any()), "PiLoRA", step)  # one sync: the last module's scores
         self.scorings += 1
 
     def after_step(self, step):
@@ -304,7 +300,7 @@ class PiLoRA(common.Method):
                                f"method.after_backward(step) after the backward passes, before optimizer.step()")
         if self.stage != "stage1" or step + 1 < self.phase:
             return False
-        before = self.parameters()
+        before = self.trainable()
         self.switch()
         self.changed(before)
         self.schedule_start = step + 1  # stage 2: a fresh warmup + decay for the fresh adapters
@@ -326,18 +322,17 @@ class PiLoRA(common.Method):
             common.replace_module(self.model, n, new)
         if not self.warm_start:  # back to Θ₀: heads as at attach, as new tensors
             for name, p0 in self.heads0.items():
-                mod, _, leaf = name.rpartition(".")
-                owner = self.model.get_submodule(mod) if mod else self.model
-                old = getattr(owner, leaf)
-                setattr(owner, leaf, nn.Parameter(p0.to(device=old.device, dtype=old.dtype)))
+                old = self.model.get_parameter(name)
+                common.replace_module(self.model, name, nn.Parameter(p0.to(device=old.device, dtype=old.dtype)))
         self.heads0 = None
         self.stage = "stage2"
 
     def state_dict(self):
-        return {"stage": self.stage, "phase": self.phase, "r_supp": self.r_supp, "scorings": self.scorings,
-                "schedule_start": self.schedule_start, "hits": {n: h.cpu() for n, h in self.hits.items()},
-                "scores": {n: s.cpu() for n, s in self.scores.items()},
-                "heads0": self.heads0, "dominant": self.dominant, "next_step": self.next_step, "scored": self.scored}
+        cpu = lambda d: {n: t.cpu() for n, t in d.items()}  # noqa: E731
+        return {**super().state_dict(), "stage": self.stage, "phase": self.phase, "r_supp": self.r_supp,
+                "scorings": self.scorings, "schedule_start": self.schedule_start, "next_step": self.next_step,
+                "scored": self.scored, "heads0": self.heads0, "dominant": self.dominant,
+                "hits": cpu(self.hits), "scores": cpu(self.scores)}
 
     def summary(self):
         out = {"r": self.r, "alpha": self.alpha, "r_supp": self.r_supp, "tau": self.tau,

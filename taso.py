@@ -20,15 +20,13 @@ with the defaults r = 8, p = 1/r that is out + in, the budget of dense LoRA with
 
 Our readings and deviations (each is a keyword of TASO):
 - N = 64 batches (or the whole iterator if shorter); gradients summed, |·| taken after the sum; no
-  optimizer step. The pass holds one weight-sized fp32 buffer per target (also for a bf16 model: the
-  sum of 64 bf16 terms in bf16 moves the chosen rows and columns) and frees each `.grad` as soon as
+  optimizer step. The pass holds one weight-sized fp32 buffer per target (also for a bf16 model: summed
+  in bf16, issue 18 measured a min overlap of 0.875 against fp64) and frees each `.grad` as soon as
   it is accumulated; dropout is switched off for it (the importance of the pretrained model, not of a
   random sub-network) while gradient checkpointing stays on. `score_groups` = G runs the pass
   once per run of about 1/G of the target weights (common.weight_groups): 1/G of those buffers at a
   time, the same importance, G passes over the same batches (each backward stops at its lowest layer).
 - k = 1 %, p = 1/r; row/column ties broken by summed importance, then by the lower index.
-- The fp32 sum of T1: summed in bf16, a bf16 model's gradients moved the chosen rows and columns
-  (issue 18 measured a min overlap of 0.875 against fp64).
 - T7 scales the LR of the adapter tensors only (B_R, A_C); trained heads keep the base LR.
 - A_C is Kaiming-uniform over its own fan-in |C|, so its entries are √(in/|C|) larger than a dense
   LoRA A's (√8 at p = 1/8); B_R = 0 keeps ΔW = 0 at step 0.
@@ -39,14 +37,12 @@ Our readings and deviations (each is a keyword of TASO):
   the same size, so every variant has the same shape and budget (keeping the other axis whole
   cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
 """
-import itertools
 import math
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
@@ -86,14 +82,13 @@ class TASOLinear(nn.Module):
     def factors(self):
         """A (r × in) zero outside the columns C, B (out × r) zero outside the rows R, built from A_C, B_R:
         s·B A is T5's update as one dense LoRA pair."""
-        A = self.taso_A.new_zeros(len(self.taso_A), self.base.in_features).index_copy(1, self.cols, self.taso_A)
-        return A, self.taso_B.new_zeros(self.base.out_features, self.taso_B.shape[1]).index_copy(0, self.rows, self.taso_B)
+        A, B = self.taso_A, self.taso_B
+        return (A.new_zeros(len(A), self.base.in_features).index_copy(1, self.cols, A),
+                B.new_zeros(self.base.out_features, B.shape[1]).index_copy(0, self.rows, B))
 
-    def delta_block(self):
-        return self.scaling * (self.taso_B @ self.taso_A)  # (|R|, |C|), fp32
-
-    def merge(self) -> nn.Linear:
-        return common.merged_linear(self.base, self.delta_block(), rows=self.rows, cols=self.cols)  # T6
+    def merge(self) -> nn.Linear:  # T6: W[R][:, C] += s·B_R A_C, in fp32
+        delta = self.scaling * (self.taso_B @ self.taso_A)  # (|R|, |C|)
+        return common.merged_linear(self.base, delta, rows=self.rows, cols=self.cols)
 
     def lora_factors(self):
         """T5 as a rank-r LoRA for PEFT (factors(), fp32, detached), α = s·r."""
@@ -112,11 +107,8 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
     bufs, hooks = {}, []
 
     def fold(name):
-        def hook(w):
-            if metric == "wg":
-                bufs[name].addcmul_(w.grad, w)  # Σ_b W ⊙ G_b = W ⊙ Σ_b G_b
-            else:
-                bufs[name].add_(w.grad)
+        def hook(w):  # Σ_b W ⊙ G_b = W ⊙ Σ_b G_b (metric "g": Σ_b G_b), then the .grad is freed
+            bufs[name].addcmul_(w.grad, w) if metric == "wg" else bufs[name].add_(w.grad)
             w.grad = None
         return hook
 
@@ -129,11 +121,8 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         used = 0
         with torch.enable_grad(), common.scoring_mode(model):
-            n_batches = common.shard_len(n_batches)  # torchrun: this process's share
-            bar = tqdm(zip(range(n_batches), batches), total=n_batches, unit="batch", leave=False,
-                       desc=f"taso importance |{'W⊙G' if metric == 'wg' else 'G'}| (≤ {n_batches} batches)")
-            for _, batch in bar:
-                loss = model(**batch).loss
+            for _, batch in zip(range(n_batches), batches):
+                loss = common.task_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise ValueError(f"TASO's importance pass got loss {float(loss)} on calibration batch "
                                      f"{used}; check the data (no target tokens left? keep longer sequences)")
@@ -144,7 +133,6 @@ def gradient_importance(model, weights, batches, n_batches=64, metric="wg"):
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
-    used = int(common.all_reduce(torch.tensor(used)))  # torchrun: batches of all processes
     if used == 0:
         raise ValueError("TASO's importance pass got no batches; give attach() calibration batches "
                          "or pass `metric`=\"w\" (no pass)")
@@ -231,13 +219,17 @@ class TASO(common.Method):
         self.importance_time_s, self.calib_used, self.example = 0.0, 0, None
 
     def attach(self, model, batches=(), state=None):
-        common.prepare(model, self.heads)
+        common.prepare(model, self.heads, self, state)
         self.names = common.find_targets(model, self.targets, heads=self.heads)
         bases = {n: model.get_submodule(n) for n in self.names}
         if state is not None:  # resume: the saved structure, no re-scoring
-            self.rows, self.cols = dict(state["rows"]), dict(state["cols"])
+            R, C = dict(state["rows"]), dict(state["cols"])
+            if sorted(R) != sorted(self.names) or any(R[n][-1] >= m.out_features or C[n][-1] >= m.in_features
+                                                      for n, m in bases.items()):
+                raise common.UserError("the TASO state does not fit this model (other targets or sizes); attach it "
+                                       "to the model it was saved from, with the same `targets`")
+            self.rows, self.cols = R, C
             self.importance_time_s, self.calib_used = state["importance_time_s"], state["calib_batches"]
-            self.stage = state["stage"]
         else:
             gen = torch.Generator().manual_seed(self.seed)
             self.rows, self.cols = {}, {}
@@ -248,8 +240,7 @@ class TASO(common.Method):
         for n in self.names:
             common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
                                                        self.r, self.alpha, self.dropout))
-        self.model = model
-        return model
+        return self.attached(model, state)
 
     def score(self, model, bases, batches):
         """(name, importance matrix) of every target in order, by the chosen metric (T1); with
@@ -259,16 +250,17 @@ class TASO(common.Method):
         dev = next(iter(weights.values())).device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         parts = common.weight_groups(weights, self.score_groups) if self.metric in ("wg", "g") else [weights]
+        n_batches = common.shard_len(self.calib_batches)  # torchrun: this process's share of N
         if len(parts) > 1:  # the same batches for every run of layers
-            batches = list(itertools.islice(batches, common.shard_len(self.calib_batches)))
+            batches = [b for _, b in zip(range(n_batches), batches)]
         gen = torch.Generator().manual_seed(self.seed + 1)
         self.importance_time_s = 0.0
         for part in parts:
             sync()
             t0 = time.perf_counter()
             if self.metric in ("wg", "g"):
-                scores, self.calib_used = gradient_importance(model, part, iter(batches), self.calib_batches,
-                                                              self.metric)
+                scores, used = gradient_importance(model, part, iter(batches), n_batches, self.metric)
+                self.calib_used = int(common.all_reduce(torch.tensor(used)))  # torchrun: all processes' batches
             elif self.metric == "w":
                 scores = {n: w.detach().abs() for n, w in part.items()}
             else:
@@ -281,8 +273,8 @@ class TASO(common.Method):
                 yield n, scores.pop(n)
 
     def state_dict(self):
-        return {"rows": self.rows, "cols": self.cols, "importance_time_s": self.importance_time_s,
-                "calib_batches": self.calib_used, "stage": self.stage}
+        return {**super().state_dict(), "rows": self.rows, "cols": self.cols,
+                "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used}
 
     def summary(self):
         mods = common.adapters(self.model, TASOLinear)
