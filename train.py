@@ -94,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--grad_ckpt", action="store_true", help="non-reentrant gradient checkpointing")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer and the loss (default: eager)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer and the loss (default: eager)")
     p.add_argument("--seed", type=int, default=0)
     # evaluation and outputs
     p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: before/after only)")
@@ -591,8 +592,9 @@ def load_trainable(model, tensors):
 
 PREV = "ckpt.prev.pt"  # the checkpoint before ckpt.pt, kept for a run that diverges
 RUN_FILES = ("ckpt.pt", "summary.json", "adapter.safetensors", "eval.json")  # the files that mark a run
+# everything a run writes into its --output_dir (--overwrite moves them aside)
 OUTPUTS = ("ckpt.pt", PREV, "summary.json", "adapter.safetensors", "method_state.pt", "eval.json", "peft", "merged",
-           "g2r2_modules.png", "pilora_partition.png", "taso_importance.png", "spsft_rows.png")  # everything a run writes into its --output_dir (--overwrite moves them aside)
+           "g2r2_modules.png", "pilora_partition.png", "taso_importance.png", "spsft_rows.png")
 LOCK = ".lock"
 STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s)]
 CUDA = torch.cuda  # the CUDA generators checkpoints save (tests put a stub here on machines without CUDA)
@@ -1134,7 +1136,7 @@ def finish(args, r):
         "device": r.device, "world_size": r.world, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt,
         **method.summary(),
     }
-    with writing(r, "the method's picture"):
+    with writing(r, "the method's plot (.png)"):
         plots.plot(method, args.output_dir)
     if args.export:  # before --merge, which replaces the adapter layers
         with writing(r, "peft"):
@@ -1178,13 +1180,13 @@ def check_ckpt(ckpt, path, args):
     if was["method"] != args.method or model_id(str(was["model"])) != model_id(args.model):
         raise UserError(f"{path} was written by a --method {was['method']} --model {was['model']} run, this "
                         f"run has --method {args.method} --model {args.model}; resume with those flags or {fix}")
-    flag = lambda v: "(default)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    flag = lambda v: "(default)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else f"{v}"  # noqa
     same = lambda k, a, b: model_id(str(a)) == model_id(str(b)) if k == "data" else a == b  # noqa: E731
     for k in [*RUN_DEFINING, *sorted(k for k in vars(args) if k.startswith(args.method + "_"))]:
         if k in ckpt["args"] and not same(k, ckpt["args"][k], getattr(args, k)):
-            raise UserError(f"{path} was written with --{k} {flag(ckpt['args'][k])}, this run has --{k} "
-                            f"{flag(getattr(args, k))}; resume with --{k} {flag(ckpt['args'][k])} (it defines the run), "
-                            "or start a new run in another --output_dir")
+            was = flag(ckpt["args"][k])
+            raise UserError(f"{path} was written with --{k} {was}, this run has --{k} {flag(getattr(args, k))}; "
+                            f"resume with --{k} {was} (it defines the run), or start a new run in another --output_dir")
 
 
 def save_adapter(model, method, out_dir, meta=None):
