@@ -36,12 +36,9 @@ Deviations and readings (each also beside its line):
     relative position embeddings with share_att_key) gets ∂ℒ/∂ΔW summed over all its uses before the
     |·| of Eq 5: uses are counted in its forwards outside a checkpoint's recompute, and the module
     reduces once every use came back.
-  - The EMA start below matters, with scoring at every warmup step, only for a module that first gets
-    a gradient late. Evaluated at t instead of t + 1, Eq 12 would start refinement one step short.
-  - Keeping ⌈p·M⌉ uses a 1e-9 tolerance so that 0.07·100 = 7.000000000000001 keeps 7, not 8.
   - The EMAs of Eq 8–9 start at their first value (the paper gives no R̄⁰, Ū⁰): a module scored once
     has R̄ = R, U = 0, so Ū = 0 and R̂ = 0, the least redundant possible, and is kept until it is
-    scored again (with score_every = K, at its next scoring).
+    scored again (with score_every = K, at its next scoring); a warmup too short for any R̂ > 0 warns.
 """
 import math
 import warnings
@@ -65,9 +62,8 @@ class G2R2Linear(common.LoRALinear):
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
-        self.pruned = False
+        self.pruned, self.calls = False, 0  # calls: uses in this step's forwards (DeBERTa-v3 reuses query_proj)
         self.sink = None  # exact scoring armed: a function of (δ_out, x_in), see ExactGrad.arm
-        self.calls = 0  # uses of this layer in this step's forwards (DeBERTa-v3 applies query/key_proj twice)
 
     def forward(self, x):
         if self.pruned:
@@ -89,6 +85,20 @@ def sensitivity(grad, weight):
     return (grad * weight).abs()
 
 
+def blocks(L, max_elems=2 ** 24):
+    """(a, b): the row ranges of module L's out × in matrices, at most max_elems entries each."""
+    out, k = L.base.out_features, max(1, max_elems // L.base.in_features)
+    return [(a, min(a + k, out)) for a in range(0, out, k)]
+
+
+def s_sum_rows(rows, L):
+    """ΣS = Σ_ij S(l_ij) (Eq 5) of module L, with rows(a, b) the rows a..b of ∂ℒ/∂ΔW, a block of rows of it
+    and of ΔW = s·B A at a time. s > 0 leaves the |·|: Σ|G ⊙ s·B A| = s·Σ|G ⊙ B A|."""
+    with torch.no_grad():
+        return L.scaling * torch.stack([sensitivity(rows(a, b), L.lora_B[a:b] @ L.lora_A).sum()
+                                        for a, b in blocks(L)]).sum()
+
+
 def paper_grad(A, B, grad_A, scaling, eps=1e-8):
     """Eq 6 as printed, in our layout: ∂ℒ/∂ΔW_ji ≈ Σ_m ∂ℒ/∂A_mi / (s·B_jm), (out, in).
     Guard: a term whose |s·B_jm| ≤ eps counts 0 (B starts at zero; there the chain rule gives 0/0)."""
@@ -104,11 +114,10 @@ def redundancy(s_sum, numel):
 
 
 def s_sum_paper(L):
-    """ΣS of module L (Eq 5) with ∂ℒ/∂ΔW from Eq 6, shape (1,); None without a gradient."""
+    """ΣS of module L (Eq 5) with ∂ℒ/∂ΔW from Eq 6 (by blocks of rows: s_sum_rows), (1,); None without a gradient."""
     if L.lora_A.grad is None or L.lora_B.grad is None:
         return None
-    with torch.no_grad():
-        return sensitivity(paper_grad(L.lora_A, L.lora_B, L.lora_A.grad, L.scaling), L.delta_weight()).sum().reshape(1)
+    return s_sum_rows(lambda a, b: paper_grad(L.lora_A, L.lora_B[a:b], L.lora_A.grad, L.scaling), L).reshape(1)
 
 
 def s_sum_product(L):
@@ -217,16 +226,13 @@ class G2R2(common.Method):
         common.prepare(model, self.heads, self, state)
         model.register_forward_pre_hook(_weak_hook(self))  # weakly: no model <-> method cycle
         self.names = common.find_targets(model, self.targets, defaults=TARGETS, heads=self.heads)
-        self.layers = []
-        for n in self.names:
-            layer = G2R2Linear(model.get_submodule(n), self.r, self.alpha, self.dropout)
+        self.layers = [G2R2Linear(model.get_submodule(n), self.r, self.alpha, self.dropout) for n in self.names]
+        for n, layer in zip(self.names, self.layers):
             common.replace_module(model, n, layer)
-            self.layers.append(layer)
-        M = len(self.names)
         self.exact = ExactGrad(self.layers, self.micro_batches)
         self.numel = [layer.base.weight.numel() for layer in self.layers]  # d·k of Eq 7
         self.adapter_params = [layer.lora_A.numel() + layer.lora_B.numel() for layer in self.layers]
-        self.R_bar, self.U_bar, self.R_hat = [None] * M, [None] * M, [None] * M
+        self.R_bar, self.U_bar, self.R_hat = ([None] * len(self.names) for _ in range(3))
         self.pruned_at = {}  # module index -> optimizer step after which it was zeroed
         self.refined, self.next_step, self.closing, self.forwards = False, 0, False, 0
         if state is not None:
@@ -284,16 +290,14 @@ class G2R2(common.Method):
             live = self.retained()
             R_hat = [None if h is None else float(h) for h in self.R_hat]
             if step == self.T_w and not any(R_hat[i] for i in live):
-                warnings.warn(f"G2R2: at the first pruning step ({step}) every live module has R̂ = 0 or no score "
-                              f"(R̂ = R̄·Ū needs two scorings with ΔW ≠ 0, and ΔW = 0 at step 0): modules are pruned by "
-                              f"index; give `warmup` >= {2 * self.score_every} steps (T_w = {self.T_w}, score_every = "
-                              f"{self.score_every})", stacklevel=2)
+                warnings.warn(f"G2R2: at the first pruning step ({step}) no module has R̂ > 0 (R̂ needs two scorings with "
+                              f"ΔW ≠ 0; ΔW = 0 at step 0): modules are pruned by index; give `warmup` >= "
+                              f"{2 * self.score_every} steps (T_w = {self.T_w}, score_every = {self.score_every})")
             p = retention(step + 1, self.T_w, self.T_p, self.p0, self.pf)  # Eq 12, after step t
             keep = select(R_hat, live, n_keep(p, len(self.names)))  # Eq 11: the lowest p^t % by R̂ keep training
-            for i in live:
-                if i not in keep:
-                    self.pruned_at[i] = step
-                    self.prune(i)
+            for i in sorted(set(live) - keep):
+                self.pruned_at[i] = step
+                self.prune(i)
             for i in self.pruned_at:  # Eq 11: [A, B] ← [0, 0] outside the lowest p^t %, after the step (§3.3.2)
                 self.zero(i)
             common.check_same(self.pruned_at, "g2r2 pruned modules")
@@ -306,25 +310,18 @@ class G2R2(common.Method):
         return changed
 
     def prune(self, i):
-        self.layers[i].pruned = True
-        self.layers[i].sink = None
+        self.layers[i].pruned, self.layers[i].sink = True, None
         self.zero(i)
 
     def zero(self, i):
         with torch.no_grad():
-            self.layers[i].lora_A.zero_()
-            self.layers[i].lora_B.zero_()
+            self.layers[i].lora_A.zero_(), self.layers[i].lora_B.zero_()
 
     def refine(self, model):
         """End of pruning: put the plain base Linear back in place of each pruned module; its tensors
         leave the trainable set (the trainer rebuilds AdamW without them and their state)."""
-        for i in self.pruned_at:
-            L = self.layers[i]
-            if L is None:
-                continue
-            L.lora_A.requires_grad_(False)
-            L.lora_B.requires_grad_(False)
-            common.replace_module(model, self.names[i], L.base)
+        for i in [i for i in self.pruned_at if self.layers[i] is not None]:
+            common.replace_module(model, self.names[i], self.layers[i].requires_grad_(False).base)
             self.layers[i] = None
         self.refined = True
 
@@ -334,9 +331,9 @@ class G2R2(common.Method):
 
     def state_dict(self):
         f = lambda v: None if v is None else v.item()
-        return {**super().state_dict(), "names": self.names, "r_bar": [f(v) for v in self.R_bar], "u_bar": [f(v) for v in self.U_bar],
-                "pruned_at": dict(self.pruned_at), "refined": self.refined, "next_step": self.next_step,
-                "scored": self.scored, "stage": self.stage}
+        return {**super().state_dict(), "names": self.names, "r_bar": [f(v) for v in self.R_bar],
+                "u_bar": [f(v) for v in self.U_bar], "pruned_at": dict(self.pruned_at), "refined": self.refined,
+                "next_step": self.next_step, "scored": self.scored, "stage": self.stage}
 
     def load_state(self, state, model):
         if state["names"] != self.names:
@@ -358,7 +355,7 @@ class G2R2(common.Method):
             warnings.warn(f"G2R2: exported after {self.next_step} of total_steps={self.T} optimizer steps, in {self.stage} "
                           f"with {len(self.retained())} of {len(self.names)} modules live (pruning ends after step "
                           f"{self.T_w + self.T_p - 1}); total_steps counts optimizer steps, not micro-batches "
-                          f"(the last step ran {self.forwards} forward passes)", stacklevel=2)
+                          f"(the last step ran {self.forwards} forward passes)")
             for i in self.pruned_at:
                 common.replace_module(model, self.names[i], self.layers[i].base)
         return common.merge_adapters(model)
@@ -379,34 +376,34 @@ class G2R2(common.Method):
         self.exact.arm(self.score == "exact" and self.scores_at(t) and not self.refined)
 
     def count_forward(self, module, args):
-        """Forward pre-hook of the model: one call per micro-batch of the step (not evaluation, not a
-        checkpoint's recompute)."""
-        if torch.is_grad_enabled() and not common.in_backward():
-            if self.closing:
-                raise RuntimeError(f"G2R2: a training forward pass after after_backward({self.next_step}) and before "
-                                   f"after_step({self.next_step}); call method.after_step(step) after optimizer.step(), "
-                                   f"once per optimizer step")
-            self.exact.count_forward()
+        """Forward pre-hook of the model: counts the step's micro-batches (not evaluation, not a recompute)."""
+        if not torch.is_grad_enabled() or common.in_backward():
+            return
+        if self.closing:
+            raise RuntimeError(f"G2R2: a training forward pass after after_backward({self.next_step}) and before "
+                               f"after_step({self.next_step}); call method.after_step(step) after optimizer.step(), "
+                               f"once per optimizer step")
+        self.exact.forwards += 1
+        if self.exact.forwards > self.micro_batches and any(L is not None and L.sink is not None for L in self.layers):
+            raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one optimizer "
+                               f"step; call after_backward(step) and after_step(step) once per optimizer step, and pass "
+                               f"`micro_batches` = backward passes per optimizer step")
 
 
 # ------------------------------------------------- Lean machinery: the exact ∂ℒ/∂ΔW without a dense ΔW
 # What it saves: an out × in parameter D = ΔW and its gradient per module (plain equivalent, the tests'
 # reference: h = W₀x + D x_in with D a leaf, ∂ℒ/∂ΔW = D.grad). Instead ∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in is
-# formed in the adapter term's backward (_Reported) from the gradient at the layer's output and its
-# dropped input, and summed over the micro-batches of the step before the |·| of Eq 5. x_in is the mask
-# that backward draws again for ∂A and ∂x anyway (one draw, as an unscored LoRA step); autograd keeps what
-# LoRA keeps. With one micro-batch ΣS is taken in that backward a block of rows at a time (s_sum_rows:
-# at most 2^24 entries of ∂ℒ/∂ΔW and of ΔW alive, never a whole out × in tensor); with k > 1 each live module
-# keeps an out × in fp32 buffer from its first to its last backward of the step, and under torchrun until
-# after_backward sums it over the processes (4 bytes per base weight of the targets, 18 GB at Llama-2-7B
-# QKVUD: use score="paper" there if that does not fit). A checkpoint's recompute runs inside backward and is
-# not counted as a use (common.in_backward). In a bf16 model the GEMM takes bf16 operands and accumulates in
-# fp32 (exact_grad); the sum over micro-batches and Eq 5 stay fp32.
+# formed in the adapter term's backward (_Reported, from the mask it draws again anyway: one draw, and what
+# LoRA keeps) and summed over the step's micro-batches before the |·| of Eq 5. With one micro-batch ΣS is
+# taken there a block of rows at a time (s_sum_rows: ≤ 2^24 entries of ∂ℒ/∂ΔW and of ΔW, never out × in
+# whole); with k > 1 (or torchrun, until after_backward sums over the processes) each live module keeps an
+# out × in fp32 buffer through the step (18 GB at Llama-2-7B QKVUD: use score="paper" if that does not fit).
+# A checkpoint's recompute is not a use (common.in_backward). In a bf16 model the GEMM takes bf16 operands
+# and accumulates in fp32 (exact_grad); the sums and Eq 5 stay fp32.
 
 class ExactGrad:
-    """The exact estimator's state for the modules `layers` (G2R2.layers, the same list: a removed module
-    is None): per step, the backward passes seen, the per-module gradient buffer and ΣS of each module.
-    `lean` False: every module sums into a whole out × in buffer first (the plain form, for the tests)."""
+    """The exact estimator's per-step state for `layers` (G2R2.layers, a removed module None): backward passes
+    seen, gradient buffers, ΣS. `lean` False: always a whole out × in buffer first (the plain form, tests)."""
     lean = True
 
     def __init__(self, layers, micro_batches):
@@ -426,17 +423,9 @@ class ExactGrad:
                 L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
                 L.calls = 0
 
-    def count_forward(self):
-        self.forwards += 1
-        if self.forwards > self.micro_batches and any(L is not None and L.sink is not None for L in self.layers):
-            raise RuntimeError(f"G2R2 exact scoring: more than {self.micro_batches} forward passes in one optimizer "
-                               f"step; call after_backward(step) and after_step(step) once per optimizer step, and pass "
-                               f"`micro_batches` = backward passes per optimizer step")
-
     def capture(self, i, delta_out, x):
-        """Backward of module i: this use's Σ δ_out ⊗ x_in, a block of rows at a time. Reduced to ΣS at once
-        when it is the step's only one (lean), else added to the buffer, reduced once every micro-batch has
-        run and every use of the module in them has come back (else s_sums reduces)."""
+        """Backward of module i: this use's Σ δ_out ⊗ x_in by blocks of rows, reduced to ΣS at once when it is the
+        step's only one (lean), else added to the buffer, reduced when every use of every micro-batch came back."""
         L, dtype = self.layers[i], self.layers[i].base.weight.dtype  # bf16 operands for a bf16 model
         d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
         self.seen[i] += 1
@@ -445,16 +434,14 @@ class ExactGrad:
         if self.lean and done and self.grad[i] is None:
             self.s_sum[i] = s_sum_rows(rows, L)
             return
-        if self.grad[i] is None:
-            self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape)
+        buf = self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape) if self.grad[i] is None else self.grad[i]
         for a, b in blocks(L):
-            self.grad[i][a:b] += rows(a, b)
+            buf[a:b] += rows(a, b)
         if done:  # torchrun: s_sums reduces
             self.reduce(i)
 
     def reduce(self, i):
-        """ΣS of module i from its summed gradient (Eq 5), then free the out × in buffer. Under torchrun
-        the gradient is first summed over the processes (zeros from a process that saw none)."""
+        """ΣS of module i from its summed gradient (Eq 5; under torchrun summed over the processes first)."""
         L = self.layers[i]
         if common.world()[1] > 1:
             G = self.grad[i] if self.grad[i] is not None else L.lora_A.new_zeros(L.base.weight.shape)
@@ -463,26 +450,11 @@ class ExactGrad:
         self.grad[i] = None
 
     def s_sums(self, live):
-        """{module: ΣS (1,)}: the modules capture() has not reduced yet (fewer micro-batches ran than
-        expected, or torchrun) are reduced now."""
+        """{module: ΣS (1,)}, reducing what capture() has not (fewer micro-batches than expected, torchrun)."""
         for i in live:
             if self.grad[i] is not None or common.world()[1] > 1:
                 self.reduce(i)
         return {i: v.reshape(1) for i, v in self.s_sum.items()}
-
-
-def blocks(L, max_elems=2 ** 24):
-    """(a, b): the row ranges of module L's out × in matrices, at most max_elems entries each."""
-    out, k = L.base.out_features, max(1, max_elems // L.base.in_features)
-    return [(a, min(a + k, out)) for a in range(0, out, k)]
-
-
-def s_sum_rows(rows, L):
-    """ΣS = Σ_ij S(l_ij) (Eq 5) of module L, with rows(a, b) the rows a..b of ∂ℒ/∂ΔW, a block of rows of it
-    and of ΔW = s·B A at a time. s > 0 leaves the |·|: Σ|G ⊙ s·B A| = s·Σ|G ⊙ B A|."""
-    with torch.no_grad():
-        return L.scaling * torch.stack([sensitivity(rows(a, b), L.lora_B[a:b] @ L.lora_A).sum()
-                                        for a, b in blocks(L)]).sum()
 
 
 class _Reported(torch.autograd.Function):
@@ -529,9 +501,8 @@ def exact_grad(delta_out, x, dtype=torch.float32):
 
 
 def _weak_hook(method):
-    """method.count_forward as a model hook that holds the method weakly, so that the model and the method
-    (which holds the model) are freed by reference counting, not a gc pass. A no-op once the method is gone
-    and on a copy of the model (copy.deepcopy keeps the hook, not the method's attention)."""
+    """method.count_forward as a model hook holding the method weakly: model and method are freed by reference
+    counting, not a gc pass. A no-op once the method is gone and on a copy of the model (copy.deepcopy)."""
     me = weakref.ref(method)
 
     def hook(module, args):

@@ -23,8 +23,7 @@ Deviations and readings:
 - Scores use the weight row only; biases are neither scored nor tuned (W_f is r × d_in, §3.1).
 - Against LoRA, the summary reports the rank-matched LoRA: the rank whose Σ r·(d_in + d_out) over
   the targets is nearest SPSFT's parameter count.
-- Eq 7's quantiles are linear-interpolation quantiles over the classes seen. A Kaiming-uniform W_f (as
-  the authors' code is reported to draw it) would move every selected row of W before the first step.
+- Eq 7's quantiles are linear-interpolation quantiles over the classes seen.
 - Eq 6 writes η_i^t = |wᵀ∇_w L(D^t)| (|·| of the sum over j); we use App. A's final per-element form
   Σ_j |w_j ∂L(D^t)/∂w_j| for both Taylor variants, so QM-Taylor differs from Taylor only by the class split.
 - "mean over x" is the mean over calibration examples: each batch's loss weighted by its number of
@@ -38,11 +37,9 @@ Deviations and readings:
 - The gradient mean sits inside |·|, so Taylor holds one fp32 gradient sum per target matrix until the
   last calibration batch: the memory of dense fine-tuning's gradients, which is why §5.3 uses ℓ2 for
   LLMs. `score_groups` = G keeps 1/G of it at a time (G passes over the same batches, the same rows).
-- `rows` larger than a matrix's d_out selects all its rows (top-r of fewer than r rows).
 - `norms` (optional, §1.1 bullet 2) trains every LayerNorm / RMSNorm affine vector in full
   (d values each) instead of selecting elements of them.
-- LoRA's r, alpha, dropout are not SPSFT's keywords (train.py's --r, --alpha, --dropout do not reach it):
-  rows come from `rows` / `ratio`, and the paper's Llama settings pair SPSFT r with LoRA r/2 (Table 8).
+- Rows come from `rows` / `ratio` (LoRA's r, alpha, dropout are not SPSFT's); Table 8 pairs SPSFT r with LoRA r/2.
 """
 import math
 import time
@@ -60,15 +57,10 @@ IMPORTANCE = ("l2", "taylor", "qm_taylor")
 # ----------------------------------------------------------------------------- the adapter layer
 
 class SPSFTLinear(nn.Module):
-    """A frozen `base` Linear plus the selected rows' update: h = W x + M (W_f x) (Eq 5).
-
-    The lean branch scatters W_f x into the rows (common.scatter_rows: index_add_ forward, index_select
-    backward). Counted against the weight-space forms (bench/count.py count_layer, forward + backward, bf16
-    autocast, r = 128, tokens 2048, bytes read + written / kernels / per-kernel roofline sum on an H100):
-    4096 × 4096: scatter 0.297 GB / 10 / 0.188 ms, a zero-padded W_f added into W each forward (own backward)
-    0.316 GB / 9 / 0.193 ms, M as an out × r one-hot matmul 0.333 GB / 11 / 0.198 ms; 11008 × 4096: 0.552 /
-    0.740 / 0.648 GB; 4096 × 11008: 0.653 / 0.762 / 0.689 GB. The scatter touches tokens × r entries, the
-    others an out × in weight or a tokens × out product: it is kept (no GPU measured it)."""
+    """A frozen `base` Linear plus the selected rows' update: h = W x + M (W_f x) (Eq 5). The lean scatter is kept
+    over weight-space forms by counted bytes (bench/count.py count_layer, fwd + bwd, bf16, r 128, 2048 tokens; GB
+    read + written, scatter / W + zero-padded W_f / one-hot M matmul): 4096² 0.297 / 0.316 / 0.333, 11008 × 4096
+    0.552 / 0.740 / 0.648, 4096 × 11008 0.653 / 0.762 / 0.689; kernels 10 / 9 / 11 (no GPU measured it)."""
     lean = True  # False: the plain line of Eq 5, F.linear(x, M W_f) with M dense (an out × in product)
 
     def __init__(self, base: nn.Linear, idx: torch.Tensor):
@@ -89,11 +81,8 @@ class SPSFTLinear(nn.Module):
         return common.scatter_rows(out, self.idx, y.to(out.dtype))                    # Eq 5: W x + M (W_f x)
 
     def M(self):
-        """The row selection M ∈ {0,1}^{d_out × r}, M_{i_j j} = 1 (§3.1), fp32."""
-        k = len(self.idx)
-        M = self.spsft_W_f.new_zeros(self.base.out_features, k)
-        M[self.idx, torch.arange(k, device=M.device)] = 1.0
-        return M
+        """The row selection M ∈ {0,1}^{d_out × r}, M_{i_j j} = 1 (§3.1), in W_f's dtype."""
+        return F.one_hot(self.idx, self.base.out_features).T.to(self.spsft_W_f.dtype)
 
     def merge(self) -> nn.Linear:
         return common.merged_linear(self.base, self.spsft_W_f, rows=self.idx)          # W + M W_f
