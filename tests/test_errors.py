@@ -316,7 +316,7 @@ CASES = [
      "was written with --spsft_rows 4, this run has --spsft_rows 8"),
     ("adapter without metadata of another method", lambda t, r: ["--eval_only", "--method", "spsft", "--adapter",
                                                                   spoil(r, t / "o", "no_metadata")],
-     "adapter has no method in its metadata and its method state does not fit --method spsft"),
+     "the state was saved by LoRA, not SPSFT; attach it with the method (and settings) that saved it"),
     ("empty commonsense task", lambda t, r: ["--eval_commonsense", write(t / "cs" / "boolq" / "test.json", "[]")],
      "boolq/test.json holds no records (an empty task would score 0 and pull the average down)"),
     ("every held-out prompt fills max_len", lambda t, r: ["--max_len", "200", "--data", held_out_file(t, long_held=True)],
