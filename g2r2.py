@@ -452,9 +452,8 @@ class ExactGrad:
 
     def s_sums(self, live):
         """{module: ΣS (1,)}, reducing what capture() has not (fewer micro-batches than expected, torchrun)."""
-        for i in live:
-            if self.grad[i] is not None or common.world()[1] > 1:
-                self.reduce(i)
+        for i in [i for i in live if self.grad[i] is not None or common.world()[1] > 1]:
+            self.reduce(i)
         return {i: v.reshape(1) for i, v in self.s_sum.items()}
 
 
