@@ -63,8 +63,6 @@ def check_linear(base):
 def check_index(idx, size, kw):
     """idx as a sorted long tensor of distinct indices in [0, size)."""
     idx = torch.as_tensor(idx, dtype=torch.long).flatten()
-    if torch._subclasses.fake_tensor.is_fake(idx):  # bench/memory.py counts on fake tensors: no values
-        return idx.sort().values
     ok = bool(((idx >= 0) & (idx < size)).all()) and len(idx.unique()) == len(idx)
     need(ok, f"`{kw}` must hold distinct indices in [0, {size}), got {idx.tolist()[:8]}")
     return idx.sort().values
@@ -265,12 +263,6 @@ def scatter_rows(out, idx, y):
     if torch.compiler.is_compiling():  # the compiler chooses what to save (it cannot trace mark_dirty's in-place form)
         return out.index_add(-1, idx, y)
     return _ScatterRows.apply(out, idx, y)
-
-
-def gather_cols(x, idx):
-    """x[..., idx]: the input columns a compact block reads (TASO A_C). index_select saves only idx for
-    backward (its backward is an index_add, ~10 % faster on CPU than x[..., idx]'s index_put)."""
-    return x.index_select(-1, idx)
 
 
 def merged_linear(base: nn.Linear, delta, rows=None, cols=None) -> nn.Linear:

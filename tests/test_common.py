@@ -121,12 +121,6 @@ def test_scatter_rows_equals_dense_mapping_and_saves_no_block():
     assert out.dtype == torch.bfloat16 and out.requires_grad
 
 
-def test_gather_cols():
-    x = torch.arange(12.).view(2, 6)
-    idx = torch.tensor([5, 0, 2])
-    assert torch.equal(common.gather_cols(x, idx), torch.stack([x[:, 5], x[:, 0], x[:, 2]], -1))
-
-
 @pytest.mark.parametrize("mode", ["rows", "cols", "both"])
 def test_merged_linear_block(mode):
     torch.manual_seed(0)

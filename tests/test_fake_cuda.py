@@ -128,7 +128,8 @@ def step_and_resume(row, ckpt, cuda=False):
             method3 = efficiency.row_method(row, 2, "fp32", 0, 2, 2)[1]
             model3.train()
             with mock.patch.object(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: t):  # no random init
-                method3.attach(model3, (), state=saved["method"])                     # on a fake CUDA device
+                choices = {k: v for k, v in saved["method"].items() if k != "tensors"}  # the choices only:
+                method3.attach(model3, (), state=choices)  # on a fake CUDA device (copy_ from the CPU needs a guard)
             train.to_fp32(model3)  # (load_trainable's copy_ from the CPU needs a CUDA device guard too)
             on_device(model3, "cuda")
             adapters = [m for m in model3.modules() if hasattr(m, "base")]
@@ -157,7 +158,8 @@ def test_step_on_the_device(row, ckpt, generators):
 def test_a_mask_made_on_the_cpu_is_caught(monkeypatch, generators):
     """The check can fail: a dropout mask drawn on the CPU (torch.empty(x.shape), no device) and used with the
     model's activations raises the mismatch (and so would an adapter, index or generator state made there)."""
-    monkeypatch.setattr(common, "_dropout_scale", lambda x, p: torch.empty(x.shape).bernoulli_(1 - p).div_(1 - p))
+    monkeypatch.setattr(common, "_dropout", lambda x, p: (x * torch.empty(x.shape).bernoulli_(1 - p).div_(1 - p),
+                                                          torch.empty(x.shape, dtype=torch.bool)))
     with pytest.raises(FakeTensorDeviceMismatchError):
         step_and_resume("lora-r8", False)
 
