@@ -1,6 +1,7 @@
 """g2r2.py against brute force: exact / paper ∂ℒ/∂ΔW, Eq 5–10, the Eq 12 schedule, the three stages on
 tiny-llama (zeroing, removal, optimizer, resume), and a planted-signal task."""
 import copy
+import io
 import math
 import os
 import sys
@@ -697,7 +698,9 @@ def test_own_loop_state_dict_reload_gives_equal_logits(stop):
     meth.attach(model)
     own_loop(meth, model, 10, stop=stop)
     assert (0 < len(meth.pruned_at) and not meth.refined) if stop == 4 else meth.refined
-    state = meth.state_dict()
+    buf = io.BytesIO()
+    torch.save(meth.state_dict(), buf)  # as a file for another process: plain tensors and containers only
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     fresh, meth2 = tiny_llama(), g2r2.G2R2(**kw)
     meth2.attach(fresh, state=state)
     ids = lm_batch(7)["input_ids"]

@@ -1,6 +1,7 @@
 """SPSFT (spsft.py) against brute force: dense M W_f forward, full-autograd Taylor scores, explicit
 per-class Quantiles-Mean, sorted selection, saved tensors vs LoRA, merge, and bf16 + checkpointing
 runs that resume exactly."""
+import io
 import math
 import os
 import sys
@@ -510,7 +511,9 @@ def test_own_loop_reload_gives_equal_logits(kw):
     with torch.no_grad():
         want = model(input_ids=ids).logits
     a, ma = bert().eval(), spsft.SPSFT(**kw)
-    ma.attach(a, state=m.state_dict())
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)  # as a file for another process: plain tensors and containers only
+    ma.attach(a, state=torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     b, mb = bert().eval(), spsft.SPSFT(**kw)
     mb.attach(b, iter(bert_batches([4, 4], labels=2, seed=11)))  # other batches: other Taylor rows
     changed = any(not torch.equal(mb.idx[n], m.idx[n]) for n in m.idx)
