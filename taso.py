@@ -222,13 +222,12 @@ class TASO(common.Method):
         common.prepare(model, self.heads, self, state)
         self.names = common.find_targets(model, self.targets, heads=self.heads)
         bases = {n: model.get_submodule(n) for n in self.names}
+        self.shapes = {n: tuple(m.weight.shape) for n, m in bases.items()}
         if state is not None:  # resume: the saved structure, no re-scoring
-            R, C = dict(state["rows"]), dict(state["cols"])
-            if sorted(R) != sorted(self.names) or any(R[n][-1] >= m.out_features or C[n][-1] >= m.in_features
-                                                      for n, m in bases.items()):
+            if state.get("shapes", self.shapes) != self.shapes or sorted(state["rows"]) != sorted(self.names):
                 raise common.UserError("the TASO state does not fit this model (other targets or sizes); attach it "
                                        "to the model it was saved from, with the same `targets`")
-            self.rows, self.cols = R, C
+            self.rows, self.cols = dict(state["rows"]), dict(state["cols"])
             self.importance_time_s, self.calib_used = state["importance_time_s"], state["calib_batches"]
         else:
             gen = torch.Generator().manual_seed(self.seed)
@@ -273,7 +272,7 @@ class TASO(common.Method):
                 yield n, scores.pop(n)
 
     def state_dict(self):
-        return {**super().state_dict(), "rows": self.rows, "cols": self.cols,
+        return {**super().state_dict(), "rows": self.rows, "cols": self.cols, "shapes": self.shapes,
                 "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used}
 
     def summary(self):
