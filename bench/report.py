@@ -993,7 +993,7 @@ def phase_grew(a, b):
     if not pa or not pb:
         return ""
     ph, d = max(((p, pa[p] - pb.get(p, 0)) for p in pa), key=lambda kv: kv[1])
-    return f" (most in {ph}: {d / 1e9:+,.0f} GB)" if d > 0 else ""
+    return f" (most in {ph}: {d / 1e9:+,.1f} GB)" if d > 0 else ""
 
 
 def count_section(paths, groups=None):
@@ -1060,9 +1060,10 @@ def count_section(paths, groups=None):
             return "not counted"
         k, m = ra["kernels"] / rb["kernels"], (ra["bytes_read"] + ra["bytes_written"]) / (rb["bytes_read"] + rb["bytes_written"])
         ok = k <= target and m <= target
-        why = [] if ok else ([f"kernels {ra['kernels'] - rb['kernels']:+,} ({grew(ra, rb)})"] if k > target else []) + \
-            ([f"bytes {gb(ra['bytes_read'] + ra['bytes_written'] - rb['bytes_read'] - rb['bytes_written'])} GB more"
-              + phase_grew(ra, rb)] if m > target else [])
+        ma, mb = ra["bytes_read"] + ra["bytes_written"], rb["bytes_read"] + rb["bytes_written"]
+        why = ([f"kernels {ra['kernels']:,} > {target:.2f} × {rb['kernels']:,}; most grown: {grew(ra, rb)}"]
+               if k > target else []) + \
+            ([f"bytes {ma / 1e9:,.1f} > {target:.2f} × {mb / 1e9:,.1f} GB{phase_grew(ra, rb)}"] if m > target else [])
         return f"kernels {k:.2f}×, bytes {m:.2f}× **{'met' if ok else 'missed'}**" + (f" ({'; '.join(why)})" if why else "")
 
     body = []
