@@ -43,6 +43,7 @@ Deviations and readings:
 """
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -176,20 +177,18 @@ def row_importance(model, weights, batches, kind, groups=1):
         return {n: l2_rows(w) for n, w in weights.items()}
     if not all(isinstance(b, Mapping) for b in batches):  # refused with what attach expects
         common.task_loss(model, next(b for b in batches if not isinstance(b, Mapping)))
-    n_batches = int(common.all_reduce(torch.tensor(len(batches))))  # torchrun: each process has its share
-    if not n_batches:
+    sizes = [num_examples(b) for b in batches]
+    labels = class_labels(batches, model) if kind == "qm_taylor" else []
+    here = Counter(v for y in labels for v in y[y >= 0].tolist())  # class -> its examples in these batches
+    shares = common.all_gather((sum(sizes), here))  # torchrun: every process's share of the batches
+    total, n_t = sum(k for k, _ in shares), sum((c for _, c in shares), Counter())
+    if not total:
         raise ValueError(f"`importance` {kind} needs calibration batches; give attach() some (or use l2)")
     if kind == "taylor":  # mean over x: each batch's mean loss weighted by its share of the examples
-        sizes = [num_examples(b) for b in batches]
-        total = int(common.all_reduce(torch.tensor(sum(sizes))))  # torchrun: the examples of all processes
         return taylor_pass(model, weights, [(b, k / total) for b, k in zip(batches, sizes)])
-    labels = class_labels(batches, model)
-    local = torch.cat([y[y >= 0].cpu() for y in labels]).unique().tolist() if labels else []
-    classes = sorted(set().union(*common.all_gather(local)))  # torchrun: the classes of every process
     eta_t = {n: [] for n in weights}
-    for t in classes:  # Eq 6: η_i^t from L(D^t, F), the mean loss over the class-t examples
-        n_t = int(common.all_reduce(torch.tensor(sum(int((y == t).sum()) for y in labels))))
-        terms = [(sub_batch(b, y == t), int((y == t).sum()) / n_t) for b, y in zip(batches, labels) if (y == t).any()]
+    for t in sorted(n_t):  # Eq 6: η_i^t from L(D^t, F), the mean loss over the class-t examples
+        terms = [(sub_batch(b, y == t), int((y == t).sum()) / n_t[t]) for b, y in zip(batches, labels) if (y == t).any()]
         for n, s in taylor_pass(model, weights, terms).items():
             eta_t[n].append(s)
     return {n: quantiles_mean(torch.stack(v)) for n, v in eta_t.items()}  # Eq 7
