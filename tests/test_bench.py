@@ -183,6 +183,7 @@ def test_g2r2_model_is_freed_without_a_gc_pass():
         gc.enable()
 
 
+@pytest.mark.skipif(not HAVE_PEFT, reason="its LoRA / PEFT pair needs peft (optional: pip install -r bench/requirements.txt)")
 def test_gpu_check_runs_without_pytest(tmp_path):
     """bench/gpu_check.sh on CPU, small shape, the LoRA / PEFT pair in both modes, LoRA's 2-step train check, where
     `import pytest` fails: every part runs and exits 0, the CUDA tests go through bench/plain_tests.py, and each
