@@ -328,8 +328,10 @@ class StepCounter(memory.Counter):
         return t.numel() >= tokens * hidden and tuple(t.shape) not in weight_shapes
 
     def fields(self):
-        """The counted step as JSON fields."""
+        """The counted step as JSON fields (copies: counting stops here, so what runs after, e.g. a method's
+        summary(), is not counted into them)."""
         self.close_draw()
+        self.on = False
         s = self.stats
         total = lambda d: sum(d.values())  # noqa: E731
         flop, moved = total(s.flop), total(s.read) + total(s.written)
@@ -337,10 +339,11 @@ class StepCounter(memory.Counter):
                     "kernel_sum_ms": 1e3 * s.kernel_time[g]} for g, pk in PEAKS.items()}
         for r in roof.values():
             r["roofline_ms"] = max(r["flop_ms"], r["bytes_ms"])
-        return {"kernels": total(s.kernels), "kernels_by_phase": s.kernels, "flop": flop, "flop_by_phase": s.flop,
+        return {"kernels": total(s.kernels), "kernels_by_phase": dict(s.kernels), "flop": flop,
+                "flop_by_phase": dict(s.flop),
                 "attention_flop": s.attention_flop, "bytes_read": total(s.read), "bytes_written": total(s.written),
                 "bytes_by_phase": {p: s.read[p] + s.written[p] for p in PHASES}, "host_syncs": total(s.syncs),
-                "syncs": s.syncs, "dropout_kernels": s.dropouts, "index_ops": len(s.index_ops),
+                "syncs": dict(s.syncs), "dropout_kernels": s.dropouts, "index_ops": len(s.index_ops),
                 "activation_index_ops": sum(i["activation"] for i in s.index_ops),
                 "index_op_examples": s.index_ops[:8], "roofline": roof,
                 "top_ops": dict(sorted(s.ops.items(), key=lambda kv: -kv[1])[:25]), "peaks": PEAKS}

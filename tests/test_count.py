@@ -233,3 +233,16 @@ def test_report_section_verdicts(tmp_path):
     text = "\n".join(report.count_section([str(path), str(tmp_path / "pairs-x.json")]))
     assert "0.850× [0.840, 0.860] **met**" in line("lora-r8 vs PEFT: step ≤ 0.90× (no checkpointing)")
     assert "Not measured for the new code" not in text
+
+
+def test_fields_are_a_snapshot():
+    """What runs after fields() (count_row reads a method's summary() then, which may call .item()) is not
+    counted into the fields already taken."""
+    c = count.StepCounter()
+    with memory.counting(counter=c):
+        x = torch.randn(4)
+        c.reset()
+        x.sum().item()
+        f = c.fields()
+        x.sum().item()
+    assert f["host_syncs"] == 1 and f["syncs"] == {"_local_scalar_dense": 1} and f["kernels"] == 1
