@@ -833,7 +833,9 @@ def pairs_main(argv=None):
     for f in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "count-*.json"))):
         with open(f) as fh:
             counts.append(json.load(fh) | {"file": os.path.basename(f)})
+    import count
     res = {"check": "pairs", "device": device, "device_name": device_name(device), "versions": versions(),
+           "commit": count.commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": "python bench/efficiency.py pairs " + shlex.join(argv or sys.argv[2:]),
            "clocks_before": gpu_clocks(), "settings": vars(opts), "pairs": []}
