@@ -408,7 +408,7 @@ class ExactGrad:
     lean = True
 
     def __init__(self, layers, micro_batches):
-        self.layers, self.micro_batches = layers, micro_batches
+        self.layers, self.micro_batches, self.torchrun = layers, micro_batches, common.world()[1] > 1
         self.arm(False)
 
     def arm(self, on):
@@ -430,7 +430,7 @@ class ExactGrad:
         L, dtype = self.layers[i], self.layers[i].base.weight.dtype  # bf16 operands for a bf16 model
         d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
         self.seen[i] += 1
-        done = self.forwards == self.micro_batches and self.seen[i] == L.calls and common.world()[1] == 1
+        done = self.forwards == self.micro_batches and self.seen[i] == L.calls and not self.torchrun
         rows = lambda a, b: exact_grad(d[:, a:b], xi, dtype)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in) fp32
         if self.lean and done and self.grad[i] is None:
             self.s_sum[i] = s_sum_rows(rows, L)
@@ -444,7 +444,7 @@ class ExactGrad:
     def reduce(self, i):
         """ΣS of module i from its summed gradient (Eq 5; under torchrun summed over the processes first)."""
         L = self.layers[i]
-        if common.world()[1] > 1:
+        if self.torchrun:
             G = self.grad[i] if self.grad[i] is not None else L.lora_A.new_zeros(L.base.weight.shape)
             self.grad[i] = common.all_reduce(G)
         self.s_sum[i] = s_sum_rows(lambda a, b: self.grad[i][a:b], L)
@@ -452,7 +452,7 @@ class ExactGrad:
 
     def s_sums(self, live):
         """{module: ΣS (1,)}, reducing what capture() has not (fewer micro-batches than expected, torchrun)."""
-        for i in [i for i in live if self.grad[i] is not None or common.world()[1] > 1]:
+        for i in [i for i in live if self.grad[i] is not None or self.torchrun]:
             self.reduce(i)
         return {i: v.reshape(1) for i, v in self.s_sum.items()}
 
