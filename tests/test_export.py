@@ -56,13 +56,13 @@ def drive(family, name, steps=STEPS):
     heads = () if family == "tiny-llama" else train.HEADS
     model, method, data = models.build_tiny(family), METHODS[name](heads), batches(family)
     method.attach(model, iter(data))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    opt = torch.optim.AdamW(method.param_groups(2e-2))
     for t in range(steps):
         model(**data[t % len(data)]).loss.backward()
         method.after_backward(t)
         opt.step()
         if method.after_step(t):
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+            opt = torch.optim.AdamW(method.param_groups(2e-2))
         opt.zero_grad(set_to_none=True)
     return model.eval(), method, data
 

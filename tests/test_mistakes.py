@@ -18,7 +18,7 @@ from models import build_tiny  # noqa: E402
 
 MAKE = {"lora": lambda: common.LoRA(r=2, dropout=0.0),
         "spsft": lambda: spsft.SPSFT(rows=2),
-        "taso": lambda: taso.TASO(r=2, calib_batches=2),
+        "taso": lambda: taso.TASO(r=2, density=1 / 8, calib_batches=2),  # T7: ρ^(-1/2) = 2.828
         "pilora": lambda: pilora.PiLoRA(r=2, phase=2, interval=1, dropout=0.0),
         "g2r2": lambda: g2r2.G2R2(r=2, total_steps=6, warmup=1, prune=2, dropout=0.0)}
 
