@@ -801,6 +801,8 @@ def pairs_args(argv=None):
     p.add_argument("--micro_batch_size", type=int, default=1)
     p.add_argument("--grad_ckpt", choices=["off", "on", "both"], default="both")
     p.add_argument("--pairs", nargs="+", help="rows whose pairs to run (default: every pair)")
+    p.add_argument("--compiled", choices=["with", "without", "only"], default="with",
+                   help="the torch.compile pair (lora-r8+compile) with the others, without it, or alone")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (after warm-up)")
     p.add_argument("--block", type=int, default=4, help="steps per block: A×block, B×block, A×block, …")
     p.add_argument("--warmup_steps", type=int, default=3)
@@ -824,7 +826,8 @@ def pairs_main(argv=None):
     (built once) shared by all of them."""
     opts = pairs_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pairs = [p for p in PAIRS if not opts.pairs or p[1] in opts.pairs]
+    pairs = [p for p in PAIRS if (not opts.pairs or p[1] in opts.pairs)
+             and {"with": True, "without": not p[1].endswith("+compile"), "only": p[1].endswith("+compile")}[opts.compiled]]
     if not have_peft():
         print("peft is not installed: skipping the PEFT pairs")
         pairs = [p for p in pairs if not p[2].startswith("peft")]

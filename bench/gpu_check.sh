@@ -4,22 +4,25 @@
 #                (requirements.txt, bench/requirements.txt), the GPU and its clocks (nvidia-smi);
 #   2. tests     the CUDA unit tests (common.dropout_linear's backward redraws the forward's mask from CUDA's
 #                generator): through pytest when it imports, else bench/plain_tests.py (same test functions);
-#   3. pairs-off `bench/efficiency.py pairs` at Llama-2-7B shape, seq 2048, bf16, without checkpointing: each
-#   4. pairs-on  compared pair (issue 31's targets) resident at once on one shared base model, timed in
-#                interleaved blocks (A×BLOCK B×BLOCK A×BLOCK …) with CUDA events, STEPS timed steps per row after
-#                warm-up, the same loss (train.causal_loss) in both rows; the ratio of medians with a bootstrap
-#                95 % interval (a target is met only when the interval clears it), MFU from bench/count.py's
-#                counted FLOP (attention included), the GPU's clocks before and after; then with checkpointing;
+#   3. pairs-off     `bench/efficiency.py pairs` at Llama-2-7B shape, seq 2048, bf16, without checkpointing: each
+#                    compared pair (issue 31's targets) resident at once on one shared base model, timed in
+#                    interleaved blocks (A×BLOCK B×BLOCK A×BLOCK …) with CUDA events, STEPS timed steps per row
+#                    after warm-up, the same loss (train.causal_loss) in both rows; the ratio of medians with a
+#                    bootstrap 95 % interval (a target is met only when the interval clears it), MFU from
+#                    bench/count.py's counted FLOP (attention included), the GPU's clocks before and after;
+#   4. pairs-compile LoRA r = 8 with torch.compile against eager, no checkpointing (the MFU target);
+#      pairs-on      the pairs of 3 with checkpointing;
 #   5. train     bench/gpu_train_check.py (train.py's main() for every method on tiny-llama, bf16, checkpointing,
 #                --resume against the uninterrupted run), only in the time left of the 7 minutes (TOTAL_S).
 # No part stops the script (no set -e): each runs under `timeout`, its exit status and seconds go to the log and
 # to gpu-check-status.json; every JSON is rewritten as it grows, so a part cut short keeps what it measured.
-# $OUT gets at most 6 files: gpu-check.log, gpu-check-status.json, tests.json (without pytest), two pairs JSONs,
+# $OUT gets at most 7 files: gpu-check.log, gpu-check-status.json, tests.json (without pytest), three pairs JSONs,
 # train-check.json. Copy the JSONs to bench/results/ and run bench/report.py.
 #   OUT=<folder> bash bench/gpu_check.sh                                            # on the GPU machine
 #   MODEL=llama-h128-l2-v512 SEQ=64 STEPS=4 BLOCK=2 bash bench/gpu_check.sh         # the same commands, small shape (CPU)
 # Knobs (environment): PYTHON, MODEL, SEQ, STEPS, BLOCK, WARMUP, PAIRS (row names of efficiency.PAIRS), TEST_FILES,
-# TEST_K, TRAIN_METHODS, TRAIN_STEPS, TOTAL_S, and the per-part limits in seconds LIMIT_TESTS, LIMIT_OFF, LIMIT_ON.
+# TEST_K, TRAIN_METHODS, TRAIN_STEPS, TOTAL_S (420: all parts), PAIR_S, and the per-part limits in seconds
+# LIMIT_TESTS, LIMIT_OFF, LIMIT_COMPILE, LIMIT_ON (each cut to the time left of TOTAL_S).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-out/gpu}
@@ -36,8 +39,10 @@ TRAIN_METHODS=${TRAIN_METHODS:-"lora g2r2 pilora taso spsft"}
 TRAIN_STEPS=${TRAIN_STEPS:-6}
 TOTAL_S=${TOTAL_S:-420}
 LIMIT_TESTS=${LIMIT_TESTS:-30}
-LIMIT_OFF=${LIMIT_OFF:-220}
-LIMIT_ON=${LIMIT_ON:-150}
+LIMIT_OFF=${LIMIT_OFF:-160}
+LIMIT_COMPILE=${LIMIT_COMPILE:-90}
+LIMIT_ON=${LIMIT_ON:-170}
+PAIR_S=${PAIR_S:-25}                                  # no pair starts later than this before its part's limit
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
@@ -69,12 +74,19 @@ else
   part tests "$LIMIT_TESTS" "$PY" bench/plain_tests.py $TEST_FILES -k $TEST_K --json "$OUT/tests.json"
 fi
 
-for mode in off on; do
-  if [ $mode = off ]; then limit=$LIMIT_OFF; else limit=$LIMIT_ON; fi
+for mode in off compile on; do  # each part within its limit and the time left of TOTAL_S
+  case $mode in off) limit=$LIMIT_OFF ckpt=off;; on) limit=$LIMIT_ON ckpt=on;; compile) limit=$LIMIT_COMPILE ckpt=off;; esac
+  [ $mode = compile ] && compiled=only || compiled=without
+  left=$((TOTAL_S - (SECONDS - T0) - 5))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 40 ]; then
+    echo "=== pairs-$mode: skipped (${left} s left of ${TOTAL_S} s)" | tee -a "$LOG"
+    continue
+  fi
   # shellcheck disable=SC2086
-  part pairs-$mode "$limit" "$PY" bench/efficiency.py pairs --model "$MODEL" --seq_len "$SEQ" --grad_ckpt $mode \
-    --steps "$STEPS" --block "$BLOCK" --warmup_steps "$WARMUP" ${PAIRS:+--pairs $PAIRS} \
-    --deadline_s $((limit * 3 / 4)) --out "$OUT/pairs-$MODEL-$SEQ-ckpt-$mode-$stamp.json"
+  part pairs-$mode "$limit" "$PY" bench/efficiency.py pairs --model "$MODEL" --seq_len "$SEQ" --grad_ckpt $ckpt \
+    --compiled $compiled --steps "$STEPS" --block "$BLOCK" --warmup_steps "$WARMUP" ${PAIRS:+--pairs $PAIRS} \
+    --deadline_s $((limit - PAIR_S)) --out "$OUT/pairs-$MODEL-$SEQ-$mode-$stamp.json"
 done
 
 left=$((TOTAL_S - (SECONDS - T0) - 10))

@@ -187,7 +187,8 @@ def test_g2r2_model_is_freed_without_a_gc_pass():
 def test_gpu_check_runs_without_pytest(tmp_path):
     """bench/gpu_check.sh on CPU, small shape, the LoRA / PEFT pair in both modes, LoRA's 2-step train check, where
     `import pytest` fails: every part runs and exits 0, the CUDA tests go through bench/plain_tests.py, and each
-    part writes its JSON (the GPU run takes the same path with every pair and method)."""
+    part writes its JSON (the GPU run takes the same path with every pair and method; the compiled pair ran in
+    a manual CPU run, PAIRS="lora-r8+compile")."""
     import subprocess
     fake = tmp_path / "nopytest"
     fake.mkdir()
@@ -201,7 +202,7 @@ def test_gpu_check_runs_without_pytest(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = json.loads((out / "gpu-check-status.json").read_text())
     assert [(p["part"], p["rc"]) for p in status["parts"]] == [
-        ("env", 0), ("tests", 0), ("pairs-off", 0), ("pairs-on", 0), ("train", 0)], status
+        ("env", 0), ("tests", 0), ("pairs-off", 0), ("pairs-compile", 0), ("pairs-on", 0), ("train", 0)], status
     log = (out / "gpu-check.log").read_text()
     assert "pytest ABSENT" in log and "pinned" in log
     tests = json.loads((out / "tests.json").read_text())
@@ -211,13 +212,14 @@ def test_gpu_check_runs_without_pytest(tmp_path):
     assert check["all_ok"] and lora["method"] == "lora" and lora["resume_exact"] and len(lora["losses"]) == 2
     assert lora["dtypes"]["trainable"] == ["float32"] and lora["grad_ckpt"] and lora["dtype"] == "bf16"
     for mode in ("off", "on"):
-        res, = [json.loads(p.read_text()) for p in out.glob(f"pairs-*-ckpt-{mode}-*.json")]
+        res, = [json.loads(p.read_text()) for p in out.glob(f"pairs-*-{mode}-*.json")]
         pair, = res["pairs"]
         assert "error" not in pair, pair
         assert (pair["row"], pair["baseline"], pair["grad_ckpt"]) == ("lora-r8", "peft-lora-r8", mode == "on")
         assert [len(b) for b in pair["a"]["step_times_s"]] == [1, 1] and pair["a"]["flop"] > 0
         assert pair["low"] <= pair["ratio"] <= pair["high"]
-    assert len(list(out.iterdir())) <= 6  # what comes back from the device
+    assert json.loads(next(out.glob("pairs-*-compile-*.json")).read_text())["pairs"] == []  # PAIRS has no compiled row
+    assert len(list(out.iterdir())) <= 7  # what comes back from the device
 
 
 # ----------------------------------------------------------------- timed pairs (bench/efficiency.py pairs)
