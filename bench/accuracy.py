@@ -313,6 +313,18 @@ def recording_evaluations():
         rec["flop"]["total"] = counter.get_total_flops()
 
 
+def code_version():
+    """{"commit", "dirty"} of the checkout the run trains from (git HEAD; dirty: a tracked .py file differs
+    from it); None outside a git checkout (e.g. a `git archive` copy, whose commit the sweep's log names)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        diff = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "*.py"], capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": diff.returncode != 0}
+
+
 def pack(xs):
     """Per-example values as one space-separated string (the JSON is written with indent=1: a list would
     take a line per example); floats to 4 decimals."""
@@ -351,6 +363,7 @@ def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
                                  ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
         res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
                                                     "resumed": resumed}
+        res["code"] = code_version()  # the methods change under a sweep: each run says which code it ran
         # a resumed run counted only the part after its checkpoint: no training FLOP
         res["train_flop"] = None if resumed else rec["flop"]["total"] - rec["flop"]["eval"]
         if rec["seen"] and dev_run:

@@ -55,6 +55,7 @@ def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     ref_end = [r["trainable_params_end"] for r in saved["rows"]["lora-r8"]["runs"]]
     g_end = [r["trainable_params_end"] for r in saved["rows"]["g2r2-pf0.2"]["runs"]]
     assert saved["rows"]["g2r2-pf0.2"]["stats"]["trainable_params_end_ratio"] == pytest.approx(sum(g_end) / sum(ref_end))
+    assert all("code" in r for r in saved["cache"].values())  # which checkout each run trained from (None: no git)
     c = saved["paired"]["g2r2-pf0.2"][0]  # 2 seeds paired with the reference, both sides with predictions
     assert c["against"] == "lora-r8" and c["seeds"] == [0, 1] and c["t"] and c["boot"] and c["verdict"]
     # every dev-set run keeps its per-example predictions; the JSON keeps the dev labels once, read from dev.tsv
