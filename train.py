@@ -576,10 +576,16 @@ def method_errors(flags=None):
 
 
 def load_trainable(model, tensors):
+    """The saved trainable tensors into `model`, whose trainable tensors must be exactly those (another
+    --targets, --method or head gives other names)."""
     missing = set(tensors) - set(dict(model.named_parameters()))
     if missing:
         raise UserError(f"{len(missing)} saved tensors are not in this model (e.g. {min(missing)}); "
                         "load them into the --method, --model and --targets they were trained with")
+    extra = {n for n, p in model.named_parameters() if p.requires_grad} - set(tensors)
+    if extra:
+        raise UserError(f"this run trains {len(extra)} tensors that were not saved (e.g. {min(extra)}); use the "
+                        "--method, --model and --targets the saved tensors were trained with")
     try:
         model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # same names, other shapes (another --r, another number of labels)
@@ -1166,8 +1172,9 @@ def writing(r, what):
         raise UserError(f"could not write {os.path.join(r.out, what)} ({reason}); {again}") from None
 
 
+# --resume refuses a change of these (and of --<method>_*); another --targets shows in the saved tensors' names
 RUN_DEFINING = ("method", "model", "task", "data", "max_samples", "max_len", "batch_size", "micro_batch_size",
-                "targets", "r", "alpha", "dropout", "seed")  # --resume refuses a change of these (and --<method>_*)
+                "r", "alpha", "dropout", "seed")
 
 
 def check_ckpt(ckpt, path, args):

@@ -249,7 +249,7 @@ CASES = [
     ("resume with another rank", lambda t, r: ["--resume", "--r", "4", "--output_dir", spoil(r, t / "o", "")],
      "was written with --r 8, this run has --r 4; resume with --r 8 (it defines the run)"),
     ("resume with fewer targets", lambda t, r: ["--resume", "--targets", "q_proj", "--output_dir", spoil(r, t / "o", "")],
-     "was written with --targets (default), this run has --targets q_proj; resume with --targets (default)"),
+     "model.layers.0.mlp.down_proj.lora_A"),  # the method's state check (common) or load_trainable names it
     ("save_every_min < 0", lambda t, r: ["--save_every_min", "-1"], "--save_every_min must be >= 0"),
     # issue 33: one label space per task (tiny-bert; the train split's classes, dev mapped through them)
     ("dev label unseen in train", lambda t, r: ["--model", "tiny-bert", "--data", table_dir(t, ["neg", "pos"] * 4, ["neg", "zzz"])],
@@ -303,7 +303,10 @@ CASES = [
      "was written with --batch_size 4, this run has --batch_size 8; resume with --batch_size 4 (it defines the run)"),
     ("resume with more targets", lambda t, r: ["--resume", "--targets", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                "up_proj", "down_proj", "lm_head", "--output_dir", spoil(r, t / "o", "")],
-     "was written with --targets (default), this run has --targets q_proj k_proj"),
+     "lm_head.lora_A"),
+    ("adapter with fewer targets", lambda t, r: ["--eval_only", "--targets", "q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj", "lm_head", "--adapter", str(r)],
+     "lm_head.lora_A"),
     ("resume with other data", lambda t, r: ["--resume", "--data", write(t / "d.json", json.dumps(records())),
                                              "--output_dir", spoil(r, t / "o", "")],
      "was written with --data builtin, this run has --data /"),
@@ -573,3 +576,21 @@ def test_model_cache_not_writable(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models, "CACHE", cache)
     line = cli(capsys, TINY + ["--model", "smollm2-135m", "--output_dir", str(tmp_path / "o")])
     assert f"the model cache {cache} cannot be written (Not a directory); set XDG_CACHE_HOME" in line, line
+
+
+def test_resume_with_the_default_targets_named(tmp_path, done):
+    """--targets spelled out as the architecture's defaults is the same run: --resume continues it."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert train.cli(TINY + ["--max_steps", "2", "--resume", "--targets", *targets,
+                             "--output_dir", spoil(done, tmp_path / "o", "")]) == 0
+
+
+def test_load_trainable_refuses_tensors_it_cannot_fill():
+    """A saved set without one of the tensors this model trains would leave that one at its fresh init."""
+    model = models.build_tiny("tiny-llama")
+    common.LoRA().attach(model, [])
+    saved = common.trainable_state_dict(model)
+    dropped = sorted(saved)[0]
+    with pytest.raises(common.UserError, match=f"this run trains 1 tensors that were not saved \\(e.g. {re.escape(dropped)}\\)"):
+        train.load_trainable(model, {n: t for n, t in saved.items() if n != dropped})
+    train.load_trainable(model, saved)  # the whole set loads
