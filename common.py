@@ -1,12 +1,13 @@
-"""What two or more methods share: the LoRA layer, target discovery, the "mask mapping" scatter of
-compact row blocks, merging, an EMA, parameter counting, and the Method interface (hooks, misuse
-checks) with plain LoRA (`--method lora`) as the baseline.
+"""What two or more methods share: the LoRA layer and its lean dropout, target discovery, merging, the
+scoring-pass helpers, and the Method interface (hooks, misuse checks) with plain LoRA (`--method lora`) as
+the baseline.
 
 LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Kaiming-uniform a=√5),
 B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
 """
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -133,20 +134,11 @@ def active_p(dropout):
 
 
 def cast(w, x):
-    """w as F.linear(x, w) computes with it: autocast's dtype under autocast (cast once here, so the same copy
-    serves forward and backward), x's dtype when wider than w, else w (a bf16 model run without autocast
-    computes its fp32 adapters in fp32: x is cast up instead)."""
+    """w as F.linear(x, w) computes with it: an fp32 w in autocast's dtype under autocast (cast once here, so
+    the same copy serves forward and backward), else w itself (x is then cast to w's dtype)."""
     if torch.is_autocast_enabled(x.device.type) and w.dtype == torch.float32:
         return w.to(torch.get_autocast_dtype(x.device.type))
     return w
-
-
-def adapter_input(x, weight):
-    """x as F.linear(x, weight) wants it: unchanged under autocast (autocast casts both operands),
-    cast to the adapter's dtype otherwise (a bf16 model run without autocast)."""
-    if torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype:
-        return x
-    return x.to(weight.dtype)
 
 
 def _dropout(x, p):
@@ -238,32 +230,7 @@ def check_fraction(name: str, value: float):
     need(isinstance(value, (int, float)) and 0 < value <= 1, f"`{name}` must be in (0, 1], got {value!r}")
 
 
-# ----------------------------------------------------------------- compact blocks: scatter, merge
-
-class _ScatterRows(torch.autograd.Function):
-    """out[..., idx] += y in place; backward: ∂out passes through, ∂y = ∂out[..., idx]. Saves only idx."""
-
-    @staticmethod
-    def forward(ctx, out, idx, y):
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(idx)
-        return out.index_add_(-1, idx, y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, = ctx.saved_tensors
-        return grad, None, grad.index_select(-1, idx)
-
-
-def scatter_rows(out, idx, y):
-    """The mask mapping M y (PiLoRA Eq 9, SPSFT Eq 5, TASO scatter_R): add compact outputs y (..., |idx|)
-    into the output features idx of out (..., d_out), in place. Autograd saves only idx, never y (the
-    autograd form `out.index_add(-1, idx, y)` saves y: ../shared/notes/scatter-saved-tensors.md), and
-    the in-place index_add_ / index_select pair runs ~4× faster on CPU than `out[..., idx] += y`."""
-    if torch.compiler.is_compiling():  # the compiler chooses what to save (it cannot trace mark_dirty's in-place form)
-        return out.index_add(-1, idx, y)
-    return _ScatterRows.apply(out, idx, y)
-
+# ------------------------------------------------------------------------------------ merge
 
 def merged_linear(base: nn.Linear, delta, rows=None, cols=None) -> nn.Linear:
     """A plain Linear with weight W + delta placed at rows × cols (all when None), computed in fp32
@@ -285,11 +252,6 @@ def merged_linear(base: nn.Linear, delta, rows=None, cols=None) -> nn.Linear:
         if base.bias is not None:
             new.bias.copy_(base.bias)
     return new.requires_grad_(False)
-
-
-def ema(avg, x, beta):
-    """Exponential moving average beta·avg + (1 − beta)·x; the first value starts the average."""
-    return x.clone() if avg is None else beta * avg + (1 - beta) * x
 
 
 # --------------------------------------------------------------------------- finding the targets
@@ -418,16 +380,6 @@ def count_params(model):
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-def params_per_module(model, prefix):
-    """{module name: trainable params in tensors named prefix*} for every adapted module."""
-    out = {}
-    for n, p in model.named_parameters():
-        mod, _, leaf = n.rpartition(".")
-        if p.requires_grad and leaf.startswith(prefix):
-            out[mod] = out.get(mod, 0) + p.numel()
-    return out
 
 
 def trainable_state_dict(model):
@@ -611,9 +563,12 @@ class Method:
                 and n.rpartition(".")[2].startswith(self.prefix)}
         left = {id(p) for p in before} - now
         model = {id(p) for p in self.model.parameters()} | left
-        change = bool(before)
+        change, me = bool(before), weakref.ref(self)  # the hook must not keep the method (and its model) alive
 
         def note(opt, args, kwargs):
+            self = me()
+            if self is None:
+                return
             group = {id(p): g for g in opt.param_groups for p in g["params"]}
             if self._held is not None or not model & group.keys():
                 return
@@ -633,6 +588,7 @@ class Method:
         if self._handle is not None:
             self._handle.remove()
         self._handle = register_optimizer_step_post_hook(note)
+        weakref.finalize(self, self._handle.remove)
 
     def state_dict(self):
         """What attach(model, state=...) needs to rebuild this run: the method's name and its trainable

@@ -134,11 +134,16 @@ def random_R(seed, step, live, M):
     return {i: float(u[i]) for i in live}
 
 
+def ema(avg, x, beta):
+    """Exponential moving average beta·avg + (1 − beta)·x; the first value starts the average."""
+    return x.clone() if avg is None else beta * avg + (1 - beta) * x
+
+
 def smooth(R_bar, U_bar, R, beta1, beta2):
     """Eq 8–10: R̄ ← β1 R̄ + (1−β1) R;  U = |R − R̄|;  Ū ← β2 Ū + (1−β2) U;  R̂ = R̄·Ū.
-    Averages start at their first value (common.ema), so after one scoring R̄ = R, Ū = 0 and R̂ = 0."""
-    R_bar = common.ema(R_bar, R, beta1)             # Eq 8
-    U_bar = common.ema(U_bar, (R - R_bar).abs(), beta2)  # Eq 9
+    Averages start at their first value (ema), so after one scoring R̄ = R, Ū = 0 and R̂ = 0."""
+    R_bar = ema(R_bar, R, beta1)             # Eq 8
+    U_bar = ema(U_bar, (R - R_bar).abs(), beta2)  # Eq 9
     return R_bar, U_bar, R_bar * U_bar              # Eq 10
 
 

@@ -33,7 +33,7 @@ CUT = common.dropout_linear
 def kept_dropout_linear(x, dropout, *weights):
     """The cut undone: nn.Dropout's dropped copy (and mask) kept for backward, then each projection."""
     d = dropout(x) if dropout is not None else x
-    return tuple(F.linear(common.adapter_input(d, w), w) for w in weights)
+    return tuple(F.linear(d.to(cw.dtype), cw) for cw in (common.cast(w, x) for w in weights))
 
 
 def hf_loss(loop):

@@ -12,3 +12,13 @@ def llama_batches(n, b=2, t=12, seed=1):
         labels[:, :3] = -100  # prompt tokens
         out.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))
     return out
+
+
+def params_per_module(model, prefix):
+    """{module name: trainable params in tensors named prefix*} for every adapted module."""
+    out = {}
+    for n, p in model.named_parameters():
+        mod, _, leaf = n.rpartition(".")
+        if p.requires_grad and leaf.startswith(prefix):
+            out[mod] = out.get(mod, 0) + p.numel()
+    return out

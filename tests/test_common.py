@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import g2r2  # noqa: E402
+import spsft  # noqa: E402
+from helpers import params_per_module  # noqa: E402
 from models import build_tiny  # noqa: E402
 
 
@@ -104,7 +107,7 @@ def test_scatter_rows_equals_dense_mapping_and_saves_no_block():
         M[i, k] = 1.0
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        out = common.scatter_rows(F.linear(x, W), idx, F.linear(x, Wf))
+        out = spsft.scatter_rows(F.linear(x, W), idx, F.linear(x, Wf))
     ref = F.linear(x, W + M @ Wf.detach())
     assert torch.allclose(out, ref, atol=1e-12)
     assert (T, 3) not in saved  # the compact block y = W_f x is not kept for backward
@@ -112,12 +115,12 @@ def test_scatter_rows_equals_dense_mapping_and_saves_no_block():
     (gWf,) = torch.autograd.grad(out, Wf, g)
     assert torch.allclose(gWf, (M.T @ g.T) @ x, atol=1e-12)
     xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()  # gradients through the base output too
-    out = common.scatter_rows(F.linear(xg, Wg), idx, F.linear(xg, Wf))
+    out = spsft.scatter_rows(F.linear(xg, Wg), idx, F.linear(xg, Wf))
     gx, gW, gWf = torch.autograd.grad(out, (xg, Wg, Wf), g)
     assert torch.allclose(gx, g @ (W + M @ Wf.detach()), atol=1e-12)
     assert torch.allclose(gW, g.T @ x, atol=1e-12) and torch.allclose(gWf, (M.T @ g.T) @ x, atol=1e-12)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 base output, fp32 block: dtype of out kept
-        out = common.scatter_rows(F.linear(x.float(), W.float()), idx, F.linear(x.float(), Wf.float()))
+        out = spsft.scatter_rows(F.linear(x.float(), W.float()), idx, F.linear(x.float(), Wf.float()))
     assert out.dtype == torch.bfloat16 and out.requires_grad
 
 
@@ -148,9 +151,9 @@ def test_merged_linear_block(mode):
 
 
 def test_ema_by_hand():
-    a = common.ema(None, torch.tensor(2.0), 0.85)
+    a = g2r2.ema(None, torch.tensor(2.0), 0.85)
     assert a == 2.0
-    a = common.ema(a, torch.tensor(4.0), 0.85)
+    a = g2r2.ema(a, torch.tensor(4.0), 0.85)
     assert torch.isclose(a, torch.tensor(0.85 * 2 + 0.15 * 4))
 
 
@@ -181,7 +184,7 @@ def test_lora_attach_counts_and_state_filter():
     model = build_tiny("tiny-deberta")
     method = common.LoRA(r=4, alpha=8, dropout=0.0, heads=["classifier", "pooler.dense"])
     method.attach(model)
-    per = common.params_per_module(model, "lora_")
+    per = params_per_module(model, "lora_")
     assert len(per) == 12
     for name, n in per.items():
         base = model.get_submodule(name).base

@@ -112,7 +112,8 @@ def step_and_resume(row, ckpt, cuda=False):
             models.enable_checkpointing(model2)
         args2, method2, _, _ = efficiency.row_method(row, 2, "fp32", 0, 2, 2)
         model2.train()
-        method2.attach(model2, (dict(batch) for _ in iter(int, 1)), state=saved["method"])
+        choices = {k: v for k, v in saved["method"].items() if k != "tensors"}  # load_trainable copies the tensors
+        method2.attach(model2, (dict(batch) for _ in iter(int, 1)), state=choices)
         train.to_fp32(model2)
         train.load_trainable(model2, saved["trainable"])
         loop2 = efficiency.Loop(model2, method2, args2, batch, nullcontext(), total)
@@ -128,7 +129,6 @@ def step_and_resume(row, ckpt, cuda=False):
             method3 = efficiency.row_method(row, 2, "fp32", 0, 2, 2)[1]
             model3.train()
             with mock.patch.object(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: t):  # no random init
-                choices = {k: v for k, v in saved["method"].items() if k != "tensors"}  # the choices only:
                 method3.attach(model3, (), state=choices)  # on a fake CUDA device (copy_ from the CPU needs a guard)
             train.to_fp32(model3)  # (load_trainable's copy_ from the CPU needs a CUDA device guard too)
             on_device(model3, "cuda")

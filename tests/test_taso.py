@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import params_per_module  # noqa: E402
 import common  # noqa: E402
 import taso  # noqa: E402
 import models  # noqa: E402
@@ -298,7 +299,7 @@ def test_param_count_summary_and_lr_groups():
     model = models.build_tiny("tiny-bert", num_labels=3)  # has a head that keeps lr × 1
     m = taso.TASO(metric="w", heads=["classifier"])  # r = 8, p = 1/8: out + in per matrix
     m.attach(model, iter([]))
-    per = common.params_per_module(model, m.prefix)
+    per = params_per_module(model, m.prefix)
     mods = common.adapters(model, taso.TASOLinear)
     assert set(per) == set(mods) == set(m.names) and len(mods) == 12
     for n, mod in mods.items():
