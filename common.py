@@ -5,7 +5,6 @@ the baseline.
 LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Kaiming-uniform a=√5),
 B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
 """
-import hashlib
 import math
 import weakref
 from collections.abc import Mapping
@@ -374,18 +373,7 @@ def weight_groups(weights, groups):
     return [g for g in out if g]
 
 
-# ------------------------------------------------------------------------------- bookkeeping
-
-def count_params(model):
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-def trainable_state_dict(model):
-    """The tensors a run trains (adapters and heads), detached, as saved in adapter.safetensors."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
+# --------------------------------------------------------------------------- adapters in a model
 
 def merge_adapters(model):
     """Replace every adapter layer (anything with a .merge()) by its merged plain Linear, in place."""
@@ -435,18 +423,6 @@ def all_gather(obj):
     out = [None] * world()[1]
     dist.all_gather_object(out, obj)
     return out
-
-
-def check_same(decision, what):
-    """Assert that a decision (tensors, lists, dicts of them) is identical on every process: methods
-    call it where they fix rows, regions or pruned modules. Skipped under python -O and in one process."""
-    if __debug__ and world()[1] > 1:
-        plain = lambda x: (x.tolist() if torch.is_tensor(x) else {k: plain(v) for k, v in x.items()}
-                           if isinstance(x, dict) else [plain(v) for v in x] if isinstance(x, (list, tuple)) else x)
-        digests = all_gather(hashlib.sha256(repr(plain(decision)).encode()).hexdigest())
-        if len(set(digests)) > 1:
-            raise RuntimeError(f"{what} differ between processes (digests {digests}); the all-reduce "
-                               f"before this decision is missing or the processes ran different code")
 
 
 # ---------------------------------------------------------------------------- method interface

@@ -305,7 +305,6 @@ class G2R2(common.Method):
                 self.prune(i)
             for i in self.pruned_at:  # Eq 11: [A, B] ← [0, 0] outside the lowest p^t %, after the step (§3.3.2)
                 self.zero(i)
-            common.check_same(self.pruned_at, "g2r2 pruned modules")
             if step + 1 == self.T_w + self.T_p:
                 before = self.trainable()
                 self.refine(self.model)

@@ -20,6 +20,7 @@ signal; a run never writes into a folder that holds another run (docs/run-safety
 rank 0 evaluates and writes (README, Multi-GPU).
 """
 import argparse
+import hashlib
 import inspect
 import itertools
 import json
@@ -575,6 +576,32 @@ def method_errors(flags=None):
         raise UserError(msg if "; " in msg else f"{msg}; see python train.py --help") from e
 
 
+def count_params(model):
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def trainable_state_dict(model):
+    """The tensors a run trains (adapters and heads), detached, as saved in adapter.safetensors."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_same(method, when):
+    """torchrun: the method's decisions (its state_dict() but the tensors it trains: rows, regions, pruned
+    modules, stage) are identical on every process, checked where they are made (after attach, after a True
+    from after_step). A difference means an all-reduce before a decision is missing. Skipped under python -O
+    and in one process."""
+    if __debug__ and common.world()[1] > 1:
+        plain = lambda x: (x.tolist() if torch.is_tensor(x) else {k: plain(v) for k, v in x.items()}
+                           if isinstance(x, dict) else [plain(v) for v in x] if isinstance(x, (list, tuple)) else x)
+        choices = {k: v for k, v in method.state_dict().items() if k != "tensors"}
+        digests = common.all_gather(hashlib.sha256(repr(plain(choices)).encode()).hexdigest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"{type(method).__name__}'s decisions {when} differ between processes (digests "
+                               f"{digests}); the all-reduce before a decision is missing or the processes ran different code")
+
+
 def load_trainable(model, tensors):
     """The saved trainable tensors into `model`, whose trainable tensors must be exactly those (another
     --targets, --method or head gives other names)."""
@@ -856,7 +883,7 @@ def setup(args):
     else:
         r.method = build_method(args, r.task, total, steps_per_epoch)
     r.total = r.method.run_steps(total)  # PiLoRA's stage 1 comes before --epochs of stage 2
-    r.total_params = common.count_params(r.model)[1]
+    r.total_params = count_params(r.model)[1]
     r.run_id = {"method": args.method, "model": model_id(args.model)}
     return r
 
@@ -921,6 +948,7 @@ def start_training(args, r):
                      dynamic_ncols=True, disable=r.rank > 0) as calib:
         with method_errors(method_kwargs(args)[1]):
             r.method.attach(r.model, calib, state=ckpt["method"] if ckpt else None)
+    check_same(r.method, "at attach")
     attach_time = time.time() - t0
     to_fp32(r.model)
     r.ce = _ce_sum
@@ -928,7 +956,7 @@ def start_training(args, r):
         compile_model(r.model)
         r.ce = torch.compile(_ce_sum)
     rank_seed(args.seed, r.rank)  # model, adapters and data order are set up alike; dropout differs per process
-    r.trainable_start = ckpt["trainable_params_start"] if ckpt else common.count_params(r.model)[0]
+    r.trainable_start = ckpt["trainable_params_start"] if ckpt else count_params(r.model)[0]
     r.opt = build_optimizer(r.model, r.method, args)
     r.start, r.losses, r.step_times, r.stage_times = 0, [], [], {}
     r.saved = ckpt["step"] if ckpt else None  # the step of the last checkpoint this run can fall back to
@@ -972,7 +1000,7 @@ def save_checkpoint(args, r, step, stop):
     if r.rank == 0:
         clear_old_run(r)
         prev = r.saved if keep_previous(r.ckpt_path) else None
-        save_atomic({"step": step, "trainable": common.trainable_state_dict(r.model), "optimizer": r.opt.state_dict(),
+        save_atomic({"step": step, "trainable": trainable_state_dict(r.model), "optimizer": r.opt.state_dict(),
                      "method": r.method.state_dict(), "losses": r.losses, "stage_times": r.stage_times,
                      "rng": rngs[0], "rng_ranks": rngs, "metrics_before": r.metrics["before"], "metrics": r.metrics,
                      "step_times": r.step_times, "prev_step": prev, "trainable_params_start": r.trainable_start,
@@ -1029,6 +1057,7 @@ def train_loop(args, r, stop):
             nn.utils.clip_grad_norm_(params, args.clip)
         r.opt.step()
         if r.method.after_step(step):
+            check_same(r.method, f"at step {step}")
             r.opt = build_optimizer(r.model, r.method, args, old=r.opt)
             net = None  # the old DDP (and its gradient hooks) goes before the new one is built
             net = wrap(r.model, r.method)
@@ -1134,7 +1163,7 @@ def finish(args, r):
     summary = {
         "method": args.method, "model": args.model, "task": r.task, "data": args.data,
         "total_params": r.total_params, "trainable_params_start": r.trainable_start,
-        "trainable_params_end": common.count_params(model)[0], "peak_memory_bytes": peak,
+        "trainable_params_end": count_params(model)[0], "peak_memory_bytes": peak,
         "head_params": sum(p.numel() for n, p in model.named_parameters()
                            if p.requires_grad and common.is_head(n, getattr(method, "heads", ()))),
         "step_time_s": statistics.median(r.step_times) if r.step_times else None,
@@ -1199,7 +1228,7 @@ def check_ckpt(ckpt, path, args):
 def save_adapter(model, method, out_dir, meta=None):
     """adapter.safetensors (with `meta`, {"method", "model"}, as its metadata) and method_state.pt."""
     from safetensors.torch import save_file
-    tensors = {n: t.contiguous() for n, t in common.trainable_state_dict(model).items()}
+    tensors = {n: t.contiguous() for n, t in trainable_state_dict(model).items()}
     tmp = os.path.join(out_dir, "adapter.safetensors.tmp")
     try:
         save_file(tensors, tmp, metadata=meta)

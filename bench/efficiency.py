@@ -321,7 +321,7 @@ def run_row(name, model_name, seq, mbs, ckpt, opts, device, dtype_name):
     g = torch.Generator().manual_seed(opts.seed)
     ids = torch.randint(0, model.config.vocab_size, (mbs, seq), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    total_params = common.count_params(model)[1]
+    total_params = train.count_params(model)[1]
     model_bytes = model_only_bytes(model, batch, ctx, device)
 
     model.train()
@@ -357,7 +357,7 @@ def run_row(name, model_name, seq, mbs, ckpt, opts, device, dtype_name):
     row = {"row": name, "method": kind, "stage": stage, "r": r, "pair": pair, "targets": targets or "default",
            "flags": extra, "model": model_name, "seq_len": seq, "micro_batch_size": mbs, "grad_ckpt": ckpt,
            "dtype": dtype_name, "device": device, "total_params": total_params,
-           "trainable_params": common.count_params(model)[0], "peak_bytes": peak, "model_bytes": model_bytes,
+           "trainable_params": train.count_params(model)[0], "peak_bytes": peak, "model_bytes": model_bytes,
            "aux_bytes": peak - model_bytes, "saved_bytes": None if ckpt or device == "cuda" else sum(saved.values()),
            "attach_s": attach_s, "attach_peak_bytes": attach_peak, "step_times_s": times,
            "step_time_median_s": statistics.median(times), "step_time_mean_s": statistics.fmean(times),
@@ -657,7 +657,7 @@ def pair_loop(name, base, batch, seq, ckpt, opts, device):
     for _ in range(opts.warmup_steps):
         loop.step()
     loop.warmup_s = time.time() - t0
-    loop.trainable = common.count_params(model)[0]
+    loop.trainable = train.count_params(model)[0]
     return loop
 
 

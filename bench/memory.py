@@ -292,7 +292,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
             row["seq_len"] = (model.config.image_size // model.config.patch_size) ** 2 + 1
         row["base_bytes"] = c.live
         c.weights = set(c.info)
-        row["total_params"] = common.count_params(model)[1]
+        row["total_params"] = train.count_params(model)[1]
         c.reset()
         fwd = lambda: model(**batch).loss  # noqa: E731
         with torch.no_grad(), ctx, c.modules(model):
@@ -332,7 +332,7 @@ def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=
                     lambda: [loop.step(efficiency.saved_tensor_hooks(model, s, alive)) for s in sinks])[0]
                 row["saved_bytes"] = max(sum(s.values()) for s in sinks)  # saved for backward, outside checkpoints
         row.update(peak_bytes=c.peak, aux_bytes=c.peak - row["model_bytes"], top=c.top(top),
-                   trainable_params=common.count_params(model)[0], method_stage=getattr(method, "stage", None),
+                   trainable_params=train.count_params(model)[0], method_stage=getattr(method, "stage", None),
                    attention=sorted(c.kernels), placeholders=c.placeholders)
         row.update(c.fields())
         row.update(efficiency.method_fields(method, kind))

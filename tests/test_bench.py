@@ -51,7 +51,7 @@ def test_rows_present_and_sane(result):
     expected = [r for r in ROWS if HAVE_PEFT or not r.startswith("peft")]
     assert sorted({k[0] for k in got}) == sorted(expected)
     assert {k[1] for k in got} == {False, True}
-    total = common.count_params(models.build_tiny("tiny-llama"))[1]
+    total = train.count_params(models.build_tiny("tiny-llama"))[1]
     for (name, ckpt), r in got.items():
         if name == "lora-r64":  # r = 64 does not fit tiny-llama's 32-feature k/v projections
             assert "does not fit" in r["error"]
@@ -70,10 +70,10 @@ def test_rows_present_and_sane(result):
 
 def test_params_match_count_params(result):
     got = rows_by(result)
-    lora8 = common.count_params(attached(common.LoRA(r=8)))[0]
+    lora8 = train.count_params(attached(common.LoRA(r=8)))[0]
     for ckpt in (False, True):
         assert got[("lora-r8", ckpt)]["trainable_params"] == lora8
-        assert got[("lora-r1", ckpt)]["trainable_params"] == common.count_params(attached(common.LoRA(r=1)))[0]
+        assert got[("lora-r1", ckpt)]["trainable_params"] == train.count_params(attached(common.LoRA(r=1)))[0]
         if HAVE_PEFT:  # same targets, r, alpha, dropout: the same trainable tensors
             assert got[("peft-lora-r8", ckpt)]["trainable_params"] == lora8
         # stage rows are measured in their stage

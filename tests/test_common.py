@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import g2r2  # noqa: E402
 import spsft  # noqa: E402
+import train  # noqa: E402
 from helpers import params_per_module  # noqa: E402
 from models import build_tiny  # noqa: E402
 
@@ -189,10 +190,10 @@ def test_lora_attach_counts_and_state_filter():
     for name, n in per.items():
         base = model.get_submodule(name).base
         assert n == 4 * (base.in_features + base.out_features)
-    trainable, total = common.count_params(model)
+    trainable, total = train.count_params(model)
     heads = sum(p.numel() for n, p in model.named_parameters() if "pooler" in n or "classifier" in n)
     assert trainable == sum(per.values()) + heads
-    assert set(common.trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(train.trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_lora_grads_under_bf16_autocast_and_checkpointing():

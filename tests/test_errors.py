@@ -589,7 +589,7 @@ def test_load_trainable_refuses_tensors_it_cannot_fill():
     """A saved set without one of the tensors this model trains would leave that one at its fresh init."""
     model = models.build_tiny("tiny-llama")
     common.LoRA().attach(model, [])
-    saved = common.trainable_state_dict(model)
+    saved = train.trainable_state_dict(model)
     dropped = sorted(saved)[0]
     with pytest.raises(common.UserError, match=f"this run trains 1 tensors that were not saved \\(e.g. {re.escape(dropped)}\\)"):
         train.load_trainable(model, {n: t for n, t in saved.items() if n != dropped})

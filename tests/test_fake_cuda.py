@@ -102,7 +102,7 @@ def step_and_resume(row, ckpt, cuda=False):
         loop.step()
         on_device(model)
         assert method.stage == (stage or method.stage)
-        saved = {"trainable": common.trainable_state_dict(model), "optimizer": loop.opt.state_dict(),
+        saved = {"trainable": train.trainable_state_dict(model), "optimizer": loop.opt.state_dict(),
                  "method": method.state_dict(), "step": loop.t}
         assert all(isinstance(t, FakeTensor) for t in saved["trainable"].values())
         saved = tree_map(lambda t: t.to("cpu") if torch.is_tensor(t) else t, saved)  # map_location="cpu"

@@ -449,7 +449,7 @@ def test_three_stages_tiny_llama_and_resume_mid_pruning():
             A, B = ab[meth.names[i]]
             assert torch.all(A == 0) and torch.all(B == 0)
         if step == T_w + 2:  # checkpoint mid-pruning, as train.py writes it
-            snap.update(trainable={n: p.detach().clone() for n, p in common.trainable_state_dict(model).items()},
+            snap.update(trainable={n: p.detach().clone() for n, p in train.trainable_state_dict(model).items()},
                         optimizer=copy.deepcopy(opt.state_dict()), method=copy.deepcopy(meth.state_dict()),
                         rng=torch.get_rng_state())
             assert 0 < len(meth.pruned_at) < M - g2r2.n_keep(pf, M) and meth.stage == "prune"
@@ -459,14 +459,14 @@ def test_three_stages_tiny_llama_and_resume_mid_pruning():
             assert not pruned_ids & {id(p) for p in opt.state}
             for i in meth.pruned_at:
                 assert type(model.get_submodule(meth.names[i])) is nn.Linear
-            trainable, _ = common.count_params(model)
+            trainable, _ = train.count_params(model)
             assert trainable == sum(L.lora_A.numel() + L.lora_B.numel() for L in meth.layers if L is not None)
     losses, opt = run(model, meth, opt, 0, T, check=check)
     assert all(math.isfinite(x) for x in losses)
     assert len(hand) == M and any(meth.pruned_at.values())  # every module was scored; pruning happened
     assert len(meth.retained()) == math.ceil(pf * M) and meth.stage == "refine"
     s = meth.summary()
-    assert s["adapter_params_end"] == common.count_params(model)[0] < s["adapter_params_start"]
+    assert s["adapter_params_end"] == train.count_params(model)[0] < s["adapter_params_start"]
     assert len(s["retained_modules"]) + len(s["pruned_at_step"]) == M
 
     # resume from the mid-pruning checkpoint into a fresh model: identical losses and structure

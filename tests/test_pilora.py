@@ -508,7 +508,7 @@ def run(name, steps, kw, stop_at=None, ckpt=None):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if stop_at == step + 1:
-            out = {"trainable": {n: t.clone() for n, t in common.trainable_state_dict(model).items()},
+            out = {"trainable": {n: t.clone() for n, t in train.trainable_state_dict(model).items()},
                    "optimizer": opt.state_dict(), "method": method.state_dict(), "step": step + 1,
                    "rng": torch.get_rng_state()}
             break

@@ -301,7 +301,7 @@ def test_attach_trains_only_W_f_and_heads_mlp_only_and_norms():
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {n + ".spsft_W_f" for n in layers} | {"classifier.weight", "classifier.bias"}
     s = m.summary()
-    assert s["spsft_params"] == 2 * (6 * 64 + 6 * 128) == common.count_params(model)[0] - 3 * 64 - 3
+    assert s["spsft_params"] == 2 * (6 * 64 + 6 * 128) == train.count_params(model)[0] - 3 * 64 - 3
     sides = 2 * (64 + 128 + 128 + 64)  # Σ (d_in + d_out): LoRA's params per unit of rank
     assert s["lora_rank_matched"] == min(range(1, 64), key=lambda k: abs(k * sides - s["spsft_params"])) == 3
     assert s["lora_params_matched"] == 3 * sides
@@ -364,7 +364,7 @@ def run(name, steps, kw, stop_at=None, state=None, seed=0):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if stop_at == step + 1:
-            ckpt = {"trainable": {n: t.clone() for n, t in common.trainable_state_dict(model).items()},
+            ckpt = {"trainable": {n: t.clone() for n, t in train.trainable_state_dict(model).items()},
                     "optimizer": opt.state_dict(), "method": method.state_dict(), "step": step + 1}
             break
     return losses, ckpt, model, method

@@ -436,7 +436,7 @@ def run_loop(steps, start=0, state=None, batches=None, seed=0):
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if step + 1 == 4:
-            saved = {"trainable": {k: v.clone() for k, v in common.trainable_state_dict(model).items()},
+            saved = {"trainable": {k: v.clone() for k, v in train.trainable_state_dict(model).items()},
                      "optimizer": copy.deepcopy(opt.state_dict()), "method": m.state_dict(),
                      "rng": torch.get_rng_state()}
     return losses, saved, m, model

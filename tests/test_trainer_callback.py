@@ -70,7 +70,7 @@ def test_trainer_matches_train_py(tmp_path, name):
     held = optimizer_tensors(trainer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in held} == {id(p) for p in trainable} and len(held) == len(trainable)
-    assert common.count_params(model)[0] == ref["trainable_params_end"]
+    assert train.count_params(model)[0] == ref["trainable_params_end"]
     state = trainer.optimizer.optimizer.state if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.state
     assert all(id(p) in {id(q) for q in held} for p in state)  # no state left of a dropped tensor
     assert trainer.args.max_grad_norm == 0.5  # restored after the run
