@@ -21,7 +21,7 @@ synthetic batch of random token ids with labels = inputs. So the code measured i
 Stage rows first run untimed steps until the method reaches the stage (G²R² refinement after pruning
 to p_f, PiLoRA stage 2), then time --warmup_steps + --steps more.
 
-Per row: trainable parameters (common.count_params at measurement time); peak memory; model-only memory
+Per row: trainable parameters (train.count_params at measurement time); peak memory; model-only memory
 (G²R² App. D.1: the peak of a forward of the same batch without grads, on the base model before any
 adapter); aux = peak - model; median (and mean) step time; tokens/s; MFU = 4·N_params·tokens/s over the
 device's dense bf16 peak (forward + activation backward; checkpointing's recompute not counted).
