@@ -588,14 +588,14 @@ def trainable_state_dict(model):
 
 
 def check_same(method, when):
-    """torchrun: the method's decisions (its state_dict() but the tensors it trains: rows, regions, pruned
-    modules, stage) are identical on every process, checked where they are made (after attach, after a True
+    """torchrun: the method's decisions (its state_dict() but the tensors it trains and the timings `*_s`:
+    rows, regions, pruned modules, stage) are identical on every process, checked where they are made (after attach, after a True
     from after_step). A difference means an all-reduce before a decision is missing. Skipped under python -O
     and in one process."""
     if __debug__ and common.world()[1] > 1:
         plain = lambda x: (x.tolist() if torch.is_tensor(x) else {k: plain(v) for k, v in x.items()}
                            if isinstance(x, dict) else [plain(v) for v in x] if isinstance(x, (list, tuple)) else x)
-        choices = {k: v for k, v in method.state_dict().items() if k != "tensors"}
+        choices = {k: v for k, v in method.state_dict().items() if k != "tensors" and not k.endswith("_s")}  # no timings
         digests = common.all_gather(hashlib.sha256(repr(plain(choices)).encode()).hexdigest())
         if len(set(digests)) > 1:
             raise RuntimeError(f"{type(method).__name__}'s decisions {when} differ between processes (digests "
