@@ -150,3 +150,48 @@ def test_lora_own_loop_save_and_load_gives_the_same_logits():
     m2, model2 = MAKE["lora"](), build_tiny("tiny-llama")
     m2.attach(model2, state=m.state_dict())
     assert torch.equal(model2(**b).logits, ref)
+
+
+RELOAD = """import sys, torch
+sys.path[:0] = [{repo!r}, {tests!r}]
+import common, g2r2, pilora, spsft, taso
+from helpers import llama_batches
+from models import build_tiny
+make = {{"lora": lambda: common.LoRA(r=2, dropout=0.0), "spsft": lambda: spsft.SPSFT(rows=2, importance="taylor",
+         calib_batches=2), "taso": lambda: taso.TASO(r=2, calib_batches=2),
+         "pilora": lambda: pilora.PiLoRA(r=2, phase=2, interval=1, dropout=0.0),
+         "g2r2": lambda: g2r2.G2R2(r=2, total_steps=6, warmup=1, prune=2, dropout=0.0)}}[sys.argv[1]]
+model = build_tiny("tiny-llama")  # the same base ("checkpoint"); the adapters' init drawn from another seed:
+torch.manual_seed(123)            # every trained value must come from the file
+make().attach(model, state=torch.load(sys.argv[2], weights_only=True))
+with torch.no_grad():
+    torch.save(model.eval()(**llama_batches(1, seed=3)[0]).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("name", ["lora", "spsft", "taso", "pilora", "g2r2"])
+def test_own_loop_state_reloads_in_a_fresh_process(name, tmp_path):
+    """Train 4 steps in an own loop (PiLoRA into stage 2, G²R² into pruning), save method.state_dict(), load it
+    in a new Python process on a freshly built base model: the same logits, bit for bit."""
+    import subprocess
+    model, method = build_tiny("tiny-llama"), MAKE[name]() if name != "spsft" else spsft.SPSFT(
+        rows=2, importance="taylor", calib_batches=2)
+    data = llama_batches(6)
+    method.attach(model, iter(data[:2]))
+    opt = torch.optim.AdamW(method.param_groups(1e-2))
+    for step in range(4):
+        model(**data[step]).loss.backward()
+        method.after_backward(step)
+        opt.step()
+        if method.after_step(step):
+            opt = torch.optim.AdamW(method.param_groups(1e-2))
+        opt.zero_grad(set_to_none=True)
+    torch.save(method.state_dict(), tmp_path / "state.pt")
+    with torch.no_grad():
+        ref = model.eval()(**llama_batches(1, seed=3)[0]).logits
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "reload.py").write_text(RELOAD.format(repo=repo, tests=os.path.join(repo, "tests")))
+    p = subprocess.run([sys.executable, str(tmp_path / "reload.py"), name, str(tmp_path / "state.pt"),
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), ref)
