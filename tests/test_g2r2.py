@@ -15,6 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import g2r2  # noqa: E402
+import train  # noqa: E402
 from models import build_tiny  # noqa: E402
 
 BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
@@ -597,7 +598,6 @@ def test_planted_signal_is_retained_and_random_does_worse():
 # --------------------------------------------------------------------- through train.main
 
 def test_train_main_three_stages_and_resume(tmp_path):
-    import train
     argv = ["--method", "g2r2", "--model", "tiny-llama", "--data", "builtin", "--max_steps", "10",
             "--batch_size", "4", "--micro_batch_size", "2", "--lr", "1e-2", "--dtype", "bf16", "--grad_ckpt",
             "--eval_every", "0", "--max_samples", "64", "--eval_limit", "1",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import common  # noqa: E402
 import pilora  # noqa: E402
+import train  # noqa: E402
 from models import build_tiny  # noqa: E402
 from helpers import llama_batches  # noqa: E402
 
@@ -390,7 +391,6 @@ def test_stage1_comes_before_the_epochs_of_stage2():
 
 
 def test_train_main_runs_one_epoch_of_stage1_then_the_epochs_of_stage2(tmp_path):
-    import train
     argv = ["--method", "pilora", "--model", "tiny-llama", "--max_len", "256", "--batch_size", "2",
             "--micro_batch_size", "2", "--max_samples", "8", "--eval_limit", "1", "--epochs", "2",
             "--pilora_interval", "1", "--dropout", "0.0"]
@@ -549,7 +549,6 @@ def test_two_stage_bf16_checkpointed_run_resumes_exactly_and_merges(name, kw):
 
 
 def test_train_main_two_stages_resume_mid_stage1_and_mid_stage2_and_eval_only(tmp_path):
-    import train
     from safetensors.torch import load_file
     argv = ["--method", "pilora", "--model", "tiny-llama", "--max_len", "256", "--batch_size", "2",
             "--micro_batch_size", "1", "--max_samples", "24", "--eval_limit", "2", "--lr", "1e-3",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import common  # noqa: E402
 import spsft  # noqa: E402
+import train  # noqa: E402
 from models import build_tiny  # noqa: E402
 from helpers import llama_batches  # noqa: E402
 
@@ -307,9 +308,9 @@ def test_attach_trains_only_W_f_and_heads_mlp_only_and_norms():
     assert s["lora_params_matched"] == 3 * sides
     normed = build_tiny("tiny-llama")
     spsft.SPSFT(rows=4, norms=True).attach(normed, iter(()))
-    train = {n for n, p in normed.named_parameters() if p.requires_grad}
+    trained = {n for n, p in normed.named_parameters() if p.requires_grad}
     norm_names = {n for n, _ in normed.named_parameters() if "norm" in n}
-    assert len(norm_names) == 5 and train == norm_names | {n for n in train if n.endswith(".spsft_W_f")}
+    assert len(norm_names) == 5 and trained == norm_names | {n for n in trained if n.endswith(".spsft_W_f")}
 
 
 def test_resume_state_rebuilds_rows_without_scoring():
@@ -408,7 +409,6 @@ TRAIN = ["--method", "spsft", "--max_len", "256", "--batch_size", "4", "--micro_
 
 
 def train_and_resume(tmp_path, extra):
-    import train
     full = train.main(TRAIN + extra + ["--output_dir", str(tmp_path / "full"), "--merge"])
     stopped = train.main(TRAIN + extra + ["--output_dir", str(tmp_path / "cut"), "--stop_after", "2"])
     resumed = train.main(TRAIN + extra + ["--output_dir", str(tmp_path / "cut"), "--resume"])
