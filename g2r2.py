@@ -296,8 +296,8 @@ class G2R2(common.Method):
             R_hat = [None if h is None else float(h) for h in self.R_hat]
             if step == self.T_w and not any(R_hat[i] for i in live):
                 warnings.warn(f"G2R2: at the first pruning step ({step}) no module has R̂ > 0 (R̂ needs two scorings with "
-                              f"ΔW ≠ 0; ΔW = 0 at step 0): modules are pruned by index; give `warmup` >= "
-                              f"{2 * self.score_every} steps (T_w = {self.T_w}, score_every = {self.score_every})")
+                              f"ΔW ≠ 0; ΔW = 0 at step 0): modules are pruned by index; give `warmup` more steps "
+                              f"(T_w = {self.T_w} now, score_every = {self.score_every})")
             p = retention(step + 1, self.T_w, self.T_p, self.p0, self.pf)  # Eq 12, after step t
             keep = select(R_hat, live, n_keep(p, len(self.names)))  # Eq 11: the lowest p^t % by R̂ keep training
             for i in sorted(set(live) - keep):

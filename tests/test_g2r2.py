@@ -652,7 +652,7 @@ def test_warmup_too_short_to_rank_warns_with_the_numbers():
     meth = g2r2.G2R2(dropout=0.0, total_steps=6, warmup=1, prune=2)
     model = tiny_llama()
     meth.attach(model)
-    with pytest.warns(UserWarning, match=r"pruned by index; give `warmup` >= 2 steps \(T_w = 1, score_every = 1\)"):
+    with pytest.warns(UserWarning, match=r"pruned by index; give `warmup` more steps \(T_w = 1 now, score_every = 1\)"):
         own_loop(meth, model, 2)
 
 
