@@ -436,8 +436,10 @@ class Method:
     after_backward(step)                gradients of optimizer step `step` (0, 1, 2, ...) are complete
                                         (all micro-batches), before clipping and optimizer.step().
     after_step(step) -> bool            after optimizer.step(); True when the set of trainable tensors
-                                        changed: rebuild the optimizer over parameters() / param_groups().
-    state_dict()                        everything attach(state=...) needs to rebuild this run.
+                                        changed: rebuild the optimizer (and its LR scheduler) over
+                                        param_groups(lr); trainable() lists the tensors (for clipping).
+    state_dict()                        everything attach(state=...) needs to rebuild this run: the
+                                        method's choices and its trainable tensors.
     export(model)                       merge adapters into plain Linears (no extra latency).
     summary()                           the method's fields of summary.json (plots.py draws its state).
 
@@ -459,7 +461,7 @@ class Method:
     unused_params = False
     model = None
     next_step = 0  # the step the next hook call is for: after_step(t) sets t + 1
-    _held = None   # what the watched optimizer step lacked (a list of problems), until the next hook
+    _held = None   # what the watched optimizer step lacked ([problems], [fixes]), until the next hook
     _sched = False  # the watched optimizer had an LR scheduler (torch's schedulers set "initial_lr")
     _handle = None  # the optimizer step post-hook while watching
 

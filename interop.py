@@ -152,7 +152,8 @@ def MethodCallback(method):
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
                 folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-                torch.save(method.state_dict(), os.path.join(folder, METHOD_STATE + ".tmp"))
+                state = {k: v for k, v in method.state_dict().items() if k != "tensors"}  # Trainer saves the weights
+                torch.save(state, os.path.join(folder, METHOD_STATE + ".tmp"))
                 os.replace(os.path.join(folder, METHOD_STATE + ".tmp"), os.path.join(folder, METHOD_STATE))
 
         def on_train_end(self, args, state, control, **kw):
