@@ -361,6 +361,9 @@ def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
         with recording_evaluations() as rec:
             summary = train.main(exec_argv(argv, os.path.join(runs_dir, "carved")) +
                                  ["--output_dir", out_dir, "--resume", "--save_every", str(save_every)])
+        if "signal" in summary:  # stopped by SIGTERM / Ctrl-C: its checkpoint is saved, the sweep stops here
+            raise SystemExit(f"stopped at step {summary['stopped_at']} ({out_dir}); rerun the same command to "
+                             "continue it")
         res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
                                                     "resumed": resumed}
         res["code"] = code_version()  # the methods change under a sweep: each run says which code it ran
