@@ -90,12 +90,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if not self.lean:
             return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # Eq 3
-        return self.base(x) + self.lora_delta(x)  # the same, keeping neither mask nor copy (dropout_linear)
-
-    def lora_delta(self, x, dropout=True):
-        """s·B A dropout(x), (..., out) in x's dtype, through dropout_linear. dropout=False: x is already dropped."""
-        ax, = dropout_linear(x, self.dropout if dropout else None, self.lora_A)  # (..., r)
-        return (F.linear(ax, cast(self.lora_B, ax)) * self.scaling).to(x.dtype)  # (..., out)
+        ax, = dropout_linear(x, self.dropout, self.lora_A)  # A dropout(x), keeping neither mask nor copy
+        return add_lora(self.base(x), ax, self.lora_B, self.scaling)  # the same sum, the B product in one kernel
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A).mul_(self.scaling)  # (out, in), fp32, one out × in tensor
@@ -110,8 +106,9 @@ class LoRALinear(nn.Module):
 
 # ------------------------------------------ lean machinery: adapter dropout that keeps no mask, no copy
 # What it saves: nn.Dropout's mask and dropped copy of x per adapter input; in kernels, one fused dropout per
-# adapter input and each adapter weight cast once per forward. Plain form: F.linear(nn.Dropout(p)(x), A)
-# (LoRALinear's `lean = False` branch; tests/test_memory.py: values, gradients and saved bytes against it).
+# adapter input, each adapter weight cast once per forward, and B's product, scale and sum as one addmm
+# (add_lora). Plain form: base(x) + F.linear(F.linear(nn.Dropout(p)(x), A), B)·s (LoRALinear's `lean = False`
+# branch; tests/test_memory.py: values, gradients and saved bytes against it; tests/test_count.py: kernels).
 
 def dropout_linear(x, dropout, *weights):
     """(F.linear(d, w) for w in weights) with d = dropout(x), one mask for all: what nn.Dropout followed by the
@@ -125,6 +122,16 @@ def dropout_linear(x, dropout, *weights):
         xd = F.dropout(x, p) if p else x
         return tuple(F.linear(xd.to(w.dtype), w) for w in [cast(w, x) for w in weights])
     return _DropoutLinear.apply(x, p, *weights)
+
+
+def add_lora(h, ax, B, s):
+    """h + s·(ax Bᵀ) in h's dtype: the adapter's second product, its scale and the sum with the base output as
+    one torch.addmm (one kernel, no (..., out) temporaries) when h, ax and B compute in one dtype (autocast, or
+    one dtype throughout); else one by one, as the plain form."""
+    B = cast(B, ax)
+    if h.dtype == ax.dtype == B.dtype:
+        return torch.addmm(h.reshape(-1, h.shape[-1]), ax.reshape(-1, ax.shape[-1]), B.T, alpha=s).view(h.shape)
+    return h + (F.linear(ax, B) * s).to(h.dtype)
 
 
 def active_p(dropout):

@@ -45,7 +45,6 @@ import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -70,7 +69,7 @@ class G2R2Linear(common.LoRALinear):
             return self.base(x)                                        # Eq 11: [A, B] = [0, 0] adds nothing
         if self.sink is not None and torch.is_grad_enabled():          # exact scoring: Eq 3, reported
             self.calls += not common.in_backward()  # a checkpoint's recompute brings no new use
-            return self.base(x) + _Reported.apply(x, self.lora_A, self.lora_B, self)
+            return _Reported.apply(self.base(x), x, self.lora_A, self.lora_B, self)
         return super().forward(x)                                      # Eq 3: h = W₀x + s·B A x
 
     def lora_factors(self):
@@ -136,14 +135,14 @@ def random_R(seed, step, live, M):
 
 def ema(avg, x, beta):
     """Exponential moving average beta·avg + (1 − beta)·x; the first value starts the average."""
-    return x.clone() if avg is None else beta * avg + (1 - beta) * x
+    return x if avg is None else beta * avg + (1 - beta) * x
 
 
 def smooth(R_bar, U_bar, R, beta1, beta2):
-    """Eq 8–10: R̄ ← β1 R̄ + (1−β1) R;  U = |R − R̄|;  Ū ← β2 Ū + (1−β2) U;  R̂ = R̄·Ū.
-    Averages start at their first value (ema), so after one scoring R̄ = R, Ū = 0 and R̂ = 0."""
+    """Eq 8–10: R̄ ← β1 R̄ + (1−β1) R;  U = |R − R̄|;  Ū ← β2 Ū + (1−β2) U;  R̂ = R̄·Ū (Python floats: no
+    device op). Averages start at their first value (ema), so after one scoring R̄ = R, Ū = 0 and R̂ = 0."""
     R_bar = ema(R_bar, R, beta1)             # Eq 8
-    U_bar = ema(U_bar, (R - R_bar).abs(), beta2)  # Eq 9
+    U_bar = ema(U_bar, abs(R - R_bar), beta2)  # Eq 9
     return R_bar, U_bar, R_bar * U_bar              # Eq 10
 
 
@@ -258,20 +257,25 @@ class G2R2(common.Method):
         for i, R_i in R.items():
             if R_i is not None:
                 self.R_bar[i], self.U_bar[i], self.R_hat[i] = smooth(
-                    self.R_bar[i], self.U_bar[i], torch.tensor(R_i, dtype=torch.float64), self.beta1, self.beta2)
+                    self.R_bar[i], self.U_bar[i], float(R_i), self.beta1, self.beta2)
 
     def redundancies(self, live, step):
         """{module: R (Eq 7) or None} of the live modules that got a gradient, from their ΣS (Eq 5). Refused
         when no live module got one (the hooks called after optimizer.step() and zero_grad())."""
         if self.score == "exact":
             common.need_grads(any(self.exact.seen[i] for i in live), "G2R2", step)
-            sums = self.exact.s_sums(live)
+            sums, norm = self.exact.s_sums(live), []
         else:
             grads = [g for i in live if (g := self.layers[i].lora_B.grad) is not None]
-            common.need_grads(grads and torch.stack(torch._foreach_norm(grads)).sum() > 0, "G2R2", step)
+            common.need_grads(grads, "G2R2", step)
             estimator = s_sum_paper if self.score == "paper" else s_sum_product
             sums = {i: s for i in live if (s := estimator(self.layers[i])) is not None}
-        values = torch.stack([s.double() for s in sums.values()]).cpu().tolist() if sums else []  # one host sync
+            norm = [torch.stack(torch._foreach_norm(grads)).sum().reshape(1)]  # Σ‖∂ℒ/∂B‖: 0 after zero_grad()
+        values = torch.cat([s.double() for s in [*sums.values(), *norm]]).cpu().tolist() if sums or norm else []
+        if norm:  # one host sync for both
+            common.need_grads(values.pop() > 0, "G2R2", step)
+        width = len(values) // max(1, len(sums))  # ΣS per module: 1 value, (ΣS(A), ΣS(B)) for product
+        values = [values[k * width:(k + 1) * width] for k in range(len(sums))]
         R = {}
         for i, v in zip(sums, values):
             if self.score == "product":  # R(A)·R(B), Eq 7 on each factor
@@ -293,7 +297,7 @@ class G2R2(common.Method):
         changed = False
         if self.T_w <= step < self.T_w + self.T_p and not self.refined:
             live = self.retained()
-            R_hat = [None if h is None else float(h) for h in self.R_hat]
+            R_hat = self.R_hat
             if step == self.T_w and not any(R_hat[i] for i in live):
                 warnings.warn(f"G2R2: at the first pruning step ({step}) no module has R̂ > 0 (R̂ needs two scorings with "
                               f"ΔW ≠ 0; ΔW = 0 at step 0): modules are pruned by index; give `warmup` more steps "
@@ -334,16 +338,15 @@ class G2R2(common.Method):
         return [i for i in range(len(self.names)) if i not in self.pruned_at]
 
     def state_dict(self):
-        f = lambda v: None if v is None else v.item()
-        return {**super().state_dict(), "names": self.names, "r_bar": [f(v) for v in self.R_bar],
-                "u_bar": [f(v) for v in self.U_bar], "pruned_at": dict(self.pruned_at), "refined": self.refined,
+        return {**super().state_dict(), "names": self.names, "r_bar": list(self.R_bar), "u_bar": list(self.U_bar),
+                "pruned_at": dict(self.pruned_at), "refined": self.refined,
                 "next_step": self.next_step, "scored": self.scored, "stage": self.stage}
 
     def load_state(self, state, model):
         if state["names"] != self.names:
             raise ValueError("the saved state adapts other modules than this model and `targets`; "
                              "restore it into the model and targets it was trained with")
-        f = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
+        f = lambda v: None if v is None else float(v)
         self.R_bar, self.U_bar = [f(v) for v in state["r_bar"]], [f(v) for v in state["u_bar"]]
         self.R_hat = [None if a is None or b is None else a * b for a, b in zip(self.R_bar, self.U_bar)]
         self.pruned_at = {int(i): s for i, s in state["pruned_at"].items()}
@@ -372,7 +375,7 @@ class G2R2(common.Method):
                 "pruned_at_step": {self.names[i]: s for i, s in sorted(self.pruned_at.items())},
                 "adapter_params_start": sum(self.adapter_params),
                 "adapter_params_end": sum(self.adapter_params[i] for i in kept),
-                "r_hat": {n: None if h is None else float(h) for n, h in zip(self.names, self.R_hat)}}
+                "r_hat": dict(zip(self.names, self.R_hat))}
 
     # -- the exact estimator (its state and capture: ExactGrad, Lean machinery below)
     def set_sinks(self, t):
@@ -462,20 +465,20 @@ class ExactGrad:
 
 
 class _Reported(torch.autograd.Function):
-    """s·B A dropout(x), the values and gradients of LoRALinear.lora_delta; its backward also hands
+    """h + s·B A dropout(x), the values and gradients of LoRALinear.forward; its backward also hands
     (δ_out, x_in) to `layer.sink`: δ_out = ∂ℒ/∂h (the same at the adapter's output as at the layer's) and
     x_in = dropout(x), from the mask backward draws again for ∂x and ∂A anyway (common.dropout_again): one
     draw, as in an unscored step. Autograd keeps what LoRA keeps (x, the cast A and B, A x_in). Backward runs
     once per backward pass, also when checkpointing recomputes the forward."""
 
     @staticmethod
-    def forward(ctx, x, A, B, layer):
+    def forward(ctx, h, x, A, B, layer):
         ctx.p, ctx.state = common.active_p(layer.dropout), common.rng_state(x.device)
         ax, = common.dropout_linear(x, layer.dropout, A)  # A x_in, (..., r), under the caller's autocast
         A, B = common.cast(A, x), common.cast(B, ax)
         ctx.save_for_backward(x, A, B, ax)
         ctx.s, ctx.sink = layer.scaling, layer.sink
-        return (F.linear(ax, B) * layer.scaling).to(x.dtype)  # (..., out)
+        return common.add_lora(h, ax, B, layer.scaling)  # h = W₀x + s·B A x_in, (..., out)
 
     @staticmethod
     def backward(ctx, delta):
@@ -486,10 +489,10 @@ class _Reported(torch.autograd.Function):
         ga = g @ B  # (..., r)
         gB = g.reshape(-1, g.shape[-1]).T @ ax.reshape(-1, ax.shape[-1])
         gA = ga.reshape(-1, ga.shape[-1]).T @ xd.reshape(-1, x.shape[-1]).to(ga.dtype)
-        gx = ga @ A.to(ga.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        gx = ga @ A.to(ga.dtype) if ctx.needs_input_grad[1] else None  # (..., in)
         if gx is not None and mask is not None:
             gx = common._dropout_backward(gx, mask, ctx.p)
-        return None if gx is None else gx.to(x.dtype), gA, gB, None
+        return delta, None if gx is None else gx.to(x.dtype), gA, gB, None
 
 
 def exact_grad(delta_out, x, dtype=torch.float32):

@@ -153,8 +153,7 @@ class PiLoRALinear(nn.Module):
         if self.lean:  # one dropout, one A and one B matmul for both groups, no index op on x
             A, B = self.factors()
             ax, = common.dropout_linear(x, self.dropout, A)  # (..., r + r′)
-            h = self.base(x)
-            return h + (F.linear(ax, B) * self.scaling).to(h.dtype)  # in the base's dtype, as the plain form
+            return common.add_lora(self.base(x), ax, B, self.scaling)  # W₀x + s·B A x, in the base's dtype
         d = self.dropout(x)  # Eq 10: h = W₀x + s(M ⊗ B_d)A_d x + s(M̄ ⊗ B_s)A_s x
         return self.base(x) + sum(F.linear(F.linear(d, A), mask_map(B, idx, m)) * self.scaling for A, B, idx in gs)
 

@@ -74,8 +74,7 @@ class TASOLinear(nn.Module):
         if self.lean:  # one LoRA pair on full x: no index op on x
             A, B = self.factors()
             ax, = common.dropout_linear(x, self.dropout, A)  # (..., r)
-            h = self.base(x)
-            return h + (F.linear(ax, B) * self.scaling).to(h.dtype)  # in the base's dtype, as the plain form
+            return common.add_lora(self.base(x), ax, B, self.scaling)  # W x + s·B A x, in the base's dtype
         y = F.linear(F.linear(self.dropout(x)[..., self.cols], self.taso_A), self.taso_B) * self.scaling  # (..., |R|)
         return self.base(x).index_add(-1, self.rows, y)  # T5: W x + s·scatter_R(B_R A_C x[..., C])
 

@@ -24,7 +24,8 @@ memory.Counter, so the memory count runs alongside) records every op dispatched 
   Elementwise ops count no FLOP.
 - **host syncs**: ops whose result the host must wait for: `.item()` / `float()` / `bool()` (aten
   `_local_scalar_dense`), `nonzero`, `masked_select`, `unique`, `repeat_interleave` by a tensor, `equal`;
-  AdamW's step counters live on the host on CUDA, so its `.item()`s are not counted.
+  AdamW's step counters live on the host on CUDA, so its `.item()`s are not counted; a `.tolist()` is one
+  (a fake tensor's reads element by element).
 - **index ops** (`index_select`, `index_add_`, `index_put_`, `gather`, `scatter*`, …; embedding lookups left
   out), and how many touch an *activation-sized* tensor: one with at least tokens × hidden elements that is
   not weight-shaped (out × in or in × out of a target); an op whose result is empty moves none (HF's
@@ -55,6 +56,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
@@ -186,6 +188,7 @@ class StepCounter(memory.Counter):
         self.activation, self.cuda_like, self.causal_sdpa = activation, cuda_like, False
         self.always = True  # count from every reset(); count_row's rows count from on_measure() only
         self.stats, self.on, self.in_opt, self.draw, self.pending, self.hooks = Stats(), False, False, None, None, []
+        self.in_tolist = False
 
     # -- the mode
     def __enter__(self):
@@ -201,11 +204,27 @@ class StepCounter(memory.Counter):
         def post(opt, args, kwargs):
             self.in_opt = False
         self.hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        # a fake tensor's tolist() reads element by element (one _local_scalar_dense each); on a device it is one
+        # copy to the host, one sync: counted as one `tolist`
+        self.tolist, me = FakeTensor.tolist, self
+
+        def tolist(t):
+            if me.in_tolist:
+                return me.tolist(t)
+            if me.on:
+                me.stats.syncs["tolist"] = me.stats.syncs.get("tolist", 0) + 1
+            me.in_tolist = True
+            try:
+                return me.tolist(t)
+            finally:
+                me.in_tolist = False
+        FakeTensor.tolist = tolist
         return super().__enter__()
 
     def __exit__(self, *exc):
         for h in self.hooks:
             h.remove()
+        FakeTensor.tolist = self.tolist
         return super().__exit__(*exc)
 
     def reset(self, record=False):
@@ -245,7 +264,7 @@ class StepCounter(memory.Counter):
     # -- accounting
     def account(self, func, args, kwargs, out):
         name = op_name(func)
-        if name in SYNCS and not (self.in_opt and name == "_local_scalar_dense"):
+        if name in SYNCS and not ((self.in_opt or self.in_tolist) and name == "_local_scalar_dense"):
             self.stats.syncs[name] = self.stats.syncs.get(name, 0) + 1
         if func.is_view or name in NOT_KERNELS:
             return

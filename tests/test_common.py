@@ -152,10 +152,10 @@ def test_merged_linear_block(mode):
 
 
 def test_ema_by_hand():
-    a = g2r2.ema(None, torch.tensor(2.0), 0.85)
+    a = g2r2.ema(None, 2.0, 0.85)
     assert a == 2.0
-    a = g2r2.ema(a, torch.tensor(4.0), 0.85)
-    assert torch.isclose(a, torch.tensor(0.85 * 2 + 0.15 * 4))
+    a = g2r2.ema(a, 4.0, 0.85)
+    assert a == 0.85 * 2 + 0.15 * 4
 
 
 def test_targets_per_architecture():
@@ -243,3 +243,29 @@ def test_in_backward_tells_a_checkpoint_recompute_from_a_forward():
     y.sum().backward()
     assert seen == [False, False, True, True]  # no_grad forward, checkpointed forward, grad hook, recompute
     assert common.in_backward() is False
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16-base", "autocast"])
+def test_add_lora_against_float64(case):
+    """add_lora(h, ax, B, s) = h + s·ax Bᵀ (the addmm, or one by one when the dtypes differ), values and
+    gradients against float64 autograd of the sum as written; in h's dtype."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    ax = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    B = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    s = 0.75
+    ref = [t.clone().requires_grad_() for t in (h, ax, B)]
+    want = ref[0] + s * torch.einsum("btr,or->bto", ref[1], ref[2])
+    hd = torch.bfloat16 if case == "bf16-base" else (torch.bfloat16 if case == "autocast" else torch.float32)
+    ad = torch.bfloat16 if case == "autocast" else torch.float32
+    ins = [h.to(hd).requires_grad_(), ax.to(ad).requires_grad_(), B.float().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out = common.add_lora(*ins, s)
+    assert out.dtype == hd and out.shape == want.shape
+    up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want.backward(up)
+    out.backward(up.to(out.dtype))
+    tol = 1e-5 if case == "fp32" else 5e-2
+    torch.testing.assert_close(out.double(), want.detach(), rtol=tol, atol=tol)
+    for t, r in zip(ins, ref):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=tol, atol=tol * 10)

@@ -164,12 +164,12 @@ def x_bytes(r):
 
 def test_lora_layer_no_more_than_plain():
     """Issue 31: common.LoRALinear's forward + backward (2 × 256 × 512 → 384, r = 8, p = 0.05, bf16 autocast)
-    runs no more kernels and writes no more bytes than the plain layer (nn.Dropout + two F.linear), beyond the
-    one mask redraw that saves its memory: one dropout kernel, writing one x-sized copy and its bool mask."""
+    runs no more kernels and writes no more bytes than the plain layer (nn.Dropout + two F.linear), the mask
+    redraw that saves its memory included: the B product, its scale and the sum are one addmm (add_lora)."""
     ours, plain = count.count_layer("lora"), count.count_layer("plain")
-    redraw = x_bytes(ours) + ours["tokens"] * ours["in_features"]
-    assert ours["kernels"] <= plain["kernels"] + 1, (ours["kernels"], plain["kernels"], ours["top_ops"])
-    assert ours["bytes_written"] <= plain["bytes_written"] + redraw, (ours["bytes_written"], plain["bytes_written"])
+    assert ours["kernels"] <= plain["kernels"], (ours["kernels"], plain["kernels"], ours["top_ops"])
+    assert ours["bytes_written"] <= plain["bytes_written"], (ours["bytes_written"], plain["bytes_written"])
+    assert ours["dropout_kernels"] == 2 and ours["top_ops"].get("addmm") == 1, ours["top_ops"]
 
 
 @pytest.mark.parametrize("kind", ["pilora", "taso"])
@@ -199,6 +199,16 @@ def test_count_row_small_shape(tmp_path):
     fwd = 2 * sum(1 for i in range(32) for j in range(32) if j <= i) * (2 * 64 + 2 * 64)
     assert row["attention_flop"] == 2 * (fwd + int(2.5 * fwd))
     assert json.loads(out.read_text())["rows"][0]["kernels"] == row["kernels"]
+
+
+def test_g2r2_scoring_step_one_host_sync():
+    """A G²R² scoring step reads its ΣS to the host once for all modules (one .cpu().tolist()), beside the
+    loop's loss read; R̄, Ū, R̂ (Eq 8–10) are Python floats, no op per module (the count found 161 syncs)."""
+    res = count.main(["--model", "llama-h128-l2-v512", "--seq_len", "32", "--grad_ckpt", "off", "--rows",
+                      "g2r2-warmup", "g2r2-warmup-paper"])
+    for row in res["rows"]:
+        assert "error" not in row, row
+        assert row["host_syncs"] == 2, (row["row"], row["syncs"])
 
 
 def test_report_section_verdicts(tmp_path):

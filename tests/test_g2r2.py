@@ -85,7 +85,7 @@ def test_exact_grad_equals_autograd_of_explicit_delta(ckpt, micro, lean, monkeyp
         assert i not in grads or torch.allclose(grads[i], G, rtol=1e-9, atol=1e-12), n
         S = (G * ref.get_submodule(n).D).abs().sum()  # Eq 5 summed, brute force
         assert torch.allclose(meth.exact.s_sum[i], S, rtol=1e-9)
-        assert meth.R_bar[i].item() == pytest.approx(G.numel() / S.item(), rel=1e-9)  # Eq 7, first value
+        assert meth.R_bar[i] == pytest.approx(G.numel() / S.item(), rel=1e-9)  # Eq 7, first value
     assert all(g is None for g in meth.exact.grad)  # buffers freed
 
 
@@ -306,8 +306,8 @@ def test_paper_and_product_scorers_against_hand_computation(score):
             SA = sum(abs(gA[m][c] * A[m][c]) for m in range(r) for c in range(inn))
             SB = sum(abs(gB[j][m] * B[j][m]) for j in range(out) for m in range(r))
             want = (r * inn / SA) * (out * r / SB)
-        assert meth.R_bar[i].item() == pytest.approx(want, rel=1e-5)
-        assert meth.U_bar[i].item() == 0.0 and meth.R_hat[i].item() == 0.0  # first value: Ū = 0
+        assert meth.R_bar[i] == pytest.approx(want, rel=1e-5)
+        assert meth.U_bar[i] == 0.0 and meth.R_hat[i] == 0.0  # first value: Ū = 0
 
 
 # ------------------------------------------------------------------- Eq 5, 7 and Eq 8–10
@@ -330,12 +330,12 @@ def test_smoothing_against_hand_computation():
     rb = ub = None
     hand_rb = hand_ub = None
     for r in [2.0, 4.0, 1.0, 3.5]:
-        rb, ub, rh = g2r2.smooth(rb, ub, torch.tensor(r, dtype=torch.float64), b1, b2)
+        rb, ub, rh = g2r2.smooth(rb, ub, r, b1, b2)
         hand_rb = r if hand_rb is None else b1 * hand_rb + (1 - b1) * r
         u = abs(r - hand_rb)
         hand_ub = u if hand_ub is None else b2 * hand_ub + (1 - b2) * u
-        assert rb.item() == pytest.approx(hand_rb, rel=1e-12) and ub.item() == pytest.approx(hand_ub, rel=1e-12)
-        assert rh.item() == pytest.approx(hand_rb * hand_ub, rel=1e-12)
+        assert rb == pytest.approx(hand_rb, rel=1e-12) and ub == pytest.approx(hand_ub, rel=1e-12)
+        assert rh == pytest.approx(hand_rb * hand_ub, rel=1e-12)
     assert hand_ub > 0
 
 
