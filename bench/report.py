@@ -996,6 +996,30 @@ def phase_grew(a, b):
     return f" (most in {ph}: {d / 1e9:+,.1f} GB)" if d > 0 else ""
 
 
+def counted_causes(rows):
+    """The causes of the counter's misses that its 'most grown' ops do not say, with the counted figures."""
+    out = ["What the misses are made of:"]
+    g, l = rows.get(("g2r2-warmup", False)), rows.get(("lora-r8-qkvud", False))
+    if g and l:
+        out.append(f"- **G²R² scoring** (exact ∂ℒ/∂ΔW, the default): Eq 5's Σ|∂ℒ/∂ΔW ⊙ ΔW| needs ∂ℒ/∂ΔW whole, one "
+                   f"out × in GEMM per scored module (+{(g['flop'] - l['flop']) / 1e12:.1f} TFLOP, "
+                   f"{g['flop'] / l['flop']:.2f}× the FLOP of LoRA's step) and its out × in blocks in backward: "
+                   f"inherent to the estimator, not to the code. Only a scored step pays it: `score_every` K divides "
+                   f"it by K. The Eq 6 estimator (`--g2r2_score paper`) adds no GEMM FLOP but forms the same out × in "
+                   f"blocks (its ∂ℒ/∂ΔW and ΔW), in fp32: what both would still save is those blocks in bf16.")
+    p, l = rows.get(("pilora-s2", False)), rows.get(("lora-r32-qkvud", False))
+    t, l1 = rows.get(("taso-r8", False)), rows.get(("lora-r1", False))
+    if p and l and t and l1:
+        out.append(f"- **PiLoRA stage 2, TASO**: the bytes are the LoRA baseline's; the extra kernels "
+                   f"(+{p['kernels'] - l['kernels']:,} and +{t['kernels'] - l1['kernels']:,}) are the zero-padded "
+                   f"factors built from the compact blocks in each forward (and a checkpoint's recompute): "
+                   f"`new_zeros` + `index_copy` per factor (PiLoRA: and a `cat`), one `index_select` each in "
+                   f"backward, every one r × in or out × r in size. Building them once per optimizer step would "
+                   f"take them out of autograd's graph (the compact blocks' gradients then come from a hook, "
+                   f"which DDP and gradient clipping do not see), so they stay.")
+    return out if len(out) > 1 else []
+
+
 def count_section(paths, groups=None):
     """BENCHMARKS.md's issue-31 section: the GPU targets (timed pairs, or plainly not measured), the CPU
     counter's kernels and bytes per row against its baseline × its time target, every row at 7B shape beside
@@ -1087,6 +1111,7 @@ def count_section(paths, groups=None):
     lines += ["The counter's verdict holds both the kernels and the bytes of the row to its baseline's × the time "
               "target (a step costs at least its launches and its memory traffic); it says nothing of kernel "
               "efficiency, so a *met* here is necessary for the GPU target, not sufficient.", ""]
+    lines += counted_causes(rows) + [""]
     # -- every row
     for ckpt in (False, True):
         sel = [r for (n, c), r in rows.items() if c == ckpt]
