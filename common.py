@@ -445,8 +445,10 @@ class Method:
     after_step(step) -> bool            after optimizer.step(); True when the set of trainable tensors
                                         changed: rebuild the optimizer (and its LR scheduler) over
                                         param_groups(lr); trainable() lists the tensors (for clipping).
-    state_dict()                        everything attach(state=...) needs to rebuild this run: the
-                                        method's choices and its trainable tensors.
+    state_dict()                        everything attach(state=...) needs to rebuild this run:
+                                        choices() and the trainable tensors ("tensors").
+    choices()                           the method's name and decisions (rows, columns, modules,
+                                        stage), no tensor it trains: a checkpoint's, saved beside them.
     export(model)                       merge adapters into plain Linears (no extra latency).
     summary()                           the method's fields of summary.json (plots.py draws its state).
 
@@ -576,10 +578,13 @@ class Method:
         weakref.finalize(self, self._handle.remove)
 
     def state_dict(self):
-        """What attach(model, state=...) needs to rebuild this run: the method's name and its trainable
-        tensors; each method adds its choices (rows, columns, modules, stage)."""
-        return {"method": type(self).__name__,
+        """What attach(model, state=...) needs to rebuild this run: choices() and the trainable tensors."""
+        return {**self.choices(),
                 "tensors": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
+
+    def choices(self):
+        """The method's name; each method adds its decisions (rows, columns, modules, stage)."""
+        return {"method": type(self).__name__}
 
     def export(self, model):
         return merge_adapters(model)

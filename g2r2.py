@@ -337,8 +337,8 @@ class G2R2(common.Method):
     def retained(self):
         return [i for i in range(len(self.names)) if i not in self.pruned_at]
 
-    def state_dict(self):
-        return {**super().state_dict(), "names": self.names, "r_bar": list(self.R_bar), "u_bar": list(self.U_bar),
+    def choices(self):
+        return {**super().choices(), "names": self.names, "r_bar": list(self.R_bar), "u_bar": list(self.U_bar),
                 "pruned_at": dict(self.pruned_at), "refined": self.refined,
                 "next_step": self.next_step, "scored": self.scored, "stage": self.stage}
 

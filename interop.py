@@ -89,7 +89,7 @@ def save_peft(model, out_dir, base_name=None):
 
 # ------------------------------------------------------------- inside transformers.Trainer
 
-METHOD_STATE = "method_state.pt"  # the method's state_dict() in a Trainer checkpoint folder (as in train.py's runs)
+METHOD_STATE = "method_state.pt"  # the method's choices() in a Trainer checkpoint folder (as in train.py's runs)
 
 
 def MethodCallback(method):
@@ -105,7 +105,7 @@ def MethodCallback(method):
     `lr_scale` applies to the method's tensors as in train.py. A multi-process Trainer refuses methods whose
     hooks act mid-run (G²R², PiLoRA: use torchrun train.py). Hooks get step = state.global_step,
     the 0-based index of the optimizer step, as in train.py. Every Trainer checkpoint gets the method's
-    state_dict() beside it (checkpoint-N/method_state.pt, rank 0, atomic); resume(trainer, method,
+    choices() beside it (checkpoint-N/method_state.pt, rank 0, atomic); resume(trainer, method,
     checkpoint) restores it. transformers is imported on the call."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -152,9 +152,9 @@ def MethodCallback(method):
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
                 folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-                state = {k: v for k, v in method.state_dict().items() if k != "tensors"}  # Trainer saves the weights
-                torch.save(state, os.path.join(folder, METHOD_STATE + ".tmp"))
-                os.replace(os.path.join(folder, METHOD_STATE + ".tmp"), os.path.join(folder, METHOD_STATE))
+                tmp = os.path.join(folder, METHOD_STATE + ".tmp")
+                torch.save(method.choices(), tmp)  # the tensors are Trainer's weights
+                os.replace(tmp, os.path.join(folder, METHOD_STATE))
 
         def on_train_end(self, args, state, control, **kw):
             args.max_grad_norm = self.clip

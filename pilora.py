@@ -325,9 +325,9 @@ class PiLoRA(common.Method):
         self.heads0 = None
         self.stage = "stage2"
 
-    def state_dict(self):
+    def choices(self):
         cpu = lambda d: {n: t.cpu() for n, t in d.items()}  # noqa: E731
-        return {**super().state_dict(), "stage": self.stage, "phase": self.phase, "r_supp": self.r_supp,
+        return {**super().choices(), "stage": self.stage, "phase": self.phase, "r_supp": self.r_supp,
                 "scorings": self.scorings, "schedule_start": self.schedule_start, "next_step": self.next_step,
                 "scored": self.scored, "heads0": self.heads0, "dominant": self.dominant,
                 "hits": cpu(self.hits), "scores": cpu(self.scores)}

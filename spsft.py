@@ -313,8 +313,8 @@ class SPSFT(common.Method):
         """{target: its rows}, read from the layers' buffers (which model.load_state_dict restores)."""
         return {n: L.idx.cpu() for n, L in self.layers.items()}
 
-    def state_dict(self):
-        return {**super().state_dict(), "idx": self.idx, "importance_time_s": self.importance_time_s}
+    def choices(self):
+        return {**super().choices(), "idx": self.idx, "importance_time_s": self.importance_time_s}
 
     def summary(self):
         params = sum(len(i) * self.shapes[n][1] for n, i in self.idx.items())   # Σ r · d_in

@@ -269,8 +269,8 @@ class TASO(common.Method):
             for n in part:
                 yield n, scores.pop(n)
 
-    def state_dict(self):
-        return {**super().state_dict(), "rows": self.rows, "cols": self.cols, "shapes": self.shapes,
+    def choices(self):
+        return {**super().choices(), "rows": self.rows, "cols": self.cols, "shapes": self.shapes,
                 "importance_time_s": self.importance_time_s, "calib_batches": self.calib_used}
 
     def summary(self):

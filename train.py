@@ -587,21 +587,15 @@ def trainable_state_dict(model):
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def choices(method):
-    """method.state_dict() without the trained tensors, which a run saves once, on their own (ckpt["trainable"],
-    adapter.safetensors): what attach(model, state=...) needs to rebuild the adapters before they are loaded."""
-    return {k: v for k, v in method.state_dict().items() if k != "tensors"}
-
-
 def check_same(method, when):
-    """torchrun: the method's decisions (its state_dict() but the tensors it trains and the timings `*_s`:
+    """torchrun: the method's decisions (its choices() but the timings `*_s`:
     rows, regions, pruned modules, stage) are identical on every process, checked where they are made (after attach, after a True
     from after_step). A difference means an all-reduce before a decision is missing. Skipped under python -O
     and in one process."""
     if __debug__ and common.world()[1] > 1:
         plain = lambda x: (x.tolist() if torch.is_tensor(x) else {k: plain(v) for k, v in x.items()}
                            if isinstance(x, dict) else [plain(v) for v in x] if isinstance(x, (list, tuple)) else x)
-        plain_choices = {k: v for k, v in choices(method).items() if not k.endswith("_s")}  # no timings
+        plain_choices = {k: v for k, v in method.choices().items() if not k.endswith("_s")}  # no timings
         digests = common.all_gather(hashlib.sha256(repr(plain(plain_choices)).encode()).hexdigest())
         if len(set(digests)) > 1:
             raise RuntimeError(f"{type(method).__name__}'s decisions {when} differ between processes (digests "
@@ -1007,7 +1001,7 @@ def save_checkpoint(args, r, step, stop):
         clear_old_run(r)
         prev = r.saved if keep_previous(r.ckpt_path) else None
         save_atomic({"step": step, "trainable": trainable_state_dict(r.model), "optimizer": r.opt.state_dict(),
-                     "method": choices(r.method), "losses": r.losses, "stage_times": r.stage_times,
+                     "method": r.method.choices(), "losses": r.losses, "stage_times": r.stage_times,
                      "rng": rngs[0], "rng_ranks": rngs, "metrics_before": r.metrics["before"], "metrics": r.metrics,
                      "step_times": r.step_times, "prev_step": prev, "trainable_params_start": r.trainable_start,
                      "args": vars(args)}, r.ckpt_path)
@@ -1242,7 +1236,7 @@ def save_adapter(model, method, out_dir, meta=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    save_atomic(choices(method), os.path.join(out_dir, "method_state.pt"))
+    save_atomic(method.choices(), os.path.join(out_dir, "method_state.pt"))
 
 
 def write_json(obj, path):
