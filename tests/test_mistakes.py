@@ -152,6 +152,22 @@ def test_lora_own_loop_save_and_load_gives_the_same_logits():
     assert torch.equal(model2(**b).logits, ref)
 
 
+@pytest.mark.parametrize("name", list(MAKE))
+def test_choices_are_the_state_without_its_tensors(name):
+    """state_dict() = choices() + "tensors" (every trainable tensor, by name); choices() holds none of them,
+    so a checkpoint that saves the tensors on their own stores nothing twice."""
+    m, model = MAKE[name](), build_tiny("tiny-llama")
+    m.attach(model, iter(llama_batches(2)))
+    state, chosen = m.state_dict(), m.choices()
+    assert set(state) == set(chosen) | {"tensors"} and chosen["method"] == type(m).__name__
+    assert set(state["tensors"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    trained = {p.data_ptr() for p in m.trainable()}
+    leaves = [v for v in torch.utils._pytree.tree_leaves(chosen) if torch.is_tensor(v)]
+    assert not any(t.data_ptr() in trained or t.shape in [p.shape for p in m.trainable() if p.dim() > 1 and
+                                                           t.dtype.is_floating_point and t.dim() > 1]
+                   for t in leaves), [t.shape for t in leaves]
+
+
 RELOAD = """import sys, torch
 sys.path[:0] = [{repo!r}, {tests!r}]
 import common, g2r2, pilora, spsft, taso
