@@ -90,8 +90,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if not self.lean:
             return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # Eq 3
+        h = self.base(x)
         ax, = dropout_linear(x, self.dropout, self.lora_A)  # A dropout(x), keeping neither mask nor copy
-        return add_lora(self.base(x), ax, self.lora_B, self.scaling)  # the same sum, the B product in one kernel
+        return add_lora(h, ax, self.lora_B, self.scaling)  # the same sum, the B product in one kernel
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A).mul_(self.scaling)  # (out, in), fp32, one out × in tensor
