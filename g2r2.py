@@ -92,9 +92,13 @@ def blocks(L, max_elems=2 ** 24):
 
 def s_sum_rows(rows, L):
     """ΣS = Σ_ij S(l_ij) = ‖G ⊙ ΔW‖₁ (Eq 5) of module L, G = ∂ℒ/∂ΔW with rows(a, b) its rows a..b (a fresh tensor or
-    a buffer it may overwrite), a block of rows of G and of ΔW = s·B A at a time; s > 0 leaves the |·|."""
+    a buffer it may overwrite), a block of rows of G and of ΔW = s·B A at a time; s > 0 leaves the |·|. The blocks
+    in G's dtype (a bf16 model's: bf16 products, half the bytes of fp32 ones), the sum in fp32."""
     with torch.no_grad():
-        parts = [torch.linalg.vector_norm(rows(a, b).mul_(L.lora_B[a:b] @ L.lora_A), 1) for a, b in blocks(L)]
+        def norm(G, a, b):  # ‖G ⊙ B[a:b] A‖₁ of one block, accumulated in fp32 (float64 stays float64)
+            G.mul_(L.lora_B[a:b].to(G.dtype) @ L.lora_A.to(G.dtype))
+            return torch.linalg.vector_norm(G, 1, dtype=torch.promote_types(G.dtype, torch.float32))
+        parts = [norm(rows(a, b), a, b) for a, b in blocks(L)]
         return L.scaling * (parts[0] if len(parts) == 1 else torch.stack(parts).sum())
 
 
@@ -439,8 +443,8 @@ class ExactGrad:
         self.seen[i] += 1
         done = self.forwards == self.micro_batches and self.seen[i] == L.calls and not self.torchrun
         rows = lambda a, b: exact_grad(d[:, a:b], xi, dtype)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in) fp32
-        if self.lean and done and self.grad[i] is None:
-            self.s_sum[i] = s_sum_rows(rows, L)
+        if self.lean and done and self.grad[i] is None:  # ΣS at once, in the model's dtype (fp32 accumulation)
+            self.s_sum[i] = s_sum_rows(lambda a, b: exact_grad(d[:, a:b], xi, dtype, out=dtype), L)
             return
         buf = self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape) if self.grad[i] is None else self.grad[i]
         for a, b in blocks(L):
@@ -495,12 +499,13 @@ class _Reported(torch.autograd.Function):
         return delta, None if gx is None else gx.to(x.dtype), gA, gB, None
 
 
-def exact_grad(delta_out, x, dtype=torch.float32):
-    """∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in, (out, in), fp32. The operands in `dtype`, the base model's: a bf16
-    model's GEMM runs on bf16 operands, accumulated in fp32 (on CUDA tensor cores, written out in fp32; on
-    CPU rounded to bf16 once, then widened), not as an fp32 GEMM (~3x a LoRA step at 7B shape on CUDA cores)."""
+def exact_grad(delta_out, x, dtype=torch.float32, out=torch.float32):
+    """∂ℒ/∂ΔW = Σ_tokens δ_out ⊗ x_in, (out, in), in `out` (fp32: summed over micro-batches; the model's dtype:
+    reduced at once). The operands in `dtype`, the base model's: a bf16 model's GEMM runs on bf16 operands,
+    accumulated in fp32 (on CUDA tensor cores, written out in `out`; on CPU rounded to bf16 once, then widened),
+    not as an fp32 GEMM (~3x a LoRA step at 7B shape on CUDA cores)."""
     d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype).T, x.reshape(-1, x.shape[-1]).to(dtype)
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16) or out == dtype:
         return d @ xi
     if d.is_cuda:
         return torch.mm(d, xi, out_dtype=torch.float32)

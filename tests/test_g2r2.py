@@ -710,3 +710,20 @@ def test_own_loop_state_dict_reload_gives_equal_logits(stop):
     assert meth2.summary() == meth.summary() and meth2.next_step == stop
     with pytest.raises(ValueError, match="adapts other modules"):
         g2r2.G2R2(**kw, targets=["q_proj"]).attach(tiny_llama(), state=state)
+
+
+def test_exact_sum_of_a_bf16_model_in_blocks_against_float64(monkeypatch):
+    """A bf16 model's one-micro-batch ΣS (Eq 5): ∂ℒ/∂ΔW and ΔW blocks in bf16, summed in fp32, within bf16's
+    rounding of the float64 Σ|G ⊙ ΔW| (G = Σ_tokens δ ⊗ x by explicit float64 products), over two row blocks."""
+    monkeypatch.setattr(g2r2, "blocks", lambda L: [(0, 20), (20, 48)])
+    L = g2r2.G2R2Linear(nn.Linear(64, 48).to(torch.bfloat16), 4, 8.0)
+    with torch.no_grad():
+        L.lora_B.normal_()
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(60, 48, generator=g).to(torch.bfloat16)
+    x = torch.randn(60, 64, generator=g).to(torch.bfloat16)
+    got = g2r2.s_sum_rows(lambda a, b: g2r2.exact_grad(d[:, a:b], x, torch.bfloat16, out=torch.bfloat16), L)
+    G = torch.einsum("to,ti->oi", d.double(), x.double())
+    want = (G * (L.scaling * L.lora_B.double() @ L.lora_A.double())).abs().sum()
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= 1e-2 * want.item()
