@@ -1005,8 +1005,9 @@ def counted_causes(rows):
                    f"out × in GEMM per scored module (+{(g['flop'] - l['flop']) / 1e12:.1f} TFLOP, "
                    f"{g['flop'] / l['flop']:.2f}× the FLOP of LoRA's step) and its out × in blocks in backward: "
                    f"inherent to the estimator, not to the code. Only a scored step pays it: `score_every` K divides "
-                   f"it by K. The Eq 6 estimator (`--g2r2_score paper`) adds no GEMM FLOP but forms the same out × in "
-                   f"blocks (its ∂ℒ/∂ΔW and ΔW), in fp32: what both would still save is those blocks in bf16.")
+                   f"it by K; its blocks are in a bf16 model's dtype (one micro-batch). The Eq 6 estimator "
+                   f"(`--g2r2_score paper`) adds no GEMM FLOP but forms the same out × in blocks (its ∂ℒ/∂ΔW and "
+                   f"ΔW) in fp32, from the fp32 factors and their gradients.")
     p, l = rows.get(("pilora-s2", False)), rows.get(("lora-r32-qkvud", False))
     t, l1 = rows.get(("taso-r8", False)), rows.get(("lora-r1", False))
     if p and l and t and l1:
