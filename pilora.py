@@ -117,7 +117,7 @@ def select_rows(H, S, tau, how="hits", generator=None):
 
 def mask_map(B, idx, m):
     """M ⊗ B (Eq 9): the m × r matrix with B's row k in row idx[k] (ascending: k = k(i) − 1), zero elsewhere."""
-    return B.new_zeros(m, B.shape[1]).index_copy(0, idx, B)
+    return B.new_zeros(m, B.shape[1]).index_copy_(0, idx, B)
 
 
 class PiLoRALinear(nn.Module):

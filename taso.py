@@ -82,8 +82,8 @@ class TASOLinear(nn.Module):
         """A (r × in) zero outside the columns C, B (out × r) zero outside the rows R, built from A_C, B_R:
         s·B A is T5's update as one dense LoRA pair."""
         A, B = self.taso_A, self.taso_B
-        return (A.new_zeros(len(A), self.base.in_features).index_copy(1, self.cols, A),
-                B.new_zeros(self.base.out_features, B.shape[1]).index_copy(0, self.rows, B))
+        return (A.new_zeros(len(A), self.base.in_features).index_copy_(1, self.cols, A),
+                B.new_zeros(self.base.out_features, B.shape[1]).index_copy_(0, self.rows, B))
 
     def merge(self) -> nn.Linear:  # T6: W[R][:, C] += s·B_R A_C, in fp32
         delta = self.scaling * (self.taso_B @ self.taso_A)  # (|R|, |C|)
