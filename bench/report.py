@@ -984,7 +984,7 @@ def pairs_list():
 def grew(a, b, n=3):
     """The ops whose kernel count grew most from row b to row a: "op +k" text."""
     ops = {k: a["top_ops"].get(k, 0) - b["top_ops"].get(k, 0) for k in {*a["top_ops"], *b["top_ops"]}}
-    return ", ".join(f"`{k}` {v:+,}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:n] if v > 0) or "–"
+    return ", ".join(f"`{k}` {v:+,}" for k, v in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))[:n] if v > 0) or "–"
 
 
 def phase_grew(a, b):
