@@ -301,7 +301,7 @@ class G2R2(common.Method):
         changed = False
         if self.T_w <= step < self.T_w + self.T_p and not self.refined:
             live = self.retained()
-            R_hat = self.R_hat
+            R_hat = self.R_hat  # Eq 10, per module (None: never scored)
             if step == self.T_w and not any(R_hat[i] for i in live):
                 warnings.warn(f"G2R2: at the first pruning step ({step}) no module has R̂ > 0 (R̂ needs two scorings with "
                               f"ΔW ≠ 0; ΔW = 0 at step 0): modules are pruned by index; give `warmup` more steps "
@@ -408,9 +408,9 @@ class G2R2(common.Method):
 # keeps) and summed over the step's micro-batches before the |·| of Eq 5. With one micro-batch ΣS is taken
 # there by blocks of rows (s_sum_rows: ≤ 2^24 entries of ∂ℒ/∂ΔW and of ΔW, in a bf16 model's dtype): counted
 # (bench/count.py count_layer, bf16, 2048 tokens, 4096², r 8) 25 kernels / 0.70 GB a scored layer step, against
-# 27 / 1.37 GB through a whole fp32 buffer (lean = False; LoRA: 18 / 0.43). With k > 1 (or torchrun, until after_backward sums over
-# the processes) each live module keeps an out × in fp32 buffer through the step (18 GB at Llama-2-7B QKVUD:
-# use score="paper" if that does not fit). A checkpoint's recompute is not a use (common.in_backward); a bf16
+# 27 / 1.37 GB through a whole fp32 buffer (lean = False; LoRA: 18 / 0.43). With k > 1 (or torchrun, until
+# after_backward sums over the processes) each live module keeps an out × in fp32 buffer through the step (18 GB
+# at Llama-2-7B QKVUD: use score="paper" if that does not fit). A checkpoint's recompute is not a use (common.in_backward); a bf16
 # model's GEMM takes bf16 operands, accumulated in fp32 (exact_grad).
 
 class ExactGrad:
