@@ -442,9 +442,9 @@ class ExactGrad:
         d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
         self.seen[i] += 1
         done = self.forwards == self.micro_batches and self.seen[i] == L.calls and not self.torchrun
-        rows = lambda a, b: exact_grad(d[:, a:b], xi, dtype)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in) fp32
+        rows = lambda a, b, out=torch.float32: exact_grad(d[:, a:b], xi, dtype, out)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in)
         if self.lean and done and self.grad[i] is None:  # ΣS at once, in the model's dtype (fp32 accumulation)
-            self.s_sum[i] = s_sum_rows(lambda a, b: exact_grad(d[:, a:b], xi, dtype, out=dtype), L)
+            self.s_sum[i] = s_sum_rows(lambda a, b: rows(a, b, dtype), L)
             return
         buf = self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape) if self.grad[i] is None else self.grad[i]
         for a, b in blocks(L):
