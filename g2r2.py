@@ -95,8 +95,13 @@ def s_sum_rows(rows, L):
     a buffer it may overwrite), a block of rows of G and of ΔW = s·B A at a time; s > 0 leaves the |·|. The blocks
     in G's dtype (a bf16 model's: bf16 products, half the bytes of fp32 ones), the sum in fp32."""
     with torch.no_grad():
+        f = {}  # A and B in the blocks' dtype, cast once per module, not once per block
+
         def norm(G, a, b):  # ‖G ⊙ B[a:b] A‖₁ of one block, accumulated in fp32 (float64 stays float64)
-            G.mul_(L.lora_B[a:b].to(G.dtype) @ L.lora_A.to(G.dtype))
+            if G.dtype not in f:
+                f[G.dtype] = L.lora_A.to(G.dtype), L.lora_B.to(G.dtype)
+            A, B = f[G.dtype]
+            G.mul_(B[a:b] @ A)
             return torch.linalg.vector_norm(G, 1, dtype=torch.promote_types(G.dtype, torch.float32))
         parts = [norm(rows(a, b), a, b) for a, b in blocks(L)]
         return L.scaling * (parts[0] if len(parts) == 1 else torch.stack(parts).sum())
@@ -478,8 +483,9 @@ class _Reported(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, x, A, B, layer):
         ctx.p, ctx.state = common.active_p(layer.dropout), common.rng_state(x.device)
+        A = common.cast(A, x)  # once: dropout_linear and backward use this copy
         ax, = common.dropout_linear(x, layer.dropout, A)  # A x_in, (..., r), under the caller's autocast
-        A, B = common.cast(A, x), common.cast(B, ax)
+        B = common.cast(B, ax)
         ctx.save_for_backward(x, A, B, ax)
         ctx.s, ctx.sink = layer.scaling, layer.sink
         return common.add_lora(h, ax, B, layer.scaling)  # h = W₀x + s·B A x_in, (..., out)
