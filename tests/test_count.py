@@ -211,6 +211,31 @@ def test_g2r2_scoring_step_one_host_sync():
         assert row["host_syncs"] == 2, (row["row"], row["syncs"])
 
 
+def scored_layer(base):
+    """A G²R² layer whose next backward is an exact scoring (lean ExactGrad, one micro-batch)."""
+    import g2r2
+    layer = g2r2.G2R2Linear(base, 8, 16, 0.05)
+    layer.exact = g2r2.ExactGrad([layer], 1)  # kept on the layer: the sink holds it weakly
+    layer.exact.arm(True)
+    layer.exact.forwards = 1
+    return layer
+
+
+def test_g2r2_scored_layer_casts_its_factors_once(monkeypatch):
+    """A scored G²R² layer casts A and B to the blocks' dtype once, however many row blocks Eq 5 is taken in
+    (3 blocks here against 1), and its forward casts A once (dropout_linear takes the cast copy)."""
+    import g2r2
+    one = count.count_layer(scored_layer)
+    real = g2r2.blocks
+    monkeypatch.setattr(g2r2, "blocks", lambda L: real(L, max_elems=L.base.in_features * 128))  # 384 rows: 3 blocks
+    three = count.count_layer(scored_layer)
+    casts = lambda r: sum(op == "_to_copy" for _, op, *_ in r["trace"])  # noqa: E731
+    assert three["top_ops"]["mm"] == one["top_ops"]["mm"] + 4, (one["top_ops"], three["top_ops"])  # 2 GEMMs a block
+    assert casts(three) == casts(one), (one["trace"], three["trace"])
+    lora = count.count_layer("lora")
+    assert casts(one) == casts(lora) + 2, (one["trace"], lora["trace"])  # + A and B for the blocks
+
+
 def test_report_section_verdicts(tmp_path):
     """bench/report.py's issue-31 section: the counter's verdict holds kernels and bytes to the baseline's ×
     the time target (0.90× met at 0.90; 1.10× missed at 1.05, with the op that grew); without a CUDA pairs JSON
