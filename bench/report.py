@@ -1017,7 +1017,9 @@ def counted_causes(rows):
                    f"`new_zeros` + `index_copy` per factor (PiLoRA: and a `cat`), one `index_select` each in "
                    f"backward, every one r × in or out × r in size. Building them once per optimizer step would "
                    f"take them out of autograd's graph (the compact blocks' gradients then come from a hook, "
-                   f"which DDP and gradient clipping do not see), so they stay.")
+                   f"which DDP and gradient clipping do not see); building every layer's at once in the graph "
+                   f"(one scatter per group of equal shapes) would keep all layers' padded factors and their "
+                   f"gradients alive through the step, where checkpointing now holds one layer's; so they stay.")
     return out if len(out) > 1 else []
 
 
