@@ -471,7 +471,9 @@ def verdict_summary(run):
     parts = [f"**{v}**: " + ", ".join(xs) for v, xs in by.items() if xs and v != "no difference shown"] + \
             ([f"no difference shown: {', '.join(by['no difference shown'])}"] if by["no difference shown"] else []) + \
             ([f"own method: {'; '.join(own)}"] if own else [])
-    return [f"- **{task}** ({run['primary_metric']}, vs `{ref}`, {len(run['seeds'])} seeds) — " + "; ".join(parts) + "."]
+    n = len(run["seeds"])
+    head = f"- **{task}** ({run['primary_metric']}, vs `{ref}`, {n} seed{'s' * (n != 1)}) — "
+    return [head + ("; ".join(parts) if parts else "no row compared yet (each needs 2 seeds beside the reference's)") + "."]
 
 
 def accuracy_table(run):
