@@ -62,7 +62,7 @@ class G2R2Linear(common.LoRALinear):
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
         self.pruned, self.calls = False, 0  # calls: uses in this step's forwards (DeBERTa-v3 reuses query_proj)
-        self.sink = None  # exact scoring armed: a function of (δ_out, x_in), see ExactGrad.arm
+        self.sink = None  # exact scoring armed: a function of (δ_out, x_in, (A, B)), see ExactGrad.arm
 
     def forward(self, x):
         if self.pruned:
@@ -90,12 +90,13 @@ def blocks(L, max_elems=2 ** 24):
     return [(a, min(a + k, out)) for a in range(0, out, k)]
 
 
-def s_sum_rows(rows, L):
+def s_sum_rows(rows, L, AB=None):
     """ΣS = Σ_ij S(l_ij) = ‖G ⊙ ΔW‖₁ (Eq 5) of module L, G = ∂ℒ/∂ΔW with rows(a, b) its rows a..b (a fresh tensor or
     a buffer it may overwrite), a block of rows of G and of ΔW = s·B A at a time; s > 0 leaves the |·|. The blocks
-    in G's dtype (a bf16 model's: bf16 products, half the bytes of fp32 ones), the sum in fp32."""
+    in G's dtype (a bf16 model's: bf16 products, half the bytes of fp32 ones), the sum in fp32. AB: (A, B) already
+    cast (the scored forward's copies), used when of the blocks' dtype."""
     with torch.no_grad():
-        f = {}  # A and B in the blocks' dtype, cast once per module, not once per block
+        f = {} if AB is None else {AB[0].dtype: AB}  # A and B in the blocks' dtype, cast once per module
 
         def norm(G, a, b):  # ‖G ⊙ B[a:b] A‖₁ of one block, accumulated in fp32 (float64 stays float64)
             if G.dtype not in f:
@@ -437,19 +438,20 @@ class ExactGrad:
         me = weakref.ref(self)
         for i, L in enumerate(self.layers):
             if L is not None:
-                L.sink = (lambda g, x, i=i: me().capture(i, g, x)) if on and not L.pruned else None
+                L.sink = (lambda g, x, AB, i=i: me().capture(i, g, x, AB)) if on and not L.pruned else None
                 L.calls = 0
 
-    def capture(self, i, delta_out, x):
+    def capture(self, i, delta_out, x, AB=None):
         """Backward of module i: this use's Σ δ_out ⊗ x_in by blocks of rows, reduced to ΣS at once when it is the
-        step's only one (lean), else added to the buffer, reduced when every use of every micro-batch came back."""
+        step's only one (lean), else added to the buffer, reduced when every use of every micro-batch came back.
+        AB: the forward's copies of A and B (in autocast's dtype), reused for ΔW's blocks when of their dtype."""
         L, dtype = self.layers[i], self.layers[i].base.weight.dtype  # bf16 operands for a bf16 model
         d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
         self.seen[i] += 1
         done = self.forwards == self.micro_batches and self.seen[i] == L.calls and not self.torchrun
         rows = lambda a, b, out=torch.float32: exact_grad(d[:, a:b], xi, dtype, out)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in)
         if self.lean and done and self.grad[i] is None:  # ΣS at once, in the model's dtype (fp32 accumulation)
-            self.s_sum[i] = s_sum_rows(lambda a, b: rows(a, b, dtype), L)
+            self.s_sum[i] = s_sum_rows(lambda a, b: rows(a, b, dtype), L, AB)
             return
         buf = self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape) if self.grad[i] is None else self.grad[i]
         for a, b in blocks(L):
@@ -477,8 +479,9 @@ class _Reported(torch.autograd.Function):
     """h + s·B A dropout(x), the values and gradients of LoRALinear.forward; its backward also hands
     (δ_out, x_in) to `layer.sink`: δ_out = ∂ℒ/∂h (the same at the adapter's output as at the layer's) and
     x_in = dropout(x), from the mask backward draws again for ∂x and ∂A anyway (common.dropout_again): one
-    draw, as in an unscored step. Autograd keeps what LoRA keeps (x, the cast A and B, A x_in). Backward runs
-    once per backward pass, also when checkpointing recomputes the forward."""
+    draw, as in an unscored step; and the cast A and B, which ΔW's blocks reuse. Autograd keeps what LoRA keeps
+    (x, the cast A and B, A x_in). Backward runs once per backward pass, also when checkpointing recomputes the
+    forward."""
 
     @staticmethod
     def forward(ctx, h, x, A, B, layer):
@@ -494,7 +497,7 @@ class _Reported(torch.autograd.Function):
     def backward(ctx, delta):
         x, A, B, ax = ctx.saved_tensors
         xd, mask = common.dropout_again(x, ctx.p, ctx.state) if ctx.p else (x, None)  # x_in, the forward's mask
-        ctx.sink(delta, xd)
+        ctx.sink(delta, xd, (A, B))
         g = delta.to(ax.dtype) * ctx.s  # ∂ℒ/∂(B A x_in), (..., out)
         ga = g @ B  # (..., r)
         gB = g.reshape(-1, g.shape[-1]).T @ ax.reshape(-1, ax.shape[-1])

@@ -173,7 +173,7 @@ def test_scored_layer_equals_plain_eq3_draws_once_and_saves_no_new_tensor(autoca
         return out, ptrs, ops.n.get("native_dropout", 0)
     plain, plain_saved, _ = step(None, lean=False)
     lean, lean_saved, lean_draws = step(None)
-    scored, scored_saved, scored_draws = step(lambda g, x: seen.append((g, x)))
+    scored, scored_saved, scored_draws = step(lambda g, x, AB: seen.append((g, x)))
     for a, b in zip(scored, plain):
         tol = 2e-2 if autocast else 1e-6  # bf16: the plain line's own rounding (it adds in bf16, lean in fp32)
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
