@@ -413,7 +413,7 @@ class G2R2(common.Method):
 # formed in the adapter term's backward (_Reported: from the mask it draws again anyway, keeping what LoRA
 # keeps) and summed over the step's micro-batches before the |·| of Eq 5. With one micro-batch ΣS is taken
 # there by blocks of rows (s_sum_rows: ≤ 2^24 entries of ∂ℒ/∂ΔW and of ΔW, in a bf16 model's dtype): counted
-# (bench/count.py count_layer, bf16, 2048 tokens, 4096², r 8) 24 kernels / 0.70 GB a scored layer step, against
+# (bench/count.py count_layer, bf16, 2048 tokens, 4096², r 8) 22 kernels / 0.70 GB a scored layer step, against
 # 26 / 1.37 GB through a whole fp32 buffer (lean = False; LoRA: 18 / 0.43). With k > 1 (or torchrun, until
 # after_backward sums over the processes) each live module keeps an out × in fp32 buffer through the step (18 GB
 # at Llama-2-7B QKVUD: use score="paper" if that does not fit). A checkpoint's recompute is not a use (common.in_backward); a bf16
