@@ -727,3 +727,24 @@ def test_exact_sum_of_a_bf16_model_in_blocks_against_float64(monkeypatch):
     want = (G * (L.scaling * L.lora_B.double() @ L.lora_A.double())).abs().sum()
     assert got.dtype == torch.float32
     assert abs(got.item() - want.item()) <= 1e-2 * want.item()
+
+
+def test_scored_bf16_layer_hands_its_forward_factors_to_the_sum():
+    """A bf16 model under bf16 autocast: the scored backward hands its forward's bf16 A and B to ΣS (Eq 5), which
+    then equals s_sum_rows casting them itself, bit for bit, from the same δ_out and x_in."""
+    L = g2r2.G2R2Linear(nn.Linear(64, 48).to(torch.bfloat16), 4, 8.0)
+    with torch.no_grad():
+        L.lora_B.normal_()
+    ex = g2r2.ExactGrad([L], 1)
+    ex.arm(True)
+    ex.forwards, seen, capture = 1, [], ex.capture
+    ex.capture = lambda i, d, x, AB=None: seen.append((d, x, AB)) or capture(i, d, x, AB)
+    x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = L(x)
+    (h.float() * torch.linspace(-1, 1, 48)).sum().backward()
+    d, xi, AB = seen[0]
+    assert [t.dtype for t in AB] == [torch.bfloat16, torch.bfloat16]
+    d = d.reshape(-1, 48)
+    want = g2r2.s_sum_rows(lambda a, b: g2r2.exact_grad(d[:, a:b], xi, torch.bfloat16, out=torch.bfloat16), L)
+    assert torch.equal(ex.s_sum[0], want) and want > 0
