@@ -93,16 +93,12 @@ def blocks(L, max_elems=2 ** 24):
 def s_sum_rows(rows, L, AB=None):
     """ΣS = Σ_ij S(l_ij) = ‖G ⊙ ΔW‖₁ (Eq 5) of module L, G = ∂ℒ/∂ΔW with rows(a, b) its rows a..b (a fresh tensor or
     a buffer it may overwrite), a block of rows of G and of ΔW = s·B A at a time; s > 0 leaves the |·|. The blocks
-    in G's dtype (a bf16 model's: bf16 products, half the bytes of fp32 ones), the sum in fp32. AB: (A, B) already
-    cast (the scored forward's copies), used when of the blocks' dtype."""
+    in G's dtype (a bf16 model's: bf16 products, half the bytes of fp32 ones), the sum in fp32. AB: A and B in
+    the blocks' dtype (the scored forward's copies), else L's own (a block of another dtype casts them)."""
+    A, B = (L.lora_A, L.lora_B) if AB is None else AB
     with torch.no_grad():
-        f = {} if AB is None else {AB[0].dtype: AB}  # A and B in the blocks' dtype, cast once per module
-
         def norm(G, a, b):  # ‖G ⊙ B[a:b] A‖₁ of one block, accumulated in fp32 (float64 stays float64)
-            if G.dtype not in f:
-                f[G.dtype] = L.lora_A.to(G.dtype), L.lora_B.to(G.dtype)
-            A, B = f[G.dtype]
-            G.mul_(B[a:b] @ A)
+            G.mul_(B[a:b].to(G.dtype) @ A.to(G.dtype))
             return torch.linalg.vector_norm(G, 1, dtype=torch.promote_types(G.dtype, torch.float32))
         parts = [norm(rows(a, b), a, b) for a, b in blocks(L)]
         return L.scaling * (parts[0] if len(parts) == 1 else torch.stack(parts).sum())
@@ -444,13 +440,14 @@ class ExactGrad:
     def capture(self, i, delta_out, x, AB=None):
         """Backward of module i: this use's Σ δ_out ⊗ x_in by blocks of rows, reduced to ΣS at once when it is the
         step's only one (lean), else added to the buffer, reduced when every use of every micro-batch came back.
-        AB: the forward's copies of A and B (in autocast's dtype), reused for ΔW's blocks when of their dtype."""
+        AB: the forward's copies of A and B (in autocast's dtype), for ΔW's blocks (cast once here if need be)."""
         L, dtype = self.layers[i], self.layers[i].base.weight.dtype  # bf16 operands for a bf16 model
         d, xi = delta_out.reshape(-1, delta_out.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
         self.seen[i] += 1
         done = self.forwards == self.micro_batches and self.seen[i] == L.calls and not self.torchrun
         rows = lambda a, b, out=torch.float32: exact_grad(d[:, a:b], xi, dtype, out)  # rows a..b of ∂ℒ/∂ΔW, (b − a, in)
         if self.lean and done and self.grad[i] is None:  # ΣS at once, in the model's dtype (fp32 accumulation)
+            AB = tuple(t.to(dtype) for t in AB or (L.lora_A, L.lora_B))  # a no-op for a bf16 model under autocast
             self.s_sum[i] = s_sum_rows(lambda a, b: rows(a, b, dtype), L, AB)
             return
         buf = self.grad[i] = L.lora_A.new_zeros(L.base.weight.shape) if self.grad[i] is None else self.grad[i]
