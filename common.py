@@ -227,6 +227,49 @@ class _DropoutLinear(torch.autograd.Function):
         return (gx, None, *gws)
 
 
+# ----------------------------- lean machinery: a module's zero-padded factors built at once (PiLoRA, TASO)
+# PiLoRA stage 2 and TASO run one LoRA pair on zero-padded factors built from compact blocks: a few small kernels
+# per adapter and forward. The module holding them (Llama: attention, MLP) builds all of its adapters' at once in
+# a forward pre-hook (the class's padded(): one cat and cast of every block, a scatter per row group), inside the
+# checkpointed decoder layer, so a recompute builds them again. Plain form: each adapter's factors().
+
+def together(model, cls):
+    """Has every module of `model` holding `cls` adapters build their padded factors in one cls.padded(layers,
+    cache) before its forward, each adapter's forward taking its pair (`prebuilt`, dropped after the holder's
+    forward). A holder that is never called (a ModuleList) or is traced by torch.compile leaves each adapter to
+    build its own. A second call adds no hook."""
+    for parent in model.modules():
+        done = parent.__dict__.get("_together", ())
+        if cls not in done and any(isinstance(m, cls) for m in parent.children()):
+            parent._together = {*done, cls}
+            parent.register_forward_pre_hook(partial(_build, cls, {}))
+            parent.register_forward_hook(partial(_drop, cls), always_call=True)
+
+
+def _build(cls, cache, parent, args):
+    layers = [m for m in parent.children() if isinstance(m, cls) and m.lean]
+    if layers and not torch.compiler.is_compiling():
+        for L, AB in zip(layers, cls.padded(layers, cache)):
+            L.prebuilt = AB
+
+
+def _drop(cls, parent, args, out):
+    for m in parent.children():
+        if isinstance(m, cls) and m.prebuilt is not None:
+            m.prebuilt = None
+
+
+def positions(cache, buffers, make):
+    """make() (indices computed from `buffers`), kept in `cache` while the buffers are the same tensors at the
+    same version (a move to another device or a write into one makes it again)."""
+    stamp = [(b, b._version) for b in buffers]
+    old = cache.get("stamp")
+    if old is None or len(old) != len(stamp) or any(a is not b or u != v for (a, u), (b, v) in zip(old, stamp)):
+        with torch.no_grad():
+            cache.update(stamp=stamp, value=make())
+    return cache["value"]
+
+
 def check_rank(base: nn.Linear, r: int):
     if not 1 <= r <= min(base.in_features, base.out_features):
         raise UserError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer; "

@@ -17,7 +17,8 @@ cumulative hit count reaches τ·ΣH (`tau`, 0.7: where Fig. 6 saturates). Table
 Stage 2 (lines 15–23): a fresh two-group LoRA on Θ₀ (the stage-1 adapters are discarded):
 h = W₀x + s·(M ⊗ B_d)A_d x + s·(M̄ ⊗ B_s)A_s x (Eq 10); B_d |M| × r, A_d r × n, B_s (m−|M|) × r′, A_s r′ × n
 train. Each step builds the mask mapping M ⊗ B (Eq 9, m × r) from them and runs Eq 10 as one LoRA pair,
-[M ⊗ B_d, M̄ ⊗ B_s]·[A_d; A_s] x: no m × n matrix, no index op on activations. Merge (Eq 11):
+[M ⊗ B_d, M̄ ⊗ B_s]·[A_d; A_s] x: no m × n matrix, no index op on activations (the attention / MLP
+builds its modules' at once: PiLoRALinear.padded, common.together). Merge (Eq 11):
 W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s, in fp32, into a plain Linear (no extra latency).
 
 Readings of the paper and deviations:
@@ -45,6 +46,7 @@ Readings of the paper and deviations:
   is fixed and at most one epoch long, the default stage length falls back to half the run, so that a
   stage 2 exists; an explicit `phase` that leaves no stage 2 is an error.
 """
+import itertools
 import math
 
 import torch
@@ -140,6 +142,7 @@ class PiLoRALinear(nn.Module):
         self.lora_A_d, self.lora_B_d = new_adapter(len(self.idx_d), r, n, dev, generator)
         self.lora_A_s, self.lora_B_s = new_adapter(len(self.idx_s), r_supp, n, dev, generator)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.prebuilt = None  # factors() as padded() built them for the decoder layer (common.together)
 
     def groups(self):
         """(A, B, rows) of each group that has an adapter."""
@@ -151,7 +154,7 @@ class PiLoRALinear(nn.Module):
         if not gs:  # |M| = 0 and r′ = 0: nothing trains here
             return self.base(x)
         if self.lean:  # one dropout, one A and one B matmul for both groups, no index op on x
-            A, B = self.factors()
+            A, B = self.prebuilt or self.factors()
             ax, = common.dropout_linear(x, self.dropout, A)  # (..., r + r′)
             return common.add_lora(self.base(x), ax, B, self.scaling)  # W₀x + s·B A x, in the base's dtype
         d = self.dropout(x)  # Eq 10: h = W₀x + s(M ⊗ B_d)A_d x + s(M̄ ⊗ B_s)A_s x
@@ -162,6 +165,28 @@ class PiLoRALinear(nn.Module):
         (m × (r + r′): B_d in rows M, columns :r; B_s in rows M̄, columns r:), built from the compact blocks."""
         gs, m = self.groups(), self.base.out_features
         return torch.cat([A for A, _, _ in gs]), torch.cat([mask_map(B, idx, m) for _, B, idx in gs], 1)
+
+    @staticmethod
+    def padded(layers, cache):
+        """[L.factors() for L in layers] at once (common.together): every block in one cat and one cast, each
+        layer's [A_d; A_s] a run of it; for each group g, every M ⊗ B_g (Eq 9) a block of rows of one zero matrix
+        (Σm rows, one index_copy_), the groups side by side. Layers whose groups differ: one by one."""
+        ranks = {tuple(len(A) for A, _, _ in L.groups()) for L in layers}
+        if len(ranks) > 1 or ranks == {()}:
+            return [L.factors() if L.groups() else None for L in layers]
+        ranks, ms = next(iter(ranks)), [L.base.out_features for L in layers]
+        per = list(zip(*[L.groups() for L in layers]))  # per group (d, then s): each layer's (A, B, rows)
+        starts = [0, *itertools.accumulate(ms)]
+        pos = common.positions(cache, [i for g in per for _, _, i in g], lambda: [
+            torch.cat([i + o for (_, _, i), o in zip(g, starts)]) for g in per])
+        blocks = [A for L in layers for A, _, _ in L.groups()] + [B for g in per for _, B, _ in g]
+        src = torch.cat([t.reshape(-1) for t in blocks])
+        src = common.cast(src, src).split([sum(ranks) * L.base.in_features for L in layers] +
+                                          [sum(B.numel() for _, B, _ in g) for g in per])
+        A, Bg = src[:len(layers)], src[len(layers):]
+        B = [b.new_zeros(sum(ms), r).index_copy_(0, p, b.view(-1, r)) for b, p, r in zip(Bg, pos, ranks)]
+        B = (torch.cat(B, 1) if len(B) > 1 else B[0]).split(ms)
+        return [(a.view(sum(ranks), -1), b) for a, b in zip(A, B)]
 
     def merge(self) -> nn.Linear:
         """W′ = W₀ + s(M ⊗ B_d)A_d + s(M̄ ⊗ B_s)A_s (Eq 11) = W₀ + s·B A with factors(), summed in fp32."""
@@ -255,6 +280,7 @@ class PiLoRA(common.Method):
             for n in self.names:
                 common.replace_module(model, n, PiLoRALinear(base[n], self.dominant[n], self.r, self.r_supp,
                                                              self.alpha, self.dropout, g))
+            common.together(model, PiLoRALinear)
         return self.attached(model, state)
 
     def run_steps(self, steps):
@@ -318,6 +344,7 @@ class PiLoRA(common.Method):
                 new.lora_A_d.copy_(old.lora_A)
                 new.lora_B_d.copy_(old.lora_B[new.idx_d])
             common.replace_module(self.model, n, new)
+        common.together(self.model, PiLoRALinear)  # each decoder layer builds its modules' factors at once
         if not self.warm_start:  # back to Θ₀: heads as at attach, as new tensors
             for name, p0 in self.heads0.items():
                 old = self.model.get_parameter(name)

@@ -15,7 +15,8 @@ The paper's equation numbers are unknown, so the equations are numbered here (T1
 
 B_R (|R| × r, zeros) and A_C (r × |C|, Kaiming-uniform over the kept columns) are the trained tensors; each step
 builds from them A (r × in) zero outside C and B (out × r) zero outside R, and T5 runs as one LoRA pair
-s·B A x: no out × in matrix, no index op on activations. Trainable parameters per matrix: r·(|R| + |C|);
+s·B A x: no out × in matrix, no index op on activations (the attention / MLP builds its modules' at once:
+TASOLinear.padded, common.together). Trainable parameters per matrix: r·(|R| + |C|);
 with the defaults r = 8, p = 1/r that is out + in, the budget of dense LoRA with rank 1.
 
 Our readings and deviations (each is a keyword of TASO):
@@ -37,6 +38,7 @@ Our readings and deviations (each is a keyword of TASO):
   the same size, so every variant has the same shape and budget (keeping the other axis whole
   cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
 """
+import itertools
 import math
 import time
 
@@ -69,10 +71,11 @@ class TASOLinear(nn.Module):
         nn.init.kaiming_uniform_(self.taso_A, a=math.sqrt(5))  # fan-in = |C|
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.prebuilt = None  # factors() as padded() built them for the decoder layer (common.together)
 
     def forward(self, x):
         if self.lean:  # one LoRA pair on full x: no index op on x
-            A, B = self.factors()
+            A, B = self.prebuilt or self.factors()
             ax, = common.dropout_linear(x, self.dropout, A)  # (..., r)
             return common.add_lora(self.base(x), ax, B, self.scaling)  # W x + s·B A x, in the base's dtype
         y = F.linear(F.linear(self.dropout(x)[..., self.cols], self.taso_A), self.taso_B) * self.scaling  # (..., |R|)
@@ -84,6 +87,22 @@ class TASOLinear(nn.Module):
         A, B = self.taso_A, self.taso_B
         return (A.new_zeros(len(A), self.base.in_features).index_copy_(1, self.cols, A),
                 B.new_zeros(self.base.out_features, B.shape[1]).index_copy_(0, self.rows, B))
+
+    @staticmethod
+    def padded(layers, cache):
+        """[L.factors() for L in layers] at once (common.together: a decoder layer's): each layer's Aᵀ (in × r) and
+        B (out × r) are consecutive row blocks of one zero matrix of r columns; A_Cᵀ goes to its rows C and B_R to
+        its rows R in one index_copy_, cast once. Layers of different r: one by one."""
+        if len({L.taso_A.shape[0] for L in layers}) > 1:
+            return [L.factors() for L in layers]
+        sizes = [n for L in layers for n in (L.base.in_features, L.base.out_features)]  # Aᵀ, B of each layer
+        idx = [i for L in layers for i in (L.cols, L.rows)]
+        starts = [0, *itertools.accumulate(sizes)]
+        pos = common.positions(cache, idx, lambda: torch.cat([i + o for i, o in zip(idx, starts)]))
+        src = torch.cat([t for L in layers for t in (L.taso_A.T, L.taso_B)])  # (Σ |C| + |R|) × r
+        src = common.cast(src, src)  # the compute dtype (autocast's), once for all
+        P = src.new_zeros(sum(sizes), src.shape[1]).index_copy_(0, pos, src).split(sizes)
+        return [(At.T, B) for At, B in zip(P[::2], P[1::2])]
 
     def merge(self) -> nn.Linear:  # T6: W[R][:, C] += s·B_R A_C, in fp32
         delta = self.scaling * (self.taso_B @ self.taso_A)  # (|R|, |C|)
@@ -237,6 +256,7 @@ class TASO(common.Method):
         for n in self.names:
             common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
                                                        self.r, self.alpha, self.dropout))
+        common.together(model, TASOLinear)  # each decoder layer builds its modules' factors at once
         return self.attached(model, state)
 
     def score(self, model, bases, batches):

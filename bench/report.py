@@ -1013,15 +1013,17 @@ def counted_causes(rows):
     p, l = rows.get(("pilora-s2", False)), rows.get(("lora-r32-qkvud", False))
     t, l1 = rows.get(("taso-r8", False)), rows.get(("lora-r1", False))
     if p and l and t and l1:
-        out.append(f"- **PiLoRA stage 2, TASO**: the bytes are the LoRA baseline's; the extra kernels "
-                   f"(+{p['kernels'] - l['kernels']:,} and +{t['kernels'] - l1['kernels']:,}) are the zero-padded "
-                   f"factors built from the compact blocks in each forward (and a checkpoint's recompute): "
-                   f"`new_zeros` + `index_copy` per factor (PiLoRA: and a `cat`), one `index_select` each in "
-                   f"backward, every one r × in or out × r in size. Building them once per optimizer step would "
-                   f"take them out of autograd's graph (the compact blocks' gradients then come from a hook, "
-                   f"which DDP and gradient clipping do not see); building every layer's at once in the graph "
-                   f"(one scatter per group of equal shapes) would keep all layers' padded factors and their "
-                   f"gradients alive through the step, where checkpointing now holds one layer's; so they stay.")
+        nb, l8 = (lambda r: r["bytes_read"] + r["bytes_written"]), rows.get(("lora-r8", False))  # noqa: E731
+        r8 = f" (LoRA r = 8 moves +{(nb(l8) - nb(l1)) / 1e9:.2f} GB)" if l8 else ""
+        out.append(f"- **PiLoRA stage 2, TASO**: each attention and MLP builds its adapters' zero-padded factors "
+                   f"at once before its forward (`common.together`: one `cat` and one cast of all compact blocks, a "
+                   f"zero matrix and an `index_copy_` per row group; in backward one `index_select` each): fewer "
+                   f"kernels than LoRA's casts of its factors one module at a time ({p['kernels']:,} against "
+                   f"{l['kernels']:,}; {t['kernels']:,} against {l1['kernels']:,}), and a checkpoint's recompute "
+                   f"holds one attention's or MLP's at a time, as before. TASO moves {nb(t) / nb(l1):.4f}× the bytes "
+                   f"of LoRA r = 1 (+{(nb(t) - nb(l1)) / 1e9:.2f} GB): its rank-8 pair on the full x (padded A and "
+                   f"B, an r-wide A x: eight times a rank-1 LoRA's) against a rank-1 one, a cost of the row's "
+                   f"rank{r8}, not of the code.")
     return out if len(out) > 1 else []
 
 

@@ -183,6 +183,19 @@ def test_compact_layers_index_no_activation(kind):
     assert not bad, bad
 
 
+def test_weight_space_steps_within_their_kernel_targets():
+    """Issue 31 item 5 on the counter, small Llama shape: a PiLoRA stage-2 step dispatches <= 1.05× the kernels
+    of a LoRA r = 32 one and a TASO step no more than a LoRA r = 1 one, with and without checkpointing (each
+    attention and MLP builds its adapters' padded factors at once, common.together; one module at a time they
+    counted 1.19× / 1.24× and 1.18× / 1.21× here)."""
+    res = count.main(["--model", "llama-h128-l2-v512", "--seq_len", "32", "--grad_ckpt", "both", "--rows",
+                      "lora-r1", "taso-r8", "lora-r32-qkvud", "pilora-s2"])
+    k = {(r["row"], r["grad_ckpt"]): r["kernels"] for r in res["rows"]}
+    for ckpt in (False, True):
+        assert k["taso-r8", ckpt] <= k["lora-r1", ckpt], k
+        assert k["pilora-s2", ckpt] <= 1.05 * k["lora-r32-qkvud", ckpt], k
+
+
 def test_count_row_small_shape(tmp_path):
     """A whole step of a row: the phases add up, matmul FLOP include the frozen GEMMs' forward
     (2 · tokens · weights at least), the loop's loss read is one host sync; the CLI writes the JSON."""

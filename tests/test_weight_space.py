@@ -158,3 +158,112 @@ def test_padded_factors_hold_the_compact_blocks_and_zeros_elsewhere(kind):
             assert torch.equal(B[i], layer.taso_B[R.index(i)] if i in R else torch.zeros(3, dtype=B.dtype))
     merged, want = layer.merge().weight - layer.base.weight, layer.scaling * B @ A
     torch.testing.assert_close(merged, want, rtol=0, atol=1e-6 * float(want.abs().max()))  # merged in fp32
+
+
+# ------------------------------------------------- a parent's factors built at once (common.together)
+
+class Parent(nn.Module):
+    """Three adapters under one parent, as an MLP's: a and b read x (N → M), c reads their product (M → N)."""
+
+    def __init__(self, kind, dropout, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        if kind == "pilora":
+            new = lambda m, n, rows: pilora.PiLoRALinear(nn.Linear(n, m), rows, 3, 2, 6.0, dropout)  # noqa: E731
+        else:
+            new = lambda m, n, rows: taso.TASOLinear(nn.Linear(n, m), rows, [0, 2, 3, 7, 8], 3, 6.0, dropout)  # noqa: E731
+        self.a, self.b, self.c = new(M, N, [1, 4, 5, 9, 13]), new(M, N, [0, 2, 3, 6, 14]), new(N, M, [1, 2, 10])
+        with torch.no_grad():
+            for p in trainable(self):
+                p.normal_()
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.c(self.a(x) * torch.tanh(self.b(x)))
+
+
+def run_parent(par, x, ckpt=False, autocast=False, lean=True):
+    for m in (par.a, par.b, par.c):
+        m.lean = lean
+    for p in trainable(par):
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = checkpoint(par, x, use_reentrant=False) if ckpt else par(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in trainable(par)]
+
+
+@pytest.mark.parametrize("kind", ["pilora", "taso"])
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_parent_builds_its_adapters_factors_at_once(kind, ckpt, autocast, monkeypatch):
+    """common.together: the parent's pre-hook builds every adapter's padded factors in one padded() call and the
+    adapters' forwards take them (their own factors() is never called), dropped after the parent's forward.
+    Output, ∂x and every gradient against each adapter building its own (fp32 tensors, dropout, checkpointed
+    parent): within 1e-6 in fp32 (TASO's A is a transposed view: another GEMM layout); under bf16 autocast
+    within twice the own build's error against the plain form in float64."""
+    cls = pilora.PiLoRALinear if kind == "pilora" else taso.TASOLinear
+    x = torch.randn(2, 7, N)
+    own = run_parent(Parent(kind, 0.2, torch.float32), x, ckpt, autocast)
+    par = Parent(kind, 0.2, torch.float32)
+    common.together(par, cls)
+    common.together(par, cls)  # a second call adds no hook
+    assert len(par._forward_pre_hooks) == 1
+    calls = []
+    real = cls.padded
+    monkeypatch.setattr(cls, "padded", staticmethod(lambda layers, cache: calls.append(len(layers)) or real(layers, cache)))
+    monkeypatch.setattr(cls, "factors", lambda self: pytest.fail("an adapter built its own factors"))
+    both = run_parent(par, x, ckpt, autocast)
+    assert calls == [3] * (2 if ckpt else 1)  # once per forward (and once more in checkpointing's recompute)
+    assert all(m.prebuilt is None for m in (par.a, par.b, par.c))
+    assert len(both) == len(own) == 2 + len(trainable(par)) and all(g is not None for g in both)
+    ref = run_parent(Parent(kind, 0.2, torch.float64), x.double(), lean=False) if autocast else own
+    for a, b, want in zip(both, own, ref):
+        assert a.dtype == b.dtype
+        if autocast:
+            assert float((a.double() - want).abs().max()) <= 2 * float((b.double() - want).abs().max())
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["pilora", "taso"])
+def test_parent_built_together_equals_the_plain_form_in_float64(kind):
+    """The same parent in float64: built together against every adapter's plain branch (the paper's equation)."""
+    par = Parent(kind, 0.0, torch.float64)
+    x = torch.randn(2, 7, N, dtype=torch.float64)
+    plain = run_parent(par, x, lean=False)
+    common.together(par, type(par.a))
+    for a, b in zip(run_parent(par, x, ckpt=True), plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * float(b.abs().max()))
+
+
+def test_together_drops_the_pairs_when_the_parent_fails_and_follows_its_buffers():
+    """A parent whose forward raises leaves no pair behind (the next call outside builds afresh), and an index
+    buffer written in place (or moved) makes the cached positions again: the built factors follow factors()."""
+    par = Parent("taso", 0.0, torch.float32)
+    common.together(par, taso.TASOLinear)
+    par.register_forward_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        par(torch.randn(3, N))
+    assert all(m.prebuilt is None for m in (par.a, par.b, par.c))
+    cache = {}
+    layers = [par.a, par.b, par.c]
+    first = taso.TASOLinear.padded(layers, cache)
+    for (A, B), L in zip(first, layers):
+        assert all(torch.equal(u, v) for u, v in zip((A, B), L.factors()))
+    with torch.no_grad():
+        par.b.rows.copy_(torch.tensor([1, 3, 7, 8, 15]))
+    for (A, B), L in zip(taso.TASOLinear.padded(layers, cache), layers):
+        assert all(torch.equal(u, v) for u, v in zip((A, B), L.factors()))
+
+
+def test_layers_of_different_ranks_or_groups_build_one_by_one():
+    """padded() of layers whose ranks (TASO) or groups (PiLoRA: one with no supplementary rows) differ gives each
+    its own factors()."""
+    t = [taso.TASOLinear(nn.Linear(N, M), [1, 2], [3, 4], r, 2.0) for r in (2, 3)]
+    p = [pilora.PiLoRALinear(nn.Linear(N, M), rows, 3, 2, 6.0) for rows in ([1, 2], list(range(M)))]
+    for cls, layers in ((taso.TASOLinear, t), (pilora.PiLoRALinear, p)):
+        for (A, B), L in zip(cls.padded(layers, {}), layers):
+            assert all(torch.equal(u, v) for u, v in zip((A, B), L.factors()))
