@@ -142,7 +142,7 @@ class PiLoRALinear(nn.Module):
         self.lora_A_d, self.lora_B_d = new_adapter(len(self.idx_d), r, n, dev, generator)
         self.lora_A_s, self.lora_B_s = new_adapter(len(self.idx_s), r_supp, n, dev, generator)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.prebuilt = None  # factors() as padded() built them for the decoder layer (common.together)
+        self.prebuilt = None  # factors() as padded() built them for the module holding this one (common.together)
 
     def groups(self):
         """(A, B, rows) of each group that has an adapter."""
@@ -344,7 +344,7 @@ class PiLoRA(common.Method):
                 new.lora_A_d.copy_(old.lora_A)
                 new.lora_B_d.copy_(old.lora_B[new.idx_d])
             common.replace_module(self.model, n, new)
-        common.together(self.model, PiLoRALinear)  # each decoder layer builds its modules' factors at once
+        common.together(self.model, PiLoRALinear)  # each attention / MLP builds its adapters' factors at once
         if not self.warm_start:  # back to Θ₀: heads as at attach, as new tensors
             for name, p0 in self.heads0.items():
                 old = self.model.get_parameter(name)

@@ -71,7 +71,7 @@ class TASOLinear(nn.Module):
         nn.init.kaiming_uniform_(self.taso_A, a=math.sqrt(5))  # fan-in = |C|
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.prebuilt = None  # factors() as padded() built them for the decoder layer (common.together)
+        self.prebuilt = None  # factors() as padded() built them for the module holding this one (common.together)
 
     def forward(self, x):
         if self.lean:  # one LoRA pair on full x: no index op on x
@@ -90,9 +90,9 @@ class TASOLinear(nn.Module):
 
     @staticmethod
     def padded(layers, cache):
-        """[L.factors() for L in layers] at once (common.together: a decoder layer's): each layer's Aᵀ (in × r) and
-        B (out × r) are consecutive row blocks of one zero matrix of r columns; A_Cᵀ goes to its rows C and B_R to
-        its rows R in one index_copy_, cast once. Layers of different r: one by one."""
+        """[L.factors() for L in layers] at once (common.together: an attention's or MLP's): each layer's Aᵀ
+        (in × r) and B (out × r) are consecutive row blocks of one zero matrix of r columns; A_Cᵀ goes to its rows
+        C and B_R to its rows R in one index_copy_, cast once. Layers of different r: one by one."""
         if len({L.taso_A.shape[0] for L in layers}) > 1:
             return [L.factors() for L in layers]
         sizes = [n for L in layers for n in (L.base.in_features, L.base.out_features)]  # Aᵀ, B of each layer
@@ -256,7 +256,7 @@ class TASO(common.Method):
         for n in self.names:
             common.replace_module(model, n, TASOLinear(bases[n], self.rows[n], self.cols[n],
                                                        self.r, self.alpha, self.dropout))
-        common.together(model, TASOLinear)  # each decoder layer builds its modules' factors at once
+        common.together(model, TASOLinear)  # each attention / MLP builds its adapters' factors at once
         return self.attached(model, state)
 
     def score(self, model, bases, batches):
