@@ -277,7 +277,7 @@ class G2R2(common.Method):
             estimator = s_sum_paper if self.score == "paper" else s_sum_product
             sums = {i: s for i in live if (s := estimator(self.layers[i])) is not None}
             norm = [torch.stack(torch._foreach_norm(grads)).sum().reshape(1)]  # Σ‖∂ℒ/∂B‖: 0 after zero_grad()
-        values = torch.cat([s.double() for s in [*sums.values(), *norm]]).cpu().tolist() if sums or norm else []
+        values = torch.cat([*sums.values(), *norm]).cpu().tolist() if sums or norm else []  # fp32 → float: exact
         if norm:  # one host sync for both
             common.need_grads(values.pop() > 0, "G2R2", step)
         width = len(values) // max(1, len(sums))  # ΣS per module: 1 value, (ΣS(A), ΣS(B)) for product
