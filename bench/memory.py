@@ -60,6 +60,18 @@ def check_index(idx, size, kw):
 
 
 common.check_index = check_index  # the counted step's special case lives here, not in common.py
+
+
+@contextmanager
+def cuda_dropout(on=True):
+    """While on: the adapter dropout runs as on CUDA, in x's dtype. common._dropout scales a half x in fp32 on the
+    CPU only (for the CPU kernel's rounding), whose two fp32 temporaries of x's size CUDA never holds."""
+    cpu = common.half_on_cpu
+    common.half_on_cpu = (lambda x: False) if on else cpu
+    try:
+        yield
+    finally:
+        common.half_on_cpu = cpu
 SHAPES = dict(efficiency.SHAPES, **{
     "llama-3-8b-shape": dict(efficiency.llama_shape(4096, 32, 128256, 14336, 32), num_key_value_heads=8)})
 # classification shapes (train.py's cls and image tasks: the model's own loss, one label per example)
@@ -266,20 +278,20 @@ class Classify(efficiency.Loop):
 # ------------------------------------------------------------------------------------------- a row
 
 def count_row(name, model_name, seq, mbs, ckpt, steps=1, warmup=1, seed=0, fake=True, top=10, counter=None,
-              foreach=None):
+              foreach=None, cuda=None):
     """One row of efficiency.ROWS, counted on fake tensors; fake=False runs it on real tensors and also
     measures what the efficiency suite measures on CPU (`profiled_*`: torch.profiler's allocator events, which
     include the CPU's kernel scratch) and the bytes autograd saves for backward (`saved_bytes`: outside
     checkpointed layers, parameters, buffers and batch left out), which is how tests/test_memory.py checks it.
     counter: a Counter subclass instance to count with (bench/count.py); foreach: efficiency.Loop's clip
-    (None: train.py's default)."""
+    (None: train.py's default); cuda: the adapter dropout as CUDA runs it (cuda_dropout; None: when fake)."""
     kind, r, targets, extra, stage, pair = efficiency.ROWS[name]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     args, method, pre, total = efficiency.row_method(name, mbs, "bf16", seed, 2, warmup + steps)
     row = {"row": name, "method": kind, "stage": stage, "r": r, "pair": pair, "model": model_name, "seq_len": seq,
            "micro_batch_size": mbs, "grad_ckpt": ckpt, "dtype": "bf16", "fake": fake}
     t0 = time.time()
-    with counting(fake, counter) as c:
+    with counting(fake, counter) as c, cuda_dropout(fake if cuda is None else cuda):
         model = build_model(model_name, seed, fake=fake)
         if ckpt:
             models.enable_checkpointing(model)
@@ -379,7 +391,7 @@ def main(argv=None):
             for name in rows_names:
                 try:
                     row = count_row(name, args.model, seq, args.micro_batch_size, ckpt, args.steps,
-                                    args.warmup_steps, top=args.top)
+                                    args.warmup_steps, top=args.top, cuda=not args.validate)
                 except ValueError as e:  # e.g. a row's targets that this architecture does not have
                     row = {"row": name, "model": args.model, "seq_len": seq, "grad_ckpt": ckpt, "error": str(e)}
                 if args.validate and "error" not in row:

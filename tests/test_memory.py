@@ -79,10 +79,33 @@ def test_count_matches_real_tensors(row, ckpt):
     on any CPU (check_against_real); SDPA runs its fused CPU kernel, which keeps no T × T matrix."""
     if row.startswith("peft"):
         pytest.importorskip("peft", reason="the PEFT row needs peft (optional: pip install -r bench/requirements.txt)")
-    fake = memory.count_row(row, SHAPE, SEQ, 1, ckpt)
+    fake = memory.count_row(row, SHAPE, SEQ, 1, ckpt, cuda=False)  # the real run's CPU dropout
     real = memory.count_row(row, SHAPE, SEQ, 1, ckpt, fake=False)
     check_against_real(fake, real, exact=row != "pilora-s2")
     assert fake["attention"][0] == "_scaled_dot_product_flash_attention_for_cpu"  # no T × T matrix
+
+
+def test_cuda_dropout_counts_the_dropout_in_xs_dtype():
+    """memory.cuda_dropout: common._dropout of a bf16 x on the CPU writes fp32 tensors (its CPU-only round trip),
+    under cuda_dropout none (CUDA's kernel runs in x's dtype), and afterwards the CPU path is back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {t.dtype for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)}
+            return out
+
+    def written():
+        mode = Dtypes()
+        mode.seen = set()
+        with mode:
+            common._dropout(torch.randn(4, 8, dtype=torch.bfloat16), 0.1)
+        return mode.seen
+    assert torch.float32 in written()
+    with memory.cuda_dropout():
+        assert torch.float32 not in written()
+    assert torch.float32 in written()
 
 
 def test_main_writes_rows(tmp_path):
@@ -296,7 +319,7 @@ def test_classification_shape_counts():
 def test_image_model_count_matches_real(row, ckpt):
     """ViT (train.py's image task: pixel_values, the model's own loss) counted as the LLaMA rows are and checked
     the same way (check_against_real); the patch convolution's oneDNN scratch is only on the allocator's side."""
-    fake = memory.count_row(row, "tiny-vit", 0, 2, ckpt)
+    fake = memory.count_row(row, "tiny-vit", 0, 2, ckpt, cuda=False)
     real = memory.count_row(row, "tiny-vit", 0, 2, ckpt, fake=False)
     assert fake["seq_len"] == (32 // 8) ** 2 + 1  # patches + [CLS], from the image size
     check_against_real(fake, real)
