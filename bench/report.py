@@ -1028,6 +1028,19 @@ def counted_causes(rows):
                    f"of LoRA r = 1 (+{(nb(t) - nb(l1)) / 1e9:.2f} GB): its rank-8 pair on the full x (padded A and "
                    f"B, an r-wide A x: eight times a rank-1 LoRA's) against a rank-1 one, a cost of the row's "
                    f"rank{r8}, not of the code.")
+        ts, ps = rows.get(("taso-r8", True)), rows.get(("pilora-s2", True))
+        l1s, ls = rows.get(("lora-r1", True)), rows.get(("lora-r32-qkvud", True))
+        if ts and ps and l1s and ls:
+            aux = lambda a, b: f"{a['aux_bytes'] / b['aux_bytes']:.2f}×"  # noqa: E731
+            out.append(f"- **Memory of PiLoRA stage 2 and TASO** (aux, no checkpointing / checkpointing; no target row "
+                       f"above): PiLoRA {aux(p, l)} / {aux(ps, ls)} LoRA r = 32's, TASO {aux(t, l1)} / "
+                       f"{aux(ts, l1s)} LoRA r = 1's. TASO's is a miss of item 5's \"no memory ratio worse\": the "
+                       f"weight-space pair keeps the full x for A's gradient, as LoRA does, where the gather form "
+                       f"kept x[..., C] (0.83× / 0.95×, `memory-llama-7b-shape-2048.json` at c8c4cd3), and item 2 "
+                       f"asks for no gather on activations; its checkpointed figure also holds a 64 MiB count "
+                       f"artifact (the importance map kept for the plot, which `.cpu()` moves off a GPU). Building "
+                       f"a module's factors at once adds the cached row positions and, without checkpointing, the "
+                       f"compact blocks' bf16 copy, which one module at a time did not hold.")
     return out if len(out) > 1 else []
 
 
