@@ -1024,8 +1024,9 @@ def counted_causes(rows):
                    f"the per-module casts LoRA pays: the step dispatches about LoRA's kernels (PiLoRA "
                    f"{p['kernels']:,} against LoRA r = 32's {l['kernels']:,}, TASO {t['kernels']:,} against LoRA "
                    f"r = 1's {l1['kernels']:,}; built one module at a time they added 6 to 8 per module), and a "
-                   f"checkpoint's recompute holds one attention's or MLP's at a time, as before. TASO moves {nb(t) / nb(l1):.4f}× the bytes "
-                   f"of LoRA r = 1 (+{(nb(t) - nb(l1)) / 1e9:.2f} GB): its rank-8 pair on the full x (padded A and "
+                   f"checkpoint's recompute holds one attention's or MLP's at a time, as before. TASO moves "
+                   f"{nb(t) / nb(l1):.4f}× the bytes of LoRA r = 1 (+{(nb(t) - nb(l1)) / 1e9:.2f} GB): its rank-8 "
+                   f"pair on the full x (padded A and "
                    f"B, an r-wide A x: eight times a rank-1 LoRA's) against a rank-1 one, a cost of the row's "
                    f"rank{r8}, not of the code.")
         ts, ps = rows.get(("taso-r8", True)), rows.get(("pilora-s2", True))

@@ -267,3 +267,15 @@ def test_layers_of_different_ranks_or_groups_build_one_by_one():
     for cls, layers in ((taso.TASOLinear, t), (pilora.PiLoRALinear, p)):
         for (A, B), L in zip(cls.padded(layers, {}), layers):
             assert all(torch.equal(u, v) for u, v in zip((A, B), L.factors()))
+
+
+@pytest.mark.parametrize("kind", ["pilora", "taso"])
+def test_holder_with_its_hooks_traces_without_graph_breaks(kind):
+    """torch.compile of a module holding the adapters, together() hooks and all: one graph (the hooks step
+    aside while traced and each adapter builds its own factors, which the compiler fuses)."""
+    par = Parent(kind, 0.1, torch.float32)
+    common.together(par, type(par.a))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(par)(torch.randn(2, 5, N))
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
