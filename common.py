@@ -5,6 +5,7 @@ the baseline.
 LoRA (Hu et al. 2021; G²R² Eq 1–3): h = W₀x + s·B A x with A (r × in, Kaiming-uniform a=√5),
 B (out × r, zeros) and s = α / r. PyTorch layout throughout: a weight is (out × in).
 """
+import itertools
 import math
 import weakref
 from collections.abc import Mapping
@@ -259,14 +260,16 @@ def _drop(cls, parent, args, out):
             m.prebuilt = None
 
 
-def positions(cache, buffers, make):
-    """make() (indices computed from `buffers`), kept in `cache` while the buffers are the same tensors at the
-    same version (a move to another device or a write into one makes it again)."""
-    stamp = [(b, b._version) for b in buffers]
+def row_positions(cache, index_lists, sizes):
+    """For each list of index buffers (one per block of `sizes` rows, the blocks stacked end to end): the rows
+    they name in the stack, cat(idx_k + start of block k). Kept in `cache` while the buffers are the same
+    tensors at the same version (a move to another device or a write into one makes them again)."""
+    stamp = [(b, b._version) for idx in index_lists for b in idx]
     old = cache.get("stamp")
     if old is None or len(old) != len(stamp) or any(a is not b or u != v for (a, u), (b, v) in zip(old, stamp)):
+        starts = [0, *itertools.accumulate(sizes)]
         with torch.no_grad():
-            cache.update(stamp=stamp, value=make())
+            cache.update(stamp=stamp, value=[torch.cat([i + o for i, o in zip(idx, starts)]) for idx in index_lists])
     return cache["value"]
 
 

@@ -46,7 +46,6 @@ Readings of the paper and deviations:
   is fixed and at most one epoch long, the default stage length falls back to half the run, so that a
   stage 2 exists; an explicit `phase` that leaves no stage 2 is an error.
 """
-import itertools
 import math
 
 import torch
@@ -176,9 +175,7 @@ class PiLoRALinear(nn.Module):
             return [L.factors() if L.groups() else None for L in layers]
         ranks, ms = next(iter(ranks)), [L.base.out_features for L in layers]
         per = list(zip(*[L.groups() for L in layers]))  # per group (d, then s): each layer's (A, B, rows)
-        starts = [0, *itertools.accumulate(ms)]
-        pos = common.positions(cache, [i for g in per for _, _, i in g], lambda: [
-            torch.cat([i + o for (_, _, i), o in zip(g, starts)]) for g in per])
+        pos = common.row_positions(cache, [[i for _, _, i in g] for g in per], ms)
         blocks = [A for L in layers for A, _, _ in L.groups()] + [B for g in per for _, B, _ in g]
         src = torch.cat([t.reshape(-1) for t in blocks])
         src = common.cast(src, src).split([sum(ranks) * L.base.in_features for L in layers] +

@@ -38,7 +38,6 @@ Our readings and deviations (each is a keyword of TASO):
   the same size, so every variant has the same shape and budget (keeping the other axis whole
   cannot: r·(|R| + in) > r·p·(out + in) whenever p ≤ 1/2 and out ≤ in).
 """
-import itertools
 import math
 import time
 
@@ -97,8 +96,7 @@ class TASOLinear(nn.Module):
             return [L.factors() for L in layers]
         sizes = [n for L in layers for n in (L.base.in_features, L.base.out_features)]  # Aᵀ, B of each layer
         idx = [i for L in layers for i in (L.cols, L.rows)]
-        starts = [0, *itertools.accumulate(sizes)]
-        pos = common.positions(cache, idx, lambda: torch.cat([i + o for i, o in zip(idx, starts)]))
+        pos, = common.row_positions(cache, [idx], sizes)
         src = torch.cat([t for L in layers for t in (L.taso_A.T, L.taso_B)])  # (Σ |C| + |R|) × r
         src = common.cast(src, src)  # the compute dtype (autocast's), once for all
         P = src.new_zeros(sum(sizes), src.shape[1]).index_copy_(0, pos, src).split(sizes)
