@@ -340,7 +340,8 @@ def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
     """train.main(argv) in runs_dir/<key>; cached: a run in `cache` (the committed JSON's) or with a
     result.json is read back, an unfinished one resumes. Adds a finished run to `cache`. A dev-set run keeps
     its per-example predictions after training ("dev_pred") and the labels ("dev_gold"; main keeps one copy
-    per JSON); need_pred reruns a cached dev-set run that has none (runs made before they were kept)."""
+    per JSON); need_pred reruns a cached dev-set run that has none (runs made before they were kept), keeping the
+    earlier run's metrics and code in "rerun_of"."""
     import train
     key = run_key(argv)
     dev_run = "--val_split" not in argv
@@ -348,9 +349,11 @@ def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
         return cache[key], True
     out_dir = os.path.join(runs_dir, key)
     done = os.path.join(out_dir, "result.json")
+    earlier = cache.get(key) if cache is not None else None  # a finished run trained again for its predictions
     if os.path.exists(done):
         with open(done) as f:
             res, cached = json.load(f), True
+        earlier = earlier or res
     if not os.path.exists(done) or (need_pred and dev_run and "dev_pred" not in res):
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(done):  # a finished run without predictions: train it again from scratch
@@ -367,6 +370,8 @@ def run_one(argv, runs_dir, save_every, cache=None, need_pred=False):
         res = {k: summary.get(k) for k in KEEP} | {"argv": argv, "wall_s": round(time.time() - t0, 1),
                                                     "resumed": resumed}
         res["code"] = code_version()  # the methods change under a sweep: each run says which code it ran
+        if earlier is not None:  # what the run it replaces scored, from which code (report.py: did it reproduce?)
+            res["rerun_of"] = {"metrics": earlier["metrics"], "code": earlier.get("code")}
         # a resumed run counted only the part after its checkpoint: no training FLOP
         res["train_flop"] = None if resumed else rec["flop"]["total"] - rec["flop"]["eval"]
         if rec["seen"] and dev_run:

@@ -568,6 +568,34 @@ def progress(run):
     return f"**Sweep unfinished: {done} of {planned} planned runs finished{est}.** Rerun the command to continue it."
 
 
+def reruns_line(run):
+    """The runs trained again for their per-example predictions (`--backfill_predictions`, "rerun_of"): how many
+    reproduce the earlier run's primary metric exactly, and each that does not (row, seed, earlier → now, and the
+    code each ran). None where no run was trained again."""
+    import accuracy
+    pmet, same, moved = run.get("primary_metric"), 0, []
+    for name, row in run["rows"].items():
+        for r in row["runs"]:
+            if "rerun_of" not in r:
+                continue
+            now, before = (accuracy.flat(m.get("after", {})).get(pmet) for m in (r["metrics"], r["rerun_of"]["metrics"]))
+            if now == before:
+                same += 1
+                continue
+            was, ran = ((c or {}).get("commit") for c in (r["rerun_of"].get("code"), r.get("code")))
+            moved.append((f"`{name}` seed {r['seed']} {before:.4f} → {now:.4f} (code {(was or 'unrecorded')[:7]} → "
+                          f"{(ran or 'unrecorded')[:7]})", bool(was) and was == ran))
+    if not same and not moved:
+        return None
+    line = (f"Trained again for their per-example predictions (the paired bootstrap; `--backfill_predictions`): "
+            f"{same + len(moved)} runs, {same} of which reproduce the earlier run's {pmet} exactly")
+    if not moved:
+        return line + "."
+    same_code = [m for m, same_commit in moved if same_commit]
+    return (line + f"; {len(moved)} do not (every statistic above uses the new run): " + ", ".join(m for m, _ in moved) +
+            "." + (f" **{len(same_code)} of them ran the same commit twice: not reproducible.**" if same_code else ""))
+
+
 def accuracy_plot(run, path):
     """Bars of the primary metric after training, mean ± std over seeds, a line at the mean before."""
     try:
@@ -646,7 +674,9 @@ def accuracy_render(runs, png_dir=None, notes="", md_dir=ROOT):
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}); the runs' wall "
                   f"time in all {sum(r.get('wall_s') or 0 for row in run['rows'].values() for r in row['runs']) / 60:.0f} "
                   f"min (each run's own, cached or not).", ""]
-        lines += ([progress(run), ""] if "cache" in run else []) + accuracy_table(run) + [""] + lr_table(run)
+        lines += ([progress(run), ""] if "cache" in run else []) + accuracy_table(run) + [""]
+        again = reruns_line(run)
+        lines += ([again, ""] if again else []) + lr_table(run)
         if png_dir:
             tag = task + (f"-{budget_txt}-{length}" if "cache" in run else "")  # the earlier sweep's names unchanged
             name = f"accuracy-{re.sub(r'[^a-z0-9]+', '-', (run['model'] + '-' + tag).lower())}.png"

@@ -100,6 +100,41 @@ def test_sweep_json_cache_and_resume(tmp_path, monkeypatch):
     assert r0["train_flop"] > 0 and r1["train_flop"] is None  # a resumed run counted only its second part
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="bench/accuracy.py's t-interval needs scipy (not in requirements.txt)")
+def test_backfilled_runs_keep_what_they_replace_and_the_report_says_which_moved(tmp_path):
+    """Two finished runs without predictions (as made before they were kept; seed 1's as if it had scored 0.123
+    from another commit): --backfill_predictions trains both again, each keeps the earlier metrics and code in
+    rerun_of, and RESULTS.md's line counts seed 0 as reproduced (a bit-exact rerun) and names seed 1."""
+    import shutil
+    data = glue_dir(tmp_path)
+    argv = sweep_argv(data, tmp_path / "runs", tmp_path / "a.json")
+    argv[argv.index("--rows") + 1:argv.index("--seeds")] = ["lora-r8"]
+    first = accuracy.main(argv)
+    saved = json.load(open(tmp_path / "a.json"))
+    keys = [accuracy.run_key(r["argv"]) for r in first["rows"]["lora-r8"]["runs"]]
+    for k in keys:
+        del saved["cache"][k]["dev_pred"]
+    saved["cache"][keys[1]]["metrics"]["after"]["accuracy"] = 0.123
+    saved["cache"][keys[1]]["code"] = {"commit": "0" * 40, "dirty": False}
+    json.dump(saved, open(tmp_path / "a.json", "w"))
+    shutil.rmtree(tmp_path / "runs")  # their run folders are gone too: trained from scratch
+    again = accuracy.main(argv + ["--backfill_predictions"])
+    r0, r1 = again["rows"]["lora-r8"]["runs"]
+    assert not r0["cached"] and not r1["cached"]
+    assert r0["rerun_of"]["metrics"] == first["rows"]["lora-r8"]["runs"][0]["metrics"]
+    assert r0["metrics"]["after"]["accuracy"] == r0["rerun_of"]["metrics"]["after"]["accuracy"]
+    assert r1["rerun_of"]["metrics"]["after"]["accuracy"] == 0.123 and r1["rerun_of"]["code"]["commit"] == "0" * 40
+    assert all("dev_pred" in again["cache"][k] for k in keys)
+    line = report.reruns_line(again)
+    assert "2 runs, 1 of which reproduce the earlier run's accuracy exactly; 1 do not" in line
+    assert f"`lora-r8` seed 1 0.1230 → {r1['metrics']['after']['accuracy']:.4f} (code 0000000 → " in line
+    assert "not reproducible" not in line
+    r1["rerun_of"]["code"] = r1["code"] = {"commit": "a" * 40}  # the same commit twice, a different score
+    assert "**1 of them ran the same commit twice: not reproducible.**" in report.reruns_line(again)
+    # a sweep without reruns says nothing
+    assert report.reruns_line(first) is None
+
+
 def test_training_flop_grows_with_the_steps_and_leaves_out_the_evaluations(tmp_path):
     """Twice the optimizer steps on batches of one length (the hand-made sentences): exactly twice the training
     FLOP; the before / after evaluations (the same in both runs) are not in it, or the ratio would be below 2."""
