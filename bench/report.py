@@ -583,8 +583,9 @@ def reruns_line(run):
                 same += 1
                 continue
             was, ran = ((c or {}).get("commit") for c in (r["rerun_of"].get("code"), r.get("code")))
-            moved.append((f"`{name}` seed {r['seed']} {before:.4f} → {now:.4f} (code {(was or 'unrecorded')[:7]} → "
-                          f"{(ran or 'unrecorded')[:7]})", bool(was) and was == ran))
+            short = lambda c: c[:7] if c else "unrecorded"  # noqa: E731
+            moved.append((f"`{name}` seed {r['seed']} {before:.4f} → {now:.4f} (code {short(was)} → {short(ran)})",
+                          bool(was) and was == ran))
     if not same and not moved:
         return None
     line = (f"Trained again for their per-example predictions (the paired bootstrap; `--backfill_predictions`): "
