@@ -582,10 +582,11 @@ def reruns_line(run):
             if now == before:
                 same += 1
                 continue
-            was, ran = ((c or {}).get("commit") for c in (r["rerun_of"].get("code"), r.get("code")))
+            codes = [c or {} for c in (r["rerun_of"].get("code"), r.get("code"))]
+            was, ran = (c.get("commit") for c in codes)
             short = lambda c: c[:7] if c else "unrecorded"  # noqa: E731
             moved.append((f"`{name}` seed {r['seed']} {before:.4f} → {now:.4f} (code {short(was)} → {short(ran)})",
-                          bool(was) and was == ran))
+                          bool(was) and was == ran and not any(c.get("dirty") for c in codes)))  # the same code twice
     if not same and not moved:
         return None
     line = (f"Trained again for their per-example predictions (the paired bootstrap; `--backfill_predictions`): "

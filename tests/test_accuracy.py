@@ -131,6 +131,8 @@ def test_backfilled_runs_keep_what_they_replace_and_the_report_says_which_moved(
     assert "not reproducible" not in line
     r1["rerun_of"]["code"] = r1["code"] = {"commit": "a" * 40}  # the same commit twice, a different score
     assert "**1 of them ran the same commit twice: not reproducible.**" in report.reruns_line(again)
+    r1["code"] = {"commit": "a" * 40, "dirty": True}  # edited files on that commit: not the same code
+    assert "not reproducible" not in report.reruns_line(again)
     # a sweep without reruns says nothing
     assert report.reruns_line(first) is None
 
