@@ -573,7 +573,8 @@ def reruns_line(run):
     reproduce the earlier run's primary metric exactly, and each that does not (row, seed, earlier → now, and the
     code each ran). None where no run was trained again."""
     import accuracy
-    pmet, same, moved = run.get("primary_metric"), 0, []
+    pmet, same, moved, twice = run.get("primary_metric"), 0, [], 0
+    short = lambda c: c[:7] if c else "unrecorded"  # noqa: E731
     for name, row in run["rows"].items():
         for r in row["runs"]:
             if "rerun_of" not in r:
@@ -584,18 +585,16 @@ def reruns_line(run):
                 continue
             codes = [c or {} for c in (r["rerun_of"].get("code"), r.get("code"))]
             was, ran = (c.get("commit") for c in codes)
-            short = lambda c: c[:7] if c else "unrecorded"  # noqa: E731
-            moved.append((f"`{name}` seed {r['seed']} {before:.4f} → {now:.4f} (code {short(was)} → {short(ran)})",
-                          bool(was) and was == ran and not any(c.get("dirty") for c in codes)))  # the same code twice
+            moved.append(f"`{name}` seed {r['seed']} {before:.4f} → {now:.4f} (code {short(was)} → {short(ran)})")
+            twice += bool(was) and was == ran and not any(c.get("dirty") for c in codes)  # the same code twice
     if not same and not moved:
         return None
     line = (f"Trained again for their per-example predictions (the paired bootstrap; `--backfill_predictions`): "
             f"{same + len(moved)} runs, {same} of which reproduce the earlier run's {pmet} exactly")
     if not moved:
         return line + "."
-    same_code = [m for m, same_commit in moved if same_commit]
-    return (line + f"; {len(moved)} do not (every statistic above uses the new run): " + ", ".join(m for m, _ in moved) +
-            "." + (f" **{len(same_code)} of them ran the same commit twice: not reproducible.**" if same_code else ""))
+    return (line + f"; {len(moved)} do not (every statistic above uses the new run): " + ", ".join(moved) + "." +
+            (f" **{twice} of them ran the same commit twice: not reproducible.**" if twice else ""))
 
 
 def accuracy_plot(run, path):
